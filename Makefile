@@ -1,0 +1,43 @@
+# The README's two commands: `make repro` (set up + regenerate every result) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+PROFILE ?= cpu
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: repro repro-profile test venv lab clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py settings.ini
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+## Regenerate every result of the default (cpu) profile and its reports.
+repro: venv
+	dvc pull --quiet data.dvc
+	dvc repro
+
+## Another profile, e.g. `make repro-profile PROFILE=paper`: outputs and reports go to their own folders.
+repro-profile: venv
+	dvc pull --quiet data.dvc
+	dvc exp run -S profile=$(PROFILE) -S report_dir=reports/$(PROFILE)
+
+## Library in sync with the notebooks, then the pytest suite and the notebooks' inline tests.
+test: venv
+	nbdev_export
+	@if [ -n "$$(git status --porcelain -- project_lib)" ]; then \
+	  echo "project_lib/ is out of sync with nbs/: run nbdev_export and commit"; \
+	  git status --porcelain -- project_lib; exit 1; fi
+	pytest
+	nbdev_test --n_workers 2
+
+lab: venv
+	jupyter lab --allow-root nbs
+
+clean-venv:
+	rm -rf $(VENV)
