@@ -16,7 +16,7 @@ import yaml
 __all__ = ['PROFILES', 'GENERATED_PATHS', 'project_root', 'atomic_write_bytes', 'atomic_write_text', 'validate_section',
            'read_params', 'resolve_profile', 'load_study_params', 'to_jsonable', 'params_hash', 'file_sha256',
            'seed_everything', 'select_device', 'output_dir', 'git_state', 'package_versions', 'describe_cpu',
-           'Provenance', 'start_provenance']
+           'Provenance', 'start_provenance', 'mean_ci']
 
 # %% ../nbs/00_core.ipynb #c005
 def project_root(start: str | Path | None = None, # folder to start looking from; default: the working directory
@@ -38,6 +38,8 @@ def atomic_write_bytes(path: str | Path, # destination file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f: f.write(data)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -265,3 +267,21 @@ def start_provenance(study: str, # study id
                       git_commit=commit, git_dirty=dirty, packages=package_versions(),
                       device=device or describe_cpu(), start_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       _t0=time.perf_counter())
+
+# %% ../nbs/00_core.ipynb #c029
+def mean_ci(units, # 1-D values of independent units (e.g. one per seed or per pair)
+            confidence: float = 0.95,
+            n_resamples: int = 2000,
+            seed: int = 0,
+           ) -> tuple[float, float, float]: # (mean, low, high)
+    "Mean of `units` and its percentile-bootstrap confidence interval."
+    from scipy import stats
+    x = np.asarray(units, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2: raise ValueError(f"units must be 1-D with at least 2 values, got shape {x.shape}")
+    if not np.isfinite(x).all(): raise ValueError("units contains NaN or Inf")
+    if not 0 < confidence < 1: raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    mean = float(x.mean())
+    if np.all(x == x[0]): return mean, mean, mean
+    res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)

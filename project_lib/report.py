@@ -73,7 +73,8 @@ def normalise_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 # %% ../nbs/01_report.ipynb #c011
 _DROP_CELL_TAGS = {"remove-cell", "parameters", "injected-parameters"}
-_EXTERNAL = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
+_EXTERNAL = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//"""
+                       r"""|["'](?:https?:)?//[^"'\s]+\.(?:m?js|css)(?:\?[^"']*)?["']""", re.I)
 
 def _prepare_for_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     nb = normalise_notebook(nb)
@@ -93,7 +94,8 @@ def _strip_cdn_scripts(page: str) -> str:
     "Remove <script> elements that load from (or configure loading from) a CDN."
     page = re.sub(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", "", page, flags=re.I)
     page = re.sub(r"<script[^>]*type=[\"']text/x-mathjax-config[\"'][^>]*>.*?</script>", "", page, flags=re.I | re.S)
-    return page
+    # the mermaid loader: a module script that imports its library from a CDN when a page has diagrams
+    return re.sub(r"<script[^>]*>(?:(?!</script>).)*?import\((?:(?!</script>).)*?https?://.*?</script>", "", page, flags=re.I | re.S)
 
 def external_references(page: str) -> list[str]:
     "Tags of `page` that would load something from the network (should be empty)."

@@ -1,0 +1,72 @@
+"""MFN dataset: exact Parquet schema, byte-identical reruns, Dask backend, CLI."""
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from project_lib.mfn.dataset import PARQUET_SCHEMA, generate_dataset, read_dataset, sweep
+from project_lib.mfn.features import FEATURE_NAMES
+
+CONFIGS = sweep([16, 24], [0.1, 0.2], [0, 1], steps=[30])
+
+
+def test_schema_is_section_9(tmp_path):
+    df = generate_dataset(CONFIGS, tmp_path / "d.parquet", progress=False)
+    schema = pq.read_schema(tmp_path / "d.parquet").remove_metadata()
+    expected = [("sim_id", pa.int64()), ("random_seed", pa.int64()), ("grid_size", pa.int64()), ("steps", pa.int64()),
+                ("alpha", pa.float64()), ("turing_enabled", pa.bool_())] + [(n, pa.float64()) for n in FEATURE_NAMES]
+    assert [(f.name, f.type) for f in schema] == expected
+    assert df.sim_id.tolist() == list(range(len(CONFIGS)))
+
+
+def test_same_seed_gives_identical_parquet_bytes(tmp_path):
+    generate_dataset(CONFIGS, tmp_path / "a.parquet", progress=False)
+    generate_dataset(CONFIGS, tmp_path / "b.parquet", n_jobs=2, progress=False)
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    generate_dataset(sweep([16, 24], [0.1, 0.2], [5, 6], steps=[30]), tmp_path / "c.parquet", progress=False)
+    assert (tmp_path / "a.parquet").read_bytes() != (tmp_path / "c.parquet").read_bytes()
+
+
+def test_dask_backend_gives_the_same_dataset(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    generate_dataset(CONFIGS, tmp_path / "local.parquet", progress=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        generate_dataset(CONFIGS, tmp_path / "dask.parquet", n_jobs=2, scheduler_address=cluster.scheduler_address, progress=False)
+    assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
+
+
+def test_failed_generation_leaves_the_old_file(tmp_path):
+    path = tmp_path / "d.parquet"
+    generate_dataset(CONFIGS[:2], path, progress=False)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        generate_dataset(CONFIGS[:1] + ["not a config"], path, progress=False)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["d.parquet"]
+
+
+@pytest.mark.parametrize("content, message", [(b"garbage", "not a readable Parquet"), (None, "does not exist")])
+def test_corrupt_or_missing_dataset(tmp_path, content, message):
+    path = tmp_path / "x.parquet"
+    if content is not None: path.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        read_dataset(path)
+
+
+def test_wrong_schema_is_refused(tmp_path):
+    pq.write_table(pa.table({"sim_id": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="MFN schema"):
+        read_dataset(tmp_path / "other.parquet")
+
+
+def test_cli_help_and_run(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "project_lib.mfn", *args], capture_output=True, text=True)
+    help_ = run("--help")
+    assert help_.returncode == 0 and "--scheduler-address" in help_.stdout
+    out = tmp_path / "cli.parquet"
+    ok = run("--output", str(out), "--grid-sizes", "16", "--alphas", "0.1", "0.2", "--seeds", "0", "--steps", "20", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert len(read_dataset(out)[0]) == 4
+    bad = run("--output", str(out), "--alphas", "0.5", "--quiet")
+    assert bad.returncode != 0 and "alpha=0.5 > 0.25" in bad.stderr
