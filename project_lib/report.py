@@ -131,17 +131,18 @@ def render_report(notebook: str | Path, # executed study notebook
                  ) -> Path:
     "Render an executed notebook as a self-contained offline HTML report with its provenance on top."
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
     notebook, provenance = Path(notebook), Path(provenance)
     for p, what in ((notebook, "notebook"), (provenance, "provenance")):
         if not p.is_file(): raise FileNotFoundError(f"{what} file {p} does not exist")
     try: nb = nbformat.read(notebook, as_version=4)
     except Exception as e: raise ValueError(f"notebook {notebook} is not a valid .ipynb: {e}") from e
     prov = json.loads(provenance.read_text())
-    exporter = HTMLExporter(template_name="lab")
+    config = Config()
+    config.TagRemovePreprocessor.enabled = True
+    config.TagRemovePreprocessor.remove_input_tags = {"hide-input"}
+    exporter = HTMLExporter(template_name="lab", config=config)
     exporter.exclude_input_prompt = exporter.exclude_output_prompt = True
-    exporter.register_preprocessor("nbconvert.preprocessors.TagRemovePreprocessor", enabled=True)
-    exporter.config.TagRemovePreprocessor.remove_input_tags = {"hide-input"}
-    exporter.config.TagRemovePreprocessor.enabled = True
     page, _ = exporter.from_notebook_node(_prepare_for_html(nb), resources={"metadata": {"name": title}})
     page = _strip_cdn_scripts(page)
     head, block = _provenance_html(prov, title)

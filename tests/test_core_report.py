@@ -71,6 +71,7 @@ def test_render_is_offline_stable_and_indexed(tmp_path):
     assert page.read_bytes() == first
     html = first.decode()
     assert external_references(html) == [] and "cdnjs" not in html
+    assert 'class="jp-CodeMirrorEditor' not in html and "42" in html           # code hidden, its result shown
     assert "generated: fixture" in html and "Profile tiny" in html
     index = render_index(tmp_path / "r").read_text()
     assert 'href="demo.html"' in index
@@ -91,3 +92,4 @@ def test_committed_reports_are_offline_and_indexed():
         assert external_references(html) == [], page
         if page.name != "index.html":
             assert 'name="compendium-profile"' in html and f'href="{page.relative_to("reports").as_posix()}"' in index
+            assert 'class="jp-CodeMirrorEditor' not in html and "data:image/png;base64" in html

@@ -35,4 +35,6 @@ def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
     subprocess.run([sys.executable, "-m", "project_lib.report", "render", out / "mfn.ipynb", "--provenance",
                     out / "provenance.json", "--out", tmp_path / "reports" / "mfn.html", "--title", "MFN"], check=True)
     html = (tmp_path / "reports" / "mfn.html").read_text()
-    assert external_references(html) == [] and "data:image/png;base64" in html and "Profile tiny" in html
+    assert external_references(html) == [] and "Profile tiny" in html
+    assert html.count("data:image/png;base64") >= 4                 # the figures are embedded
+    assert "generate_dataset(" not in html                          # code inputs are hidden
