@@ -140,12 +140,12 @@ def _step_kernel(v, a, h, v_out, a_out, h_out, p, row_stats, turing, cubic_kinet
             v_out[i, j] = _update_cell(v, a, h, a_out, h_out, p, i, j, im, ip, j - 1, j + 1, turing, cubic_kinetics, threshold_coupling)
         v_out[i, n - 1] = _update_cell(v, a, h, a_out, h_out, p, i, n - 1, im, ip, n - 2, 0, turing, cubic_kinetics, threshold_coupling)
         s_abs = s_sq = mx = energy = 0.0
-        for j in range(n):
+        for j in range(n):   # in volts; converted to mV once per row
             vn = v_out[i, j]
-            dv = abs(vn - v[i, j]) * 1000.0
+            dv = abs(vn - v[i, j])
             s_abs += dv; s_sq += dv * dv; mx = max(mx, dv)
             energy += vn * vn
-        row_stats[i, 0], row_stats[i, 1], row_stats[i, 2], row_stats[i, 3] = s_abs, s_sq, mx, energy * 1e6
+        row_stats[i, 0], row_stats[i, 1], row_stats[i, 2], row_stats[i, 3] = s_abs * 1e3, s_sq * 1e6, mx * 1e3, energy * 1e6
 
 # %% ../../nbs/11_mfn_sim.ipynb #c015
 def reference_step(v: np.ndarray, a: np.ndarray, h: np.ndarray, # fields after this step's spike
