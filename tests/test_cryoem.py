@@ -151,3 +151,52 @@ def test_picks_from_a_simulated_truth_map_are_perfect():
     m = particle_metrics(picks.assign(image=0), pd.DataFrame(mic.centres, columns=["x", "y"]).assign(image=0),
                          mic.diameter_px / 2, 0.5)
     assert m["recall"] >= 0.8 and m["precision"] >= 0.8
+
+
+# --- training engine ---------------------------------------------------------------------------------------------
+import dataclasses
+
+from project_lib.cryoem.train import (TrainConfig, budget_hash, check_comparable, data_hash, make_split, simulate_dataset,
+                                      train, write_manifest)
+
+SMALL = MicrographConfig(size_px=64, pixel_size_a=8.0, particles_min=3, particles_max=6)
+
+
+def test_same_seed_same_metrics_on_cpu(tmp_path):
+    mics = simulate_dataset(SMALL, 10, 0, STRUCTURE)
+    cfg = TrainConfig(epochs=2, batch_size=4, width=0.0625, seed=3)
+    a = train(cfg, mics[:6], mics[6:], tmp_path / "a", "s", data_hash(mics), "cpu", progress=False)
+    b = train(cfg, mics[:6], mics[6:], tmp_path / "b", "s", data_hash(mics), "cpu", progress=False)
+    pd.testing.assert_frame_equal(a.history, b.history)
+    assert (tmp_path / "a" / "best.pt").is_file() and (tmp_path / "a" / "last.pt").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    mics = simulate_dataset(SMALL, 10, 1, STRUCTURE)
+    cfg = TrainConfig(epochs=3, batch_size=4, width=0.0625)
+    straight = train(cfg, mics[:6], mics[6:], tmp_path / "straight", "s", "d", "cpu", progress=False)
+    train(dataclasses.replace(cfg, epochs=1), mics[:6], mics[6:], tmp_path / "resumed", "s", "d", "cpu", progress=False)
+    resumed = train(cfg, mics[:6], mics[6:], tmp_path / "resumed", "s", "d", "cpu", progress=False)
+    np.testing.assert_array_equal(resumed.history.train_loss, straight.history.train_loss)
+
+
+def test_comparison_refuses_mismatched_runs(tmp_path):
+    mics = simulate_dataset(SMALL, 8, 2, STRUCTURE)
+    base = train(TrainConfig(epochs=1, batch_size=4, width=0.0625), mics[:5], mics[5:], tmp_path / "u", "s", "d", "cpu", progress=False)
+    att = dataclasses.replace(base, config=dataclasses.replace(base.config, model="attention_unet"))
+    check_comparable([base], [att])
+    for change, message in ((dict(split_hash="x"), "split_hash"), (dict(data_hash="x"), "data_hash"), (dict(budget_hash="x"), "budget_hash")):
+        with pytest.raises(ValueError, match=message):
+            check_comparable([base], [dataclasses.replace(att, **change)])
+    with pytest.raises(ValueError, match="seeds differ"):
+        check_comparable([base], [dataclasses.replace(att, config=dataclasses.replace(att.config, seed=9))])
+
+
+def test_split_is_frozen_and_hashed(tmp_path):
+    split = make_split(20, seed=0)
+    assert set(split["train"]).isdisjoint(split["test"]) and set(split["val"]).isdisjoint(split["test"])
+    h = write_manifest(tmp_path / "split.json", split, "data")
+    assert write_manifest(tmp_path / "split.json", split, "data") == h
+    with pytest.raises(ValueError, match="frozen"):
+        write_manifest(tmp_path / "split.json", make_split(20, seed=1), "data")
+    assert budget_hash(TrainConfig(model="unet")) == budget_hash(TrainConfig(model="attention_unet"))
