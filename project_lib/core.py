@@ -273,15 +273,20 @@ def mean_ci(units, # 1-D values of independent units (e.g. one per seed or per p
             confidence: float = 0.95,
             n_resamples: int = 2000,
             seed: int = 0,
+            method: str = "bootstrap", # "bootstrap" (percentile) or "t" (Student t: for a handful of seeds)
            ) -> tuple[float, float, float]: # (mean, low, high)
-    "Mean of `units` and its percentile-bootstrap confidence interval."
+    "Mean of `units` and its confidence interval."
     from scipy import stats
     x = np.asarray(units, dtype=np.float64)
     if x.ndim != 1 or len(x) < 2: raise ValueError(f"units must be 1-D with at least 2 values, got shape {x.shape}")
     if not np.isfinite(x).all(): raise ValueError("units contains NaN or Inf")
     if not 0 < confidence < 1: raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if method not in ("bootstrap", "t"): raise ValueError(f"method must be 'bootstrap' or 't', got {method!r}")
     mean = float(x.mean())
     if np.all(x == x[0]): return mean, mean, mean
+    if method == "t":
+        half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        return mean, mean - half, mean + half
     res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
                           method="percentile", rng=np.random.default_rng(seed))
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -18,13 +18,31 @@ def test_dvc_stages_use_the_profile_and_report_dir():
     assert "${profile}" in _stage_cmd("run_mfn") and "${report_dir}/mfn.html" in _stage_cmd("render_mfn")
 
 
-def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
-    out = tmp_path / "tiny" / "mfn"
+def _run_study(study, tmp_path):
+    out = tmp_path / "tiny" / study
     out.mkdir(parents=True)
     bin_dir = Path(sys.executable).parent
-    subprocess.run([bin_dir / "papermill", "-k", "python3", "--no-progress-bar", "--cwd", ".", "nbs/studies/mfn.ipynb",
-                    out / "mfn.ipynb", "-p", "profile", "tiny", "-p", "output_root", str(tmp_path)],
+    subprocess.run([bin_dir / "papermill", "-k", "python3", "--no-progress-bar", "--cwd", ".", f"nbs/studies/{study}.ipynb",
+                    out / f"{study}.ipynb", "-p", "profile", "tiny", "-p", "output_root", str(tmp_path)],
                    check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "project_lib.report", "render", out / f"{study}.ipynb", "--provenance",
+                    out / "provenance.json", "--out", tmp_path / "reports" / f"{study}.html", "--title", study], check=True)
+    return out, (tmp_path / "reports" / f"{study}.html").read_text()
+
+
+def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
+    out, html = _run_study("cryoem", tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"unet", "attention_unet"}
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["split"]["test"]) == 4 and split["data_hash"]
+    assert (out / "runs" / "unet-s0" / "best.pt").is_file() and (out / "runs" / "attention_unet-s1" / "last.pt").is_file()
+    assert external_references(html) == [] and html.count("data:image/png;base64") >= 5
+    assert "What the original protocol does to the same data" in html
+
+
+def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
+    out, html = _run_study("mfn", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_simulations"] == {"default": 24, "v41": 24}
     df, meta = read_dataset(out / "datasets" / "mfn_default.parquet")
@@ -32,9 +50,6 @@ def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["profile"] == "tiny" and prov["wall_time_s"] > 0
     assert {p.name for p in (out / "figures").iterdir()} >= {"example-fields.png", "feature-correlation.png"}
-    subprocess.run([sys.executable, "-m", "project_lib.report", "render", out / "mfn.ipynb", "--provenance",
-                    out / "provenance.json", "--out", tmp_path / "reports" / "mfn.html", "--title", "MFN"], check=True)
-    html = (tmp_path / "reports" / "mfn.html").read_text()
     assert external_references(html) == [] and "Profile tiny" in html
     assert html.count("data:image/png;base64") >= 4                 # the figures are embedded
     assert "generate_dataset(" not in html                          # code inputs are hidden

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 # %% auto #0
-__all__ = ['pixel_metrics', 'extract_picks', 'match_picks', 'particle_metrics']
+__all__ = ['pixel_metrics', 'extract_picks', 'match_picks', 'particle_metrics', 'particle_pr_curve']
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c005
 def _check_pair(prob: np.ndarray, truth: np.ndarray):
@@ -71,6 +71,7 @@ def particle_metrics(picks: pd.DataFrame, # x, y, score of all images, with an `
                      truth: pd.DataFrame, # x, y of the true centres, with an `image` column
                      radius: float, # matching radius, pixels (half a diameter)
                      threshold: float, # score threshold (chosen on validation)
+                     with_auprc: bool = True, # also the AUPRC (greedy matching of all picks; skip it when sweeping thresholds)
                     ) -> dict[str, float]:
     "Particle precision, recall, F1 at `threshold` and AUPRC over all thresholds, pooled over images."
     tp = fp = fn = 0
@@ -80,13 +81,14 @@ def particle_metrics(picks: pd.DataFrame, # x, y, score of all images, with an `
         kept = p[p.score >= threshold]
         a, b, c = match_picks(kept[["x", "y"]].to_numpy(), t[["x", "y"]].to_numpy(), radius)
         tp, fp, fn = tp + a, fp + b, fn + c
-        scored.append(_greedy_hits(p.sort_values("score", ascending=False), t[["x", "y"]].to_numpy(), radius))
+        if with_auprc: scored.append(_greedy_hits(p.sort_values("score", ascending=False), t[["x", "y"]].to_numpy(), radius))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    hits = pd.concat(scored) if scored else pd.DataFrame({"score": [], "hit": []})
-    return {"precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "auprc": _auprc(hits.score.to_numpy(), hits.hit.to_numpy(), len(truth))}
+    out = {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+    if with_auprc:
+        hits = pd.concat(scored) if scored else pd.DataFrame({"score": [], "hit": []})
+        out["auprc"] = _auprc(hits.score.to_numpy(), hits.hit.to_numpy(), len(truth))
+    return out
 
 def _greedy_hits(picks: pd.DataFrame, truth_xy: np.ndarray, radius: float) -> pd.DataFrame:
     "Each pick (in score order) takes the nearest unmatched true centre within radius."
@@ -98,6 +100,16 @@ def _greedy_hits(picks: pd.DataFrame, truth_xy: np.ndarray, radius: float) -> pd
         j = int(np.argmin(d))
         if d[j] <= radius: free[j], hit[i] = False, True
     return pd.DataFrame({"score": picks.score.to_numpy(), "hit": hit})
+
+def particle_pr_curve(picks: pd.DataFrame, truth: pd.DataFrame, radius: float) -> pd.DataFrame:
+    "Particle-level precision-recall curve (columns threshold, precision, recall), pooled over images."
+    hits = pd.concat([_greedy_hits(picks[picks.image == i].sort_values("score", ascending=False),
+                                   truth[truth.image == i][["x", "y"]].to_numpy(), radius) for i in sorted(set(picks.image))])
+    order = np.argsort(-hits.score.to_numpy(), kind="stable")
+    hit = hits.hit.to_numpy()[order]
+    tp = np.cumsum(hit)
+    return pd.DataFrame({"threshold": hits.score.to_numpy()[order], "precision": tp / np.arange(1, len(hit) + 1),
+                         "recall": tp / max(len(truth), 1)})
 
 def _auprc(scores: np.ndarray, hits: np.ndarray, n_true: int) -> float:
     "Area under the precision-recall curve (step-wise, as average precision) of scored picks."

@@ -20,8 +20,8 @@ from .models import AttentionUNet, UNet
 
 # %% auto #0
 __all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'TrainConfig', 'budget_hash', 'build_model',
-           'focal_dice_loss', 'predict', 'select_threshold', 'evaluate', 'RunResult', 'train', 'load_best',
-           'check_comparable']
+           'focal_dice_loss', 'predict', 'select_threshold', 'select_pixel_threshold', 'evaluate', 'RunResult', 'train',
+           'load_best', 'check_comparable']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int, structure) -> list[Micrograph]:
@@ -119,21 +119,30 @@ def select_threshold(probs: np.ndarray, micrographs: list[Micrograph],
     "(threshold, particle F1) maximising particle F1 on these (validation) micrographs."
     picks, truth = _picks_and_truth(probs, micrographs)
     radius = micrographs[0].diameter_px / 2
-    scores = [particle_metrics(picks, truth, radius, t)["f1"] for t in candidates]
+    scores = [particle_metrics(picks, truth, radius, t, with_auprc=False)["f1"] for t in candidates]
     best = int(np.argmax(scores))
     return float(candidates[best]), float(scores[best])
 
-def evaluate(probs: np.ndarray, micrographs: list[Micrograph], threshold: float) -> tuple[dict, pd.DataFrame]:
-    "(pooled metrics, per-micrograph metrics) at `threshold`: pixel P/R/F1/IoU, ROC-AUC, AP; particle P/R/F1, AUPRC."
+def select_pixel_threshold(probs: np.ndarray, micrographs: list[Micrograph],
+                           candidates=tuple(np.round(np.arange(0.1, 0.95, 0.05), 2))) -> float:
+    "The threshold maximising pixel F1 on these (validation) micrographs."
+    truth = np.stack([m.mask for m in micrographs])
+    return float(candidates[int(np.argmax([pixel_metrics(probs, truth, t)["f1"] for t in candidates]))])
+
+def evaluate(probs: np.ndarray, micrographs: list[Micrograph], threshold: float, # particle threshold
+             pixel_threshold: float | None = None, # default: `threshold`
+            ) -> tuple[dict, pd.DataFrame]:
+    "(pooled metrics, per-micrograph metrics): pixel P/R/F1/IoU, ROC-AUC, AP; particle P/R/F1, AUPRC."
+    pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
     truth_masks = np.stack([m.mask for m in micrographs])
-    pooled = {f"pixel_{k}": v for k, v in pixel_metrics(probs, truth_masks, threshold).items()}
+    pooled = {f"pixel_{k}": v for k, v in pixel_metrics(probs, truth_masks, pixel_threshold).items()}
     picks, truth = _picks_and_truth(probs, micrographs)
     radius = micrographs[0].diameter_px / 2
     pooled.update({f"particle_{k}": v for k, v in particle_metrics(picks, truth, radius, threshold).items()})
     rows = []
     for i, m in enumerate(micrographs):
         pm = particle_metrics(picks[picks.image == i], truth[truth.image == i], radius, threshold)
-        px = pixel_metrics(probs[i], m.mask, threshold)
+        px = pixel_metrics(probs[i], m.mask, pixel_threshold)
         rows.append({"micrograph": i, "particle_f1": pm["f1"], "pixel_f1": px["f1"], "pixel_roc_auc": px["roc_auc"]})
     return pooled, pd.DataFrame(rows)
 
@@ -150,6 +159,14 @@ class RunResult:
     budget_hash: str
     train_time_s: float
     best_checkpoint: Path
+
+def _fixed_threshold_scores(probs: np.ndarray, micrographs: list[Micrograph], threshold: float = 0.5) -> dict:
+    "Pixel F1, particle F1 and the ROC-AUC of thresholded predictions at a fixed threshold (the original protocol's numbers)."
+    truth = np.stack([m.mask for m in micrographs])
+    picks, centres = _picks_and_truth(probs, micrographs)
+    return {"pixel_f1": pixel_metrics(probs, truth, threshold)["f1"],
+            "particle_f1": particle_metrics(picks, centres, micrographs[0].diameter_px / 2, threshold, with_auprc=False)["f1"],
+            "thresholded_auc": pixel_metrics((probs >= threshold).astype(float), truth)["roc_auc"]}
 
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     k = int(torch.randint(0, 4, (1,), generator=gen))
@@ -213,9 +230,7 @@ def train(config: TrainConfig, train_set: list[Micrograph], val_set: list[Microg
         threshold, val_f1 = select_threshold(predict(model, val_set, device), val_set)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_f1": val_f1, "val_threshold": threshold}
         for name, mics in (extra_eval or {}).items():
-            probs = predict(model, mics, device)
-            row.update({f"{name}_{k}": v for k, v in evaluate(probs, mics, 0.5)[0].items()})
-            row[f"{name}_thresholded_auc"] = pixel_metrics((probs >= 0.5).astype(float), np.stack([m.mask for m in mics]))["roc_auc"]
+            row.update({f"{name}_{k}": v for k, v in _fixed_threshold_scores(predict(model, mics, device), mics).items()})
         history.append(row)
         if rank == 0:
             if val_f1 > best_f1:
