@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: repro repro-profile test venv lab clean-venv
+.PHONY: repro repro-profile test venv data lab clean-venv
 
 venv: $(VENV)/.installed
 
@@ -17,18 +17,20 @@ $(VENV)/.installed: requirements.txt setup.py settings.ini
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-## Regenerate every result of the default (cpu) profile and its reports.
-repro: venv
+## The real inputs in data/ (tests and stages read them), from the in-repo DVC remote: no network.
+data: venv
 	dvc pull --quiet data.dvc
+
+## Regenerate every result of the default (cpu) profile and its reports.
+repro: data
 	dvc repro
 
 ## Another profile, e.g. `make repro-profile PROFILE=paper`: outputs and reports go to their own folders.
-repro-profile: venv
-	dvc pull --quiet data.dvc
+repro-profile: data
 	dvc exp run -S profile=$(PROFILE) -S report_dir=reports/$(PROFILE)
 
 ## Library in sync with the notebooks, then the pytest suite and the notebooks' inline tests.
-test: venv
+test: data
 	nbdev_export
 	@if [ -n "$$(git status --porcelain -- project_lib)" ]; then \
 	  echo "project_lib/ is out of sync with nbs/: run nbdev_export and commit"; \

@@ -200,3 +200,15 @@ def test_split_is_frozen_and_hashed(tmp_path):
     with pytest.raises(ValueError, match="frozen"):
         write_manifest(tmp_path / "split.json", make_split(20, seed=1), "data")
     assert budget_hash(TrainConfig(model="unet")) == budget_hash(TrainConfig(model="attention_unet"))
+
+
+def test_training_runs_under_torchrun_ddp(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "tests/ddp_smoke.py", tmp_path],
+                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "rank0.txt").read_text() == "2 2" and (tmp_path / "rank1.txt").read_text() == "2 2"
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()

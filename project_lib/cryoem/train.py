@@ -225,7 +225,7 @@ def train(config: TrainConfig, train_set: list[Micrograph], val_set: list[Microg
                 loss = focal_dice_loss(net(xb.to(device)).float(), yb.to(device), config)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         elapsed += time.perf_counter() - t0
         threshold, val_f1 = select_threshold(predict(model, val_set, device), val_set)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_f1": val_f1, "val_threshold": threshold}
