@@ -53,3 +53,15 @@ def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
     assert external_references(html) == [] and "Profile tiny" in html
     assert html.count("data:image/png;base64") >= 4                 # the figures are embedded
     assert "generate_dataset(" not in html                          # code inputs are hidden
+
+
+def test_synapse_study_runs_end_to_end_in_tiny_profile(tmp_path):
+    out, html = _run_study("synapse", tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["ari_class"]) >= {"standard (trained)", "stage-specific layer 20 (trained)", "hand-crafted"}
+    assert metrics["best_layer_trained_head"] in (0, 13, 20, 27)
+    clustered = (out / "standard" / "clustered_features.csv").read_text().splitlines()
+    assert "cluster" in clustered[0] and len(clustered) == 1 + 12
+    assert (out / "vgg3d_proxy.pt").is_file()
+    assert external_references(html) == [] and html.count("data:image/png;base64") >= 6
+    assert "What the original pipeline" in html and "Profile tiny" in html

@@ -1,0 +1,347 @@
+"""synapse.data: generator determinism and ground truth, class/bbox design, original layout round trip, cube preparation."""
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from project_lib.synapse.data import (CLASS_NAMES, POST, PRE, SEGMENTATION_TYPES, SEMANTIC_LABELS, SYNAPSE_TABLE_COLUMNS,
+                                      GeneratorConfig, SynapseCube, SyntheticSynapses, assemble_bbox, blend_outside_mask,
+                                      crop_cube, cubes_from_bbox, generate_cube, load_bbox, normalise_cube, prepare_cube,
+                                      read_synapse_table, read_tiff_stack, segmentation_mask, write_original_layout)
+
+TINY = GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=2, axons_per_bbox=3, synapses_per_axon=2, n_classes=3)
+SMALL = GeneratorConfig(cube_size=32, voxel_nm=20.0, n_classes=5)
+QUIET = {"contrast": 1.0, "offset": 0.0, "noise_sigma": 0.0, "blur_nm": 0.0}
+
+
+def at(volume, meta, point):
+    """Value of a [z, y, x] volume at an (x, y, z) annotation point of the metadata."""
+    return volume[meta[f"{point}_coord_3"], meta[f"{point}_coord_2"], meta[f"{point}_coord_1"]]
+
+
+# ---------------------------------------------------------------- generator
+
+def test_same_seed_same_cubes_in_any_order():
+    a, b = SyntheticSynapses(TINY, seed=7), SyntheticSynapses(TINY, seed=7)
+    late_first = b[len(b) - 1]
+    for i in (0, 5, len(a) - 1):
+        x, y = a[i], b[i]
+        for name in ("raw", "instance", "semantic"):
+            assert np.array_equal(getattr(x, name), getattr(y, name))
+        assert x.metadata == y.metadata
+    assert np.array_equal(a[len(a) - 1].raw, late_first.raw)
+    assert np.array_equal(a[3].raw, a[3].raw)                 # asking twice
+    assert not np.array_equal(SyntheticSynapses(TINY, seed=8)[0].raw, a[0].raw)
+
+
+def test_metadata_table_equals_the_cubes_metadata():
+    ds = SyntheticSynapses(TINY, seed=1)
+    table = ds.metadata()
+    assert len(table) == len(ds) == TINY.n_cubes == 12
+    for i in range(len(ds)):
+        assert ds[i].metadata == table.iloc[i].to_dict()
+    assert table.synapse_id.is_unique and table.synapse_id[0] == "bbox0_axon0_syn0"
+
+
+def test_shapes_dtypes_and_range():
+    cube = generate_cube(SMALL, 2, np.random.default_rng(0))
+    assert cube.raw.shape == cube.instance.shape == cube.semantic.shape == (32, 32, 32)
+    assert (cube.raw.dtype, cube.instance.dtype, cube.semantic.dtype) == (np.float32, np.int32, np.uint8)
+    assert 0.0 <= cube.raw.min() and cube.raw.max() <= 1.0 and cube.raw.std() > 0.05
+    assert set(np.unique(cube.semantic)) <= {0, *SEMANTIC_LABELS.values()}
+    assert cube.instance.min() >= 0 and set(np.unique(cube.instance)) >= {0, PRE, POST}
+    assert cube.metadata["class_name"] == CLASS_NAMES[2]
+
+
+def test_class_is_independent_of_bbox_and_shared_by_an_axon():
+    table = SyntheticSynapses(GeneratorConfig(n_bboxes=5, axons_per_bbox=8, synapses_per_axon=2, n_classes=4), seed=0).metadata()
+    counts = pd.crosstab(table.bbox, table.synapse_class)
+    assert counts.shape == (5, 4) and (counts.to_numpy() == 4).all()     # every bbox holds every class equally
+    assert (table.groupby("axon").synapse_class.nunique() == 1).all()
+    assert (table.groupby("axon").bbox.nunique() == 1).all() and table.axon.nunique() == 40
+    # nuisances belong to the bbox, not to the class
+    assert (table.groupby("bbox").contrast.nunique() == 1).all()
+    assert table.groupby("synapse_class").contrast.mean().std() < 0.05
+
+
+def test_separation_zero_makes_classes_identical_in_distribution():
+    def psd_means(separation):
+        cfg = GeneratorConfig(n_bboxes=10, axons_per_bbox=8, synapses_per_axon=4, n_classes=4, separation=separation)
+        return SyntheticSynapses(cfg, seed=2).metadata().groupby("synapse_class").psd_thickness_nm.mean()
+    same, apart = psd_means(0.0), psd_means(1.0)
+    assert same.max() - same.min() < 4.0                      # within-class sd 5 nm, 80 synapses per class
+    assert apart.max() - apart.min() > 25.0                   # class means 50, 12, 35, 30 nm
+    assert abs(apart[0] - 50) < 4 and abs(apart[1] - 12) < 4
+
+
+def test_axon_offset_and_nuisance_reach_the_cube():
+    plain = generate_cube(SMALL, 0, np.random.default_rng(3), QUIET).metadata
+    shifted = generate_cube(SMALL, 0, np.random.default_rng(3), QUIET, {"psd_thickness_nm": 10.0}).metadata
+    assert shifted["psd_thickness_nm"] == pytest.approx(plain["psd_thickness_nm"] + 10.0)
+    assert {k: shifted[k] for k in QUIET} == QUIET
+    with pytest.raises(ValueError, match="unknown traits"):
+        generate_cube(SMALL, 0, np.random.default_rng(0), None, {"psd": 1.0})
+    with pytest.raises(ValueError, match="nuisance must be a dict"):
+        generate_cube(SMALL, 0, np.random.default_rng(0), {"contrast": 1.0})
+    with pytest.raises(ValueError, match="synapse_class"):
+        generate_cube(SMALL, 5, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("synapse_class", range(5))
+def test_ground_truth_sits_in_the_right_neurite(synapse_class):
+    cube = generate_cube(SMALL, synapse_class, np.random.default_rng(10 + synapse_class))
+    m, inst, sem = cube.metadata, cube.instance, cube.semantic
+    assert at(inst, m, "side_1") == PRE and at(inst, m, "side_2") == POST
+    assert at(sem, m, "central") == SEMANTIC_LABELS["cleft"]
+    cloud = sem == SEMANTIC_LABELS["vesicle_cloud"]
+    assert cloud.sum() > 100 and (inst[cloud] == PRE).all()
+    assert set(np.unique(inst[sem == SEMANTIC_LABELS["cleft"]])) <= {0, PRE, POST}
+    mito = sem == SEMANTIC_LABELS["mitochondrion"]
+    assert set(np.unique(inst[mito])) <= {PRE, POST}
+    assert mito.any() or not m["mitochondrion"]
+
+
+def test_psd_thickness_shows_in_the_image():
+    # without noise or blur, dark voxels just under the cleft on the postsynaptic side measure the PSD
+    def dark_psd_voxels(synapse_class):
+        cube = generate_cube(GeneratorConfig(cube_size=64, voxel_nm=10.0, rotate=False, jitter_nm=0.0), synapse_class,
+                             np.random.default_rng(4), QUIET)
+        c = cube.metadata["central_coord_3"]
+        below = cube.raw[c - 8:c - 1][cube.instance[c - 8:c - 1] == POST]
+        return (below < 0.3).sum(), cube.metadata["psd_thickness_nm"]
+    thick, thick_nm = dark_psd_voxels(0)
+    thin, thin_nm = dark_psd_voxels(1)
+    assert thick_nm > 2 * thin_nm and thick > 2 * thin
+
+
+def test_structures_are_defined_in_nm():
+    # the same random stream at half the resolution draws the same synapse and shows the same field
+    fine = generate_cube(GeneratorConfig(cube_size=64, voxel_nm=10.0, jitter_nm=0.0), 0, np.random.default_rng(5), QUIET)
+    coarse = generate_cube(GeneratorConfig(cube_size=32, voxel_nm=20.0, jitter_nm=0.0), 0, np.random.default_rng(5), QUIET)
+    traits = ("psd_thickness_nm", "vesicle_count", "cleft_radius_nm", "spine", "cleft_normal_3")
+    assert [fine.metadata[t] for t in traits] == [coarse.metadata[t] for t in traits]
+    assert np.mean(fine.instance == PRE) == pytest.approx(np.mean(coarse.instance == PRE), rel=0.05)
+
+
+def test_bad_configs_and_inputs():
+    for kwargs, message in [({"cube_size": 36}, "multiple of 8"), ({"cube_size": 8}, "multiple of 8"),
+                            ({"voxel_nm": 0}, "voxel_nm"), ({"n_classes": 2}, "n_classes"),
+                            ({"separation": float("nan")}, "separation"), ({"n_bboxes": 0}, "n_bboxes"),
+                            ({"synapses_per_axon": 1.5}, "synapses_per_axon"), ({"jitter_nm": 500.0}, "field of view"),
+                            ({"rotate": 1}, "rotate")]:
+        with pytest.raises(ValueError, match=message):
+            GeneratorConfig(**kwargs)
+    with pytest.raises(ValueError, match="seed"):
+        SyntheticSynapses(TINY, seed=-1)
+    with pytest.raises(IndexError):
+        SyntheticSynapses(TINY, seed=0)[TINY.n_cubes]
+    with pytest.raises(TypeError, match="rng"):
+        generate_cube(TINY, 0, 0)
+
+
+# ---------------------------------------------------------------- original layout
+
+@pytest.fixture(scope="module")
+def tiles():
+    return [SyntheticSynapses(GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=1, axons_per_bbox=3, synapses_per_axon=1,
+                                              n_classes=3, jitter_nm=0.0), seed=4)[i] for i in range(3)]
+
+
+def test_layout_round_trip_with_coordinates(tmp_path, tiles):
+    raw, seg, mask, table = assemble_bbox(tiles)
+    assert raw.shape == (16, 16, 48) and list(table.columns) == list(SYNAPSE_TABLE_COLUMNS)
+    write_original_layout(tmp_path, "bbox1", raw, seg, mask, table)
+    assert sorted(p.name for p in (tmp_path / "raw" / "bbox1").iterdir())[:2] == ["slice_0000.tif", "slice_0001.tif"]
+    raw2, seg2, mask2, table2 = load_bbox(tmp_path, "bbox1")
+    assert raw2.dtype == np.uint8 and np.array_equal(raw2, np.rint(raw * 255))
+    assert np.array_equal(seg2, seg) and np.array_equal(mask2, mask)
+    assert table2.Var1.tolist() == [c.metadata["synapse_id"] for c in tiles]
+    for i, cube in enumerate(tiles):          # coordinates (x, y, z) point at the same structures in the bbox volume
+        row = table2.iloc[i]
+        assert row.central_coord_1 == cube.metadata["central_coord_1"] + 16 * i
+        assert seg2[row.side_1_coord_3, row.side_1_coord_2, row.side_1_coord_1] == PRE + sum(int(c.instance.max()) for c in tiles[:i])
+        assert mask2[row.central_coord_3, row.central_coord_2, row.central_coord_1] == SEMANTIC_LABELS["cleft"]
+    # ids of different cubes never collide
+    assert len(set(np.unique(seg[:, :, :16])) & set(np.unique(seg[:, :, 16:32])) - {0}) == 0
+
+
+def test_cubes_from_bbox_recover_the_generated_cubes(tmp_path, tiles):
+    write_original_layout(tmp_path, "b", *assemble_bbox(tiles))
+    cubes = cubes_from_bbox(tmp_path, "b", size=16)
+    for cut, cube in zip(cubes, tiles):
+        assert np.array_equal(cut.semantic, cube.semantic)
+        assert all(np.array_equal(cut.instance == i, cube.instance == i) for i in (0, PRE, POST))
+        assert np.abs(cut.raw - cube.raw).max() <= 0.5 / 255 + 1e-6
+        assert at(cut.instance, cut.metadata, "side_1") == PRE
+
+
+def test_rewrite_removes_stale_slices(tmp_path, tiles):
+    raw, seg, mask, table = assemble_bbox(tiles)
+    write_original_layout(tmp_path, "b", raw, seg, mask, table)
+    write_original_layout(tmp_path, "b", raw[:10], seg[:10], mask[:10], table.assign(central_coord_3=5, side_1_coord_3=5, side_2_coord_3=5))
+    assert load_bbox(tmp_path, "b")[0].shape[0] == 10
+
+
+def test_read_tiff_stack_luminance_sorting_and_errors(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 100, 200, 50
+    (tmp_path / "s").mkdir()
+    tifffile.imwrite(tmp_path / "s" / "slice_0001.tif", rgb)
+    tifffile.imwrite(tmp_path / "s" / "slice_0000.tif", np.full((4, 5, 3), 10, np.uint8))
+    stack = read_tiff_stack(tmp_path / "s")
+    assert stack.shape == (2, 4, 5) and stack.dtype == np.uint8
+    assert stack[0, 0, 0] == 10 and stack[1, 0, 0] == round(0.299 * 100 + 0.587 * 200 + 0.114 * 50)
+    with pytest.raises(ValueError, match="2-D label image"):
+        read_tiff_stack(tmp_path / "s", labels=True)
+    tifffile.imwrite(tmp_path / "s" / "slice_0002.tif", np.zeros((3, 5), np.uint8))
+    with pytest.raises(ValueError, match="has shape"):
+        read_tiff_stack(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_tiff_stack(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tif slices"):
+        read_tiff_stack(tmp_path / "empty")
+
+
+def test_synapse_table_errors(tmp_path, tiles):
+    table = assemble_bbox(tiles)[3]
+    table.drop(columns=["side_2_coord_3"]).to_excel(tmp_path / "t.xlsx", index=False)
+    with pytest.raises(ValueError, match="side_2_coord_3"):
+        read_synapse_table(tmp_path / "t.xlsx")
+    with pytest.raises(FileNotFoundError):
+        read_synapse_table(tmp_path / "none.xlsx")
+    raw, seg, mask, _ = assemble_bbox(tiles)
+    with pytest.raises(ValueError, match="outside the volume"):
+        write_original_layout(tmp_path, "b", raw, seg, mask, table.assign(central_coord_1=48))
+    with pytest.raises(ValueError, match="one shape"):
+        write_original_layout(tmp_path, "b", raw, seg[:, :, :10], mask, table)
+    with pytest.raises(ValueError, match="bbox must be"):
+        write_original_layout(tmp_path, "../b", raw, seg, mask, table)
+
+
+# ---------------------------------------------------------------- cube preparation
+
+@pytest.mark.parametrize("centre", [(0, 0, 0), (4, 5, 6), (2, 3, 3), (0, 5, 3)])
+@pytest.mark.parametrize("size", [4, 5, 9])
+def test_crop_is_centred_and_padded_symmetrically(centre, size):
+    volume = np.arange(1, 5 * 6 * 7 + 1, dtype=np.int16).reshape(5, 6, 7)
+    padded = np.pad(volume, size)
+    start = [c - size // 2 + size for c in centre]
+    expected = padded[start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size]
+    crop = crop_cube(volume, centre, size)
+    assert crop.dtype == np.int16 and np.array_equal(crop, expected)
+    assert crop[size // 2, size // 2, size // 2] == volume[centre]
+
+
+def test_crop_errors():
+    with pytest.raises(ValueError, match="3-D"):
+        crop_cube(np.zeros((4, 4)), (1, 1), 2)
+    with pytest.raises(ValueError, match="inside the volume"):
+        crop_cube(np.zeros((4, 4, 4)), (1, 1, 4), 2)
+    with pytest.raises(ValueError, match="size"):
+        crop_cube(np.zeros((4, 4, 4)), (1, 1, 1), 0)
+
+
+def test_normalise_cube():
+    x = np.array([[[3.0, 5.0], [7.0, 11.0]]])
+    assert np.allclose(normalise_cube(x), (x - 3) / 8) and normalise_cube(x).dtype == np.float32
+    assert np.array_equal(normalise_cube(np.full((2, 2, 2), 4.0)), np.zeros((2, 2, 2)))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN"):
+            normalise_cube(np.array([[[1.0, bad]]]))
+
+
+def hand_made():
+    """7³: PRE below z = 3, POST above; two vesicle clouds (the first nearer the centre), one cleft, one mitochondrion."""
+    inst = np.full((7, 7, 7), 3, np.int32)
+    inst[:3], inst[4:] = PRE, POST
+    inst[3] = 0
+    sem = np.zeros((7, 7, 7), np.uint8)
+    near, far, cleft, mito = (2, 3, 3), (0, 0, 0), (3, 3, 3), (5, 6, 6)
+    sem[near] = sem[far] = SEMANTIC_LABELS["vesicle_cloud"]
+    sem[cleft] = SEMANTIC_LABELS["cleft"]
+    sem[mito] = SEMANTIC_LABELS["mitochondrion"]
+    return inst, sem, {"near": near, "far": far, "cleft": cleft, "mito": mito}
+
+
+def test_segmentation_mask_each_type():
+    inst, sem, at_ = hand_made()
+    pre, post = inst == PRE, inst == POST
+    one = lambda *points: np.isin(np.arange(7 ** 3).reshape(7, 7, 7), [np.ravel_multi_index(p, (7, 7, 7)) for p in points])
+    expected = {0: np.ones_like(pre), 1: pre, 2: post, 3: pre | post, 4: one(at_["near"], at_["cleft"]),
+                5: pre | post | one(at_["cleft"]), 6: one(at_["near"]), 7: one(at_["cleft"]), 8: one(at_["mito"]),
+                9: one(at_["near"], at_["far"], at_["cleft"]), 10: pre | one(at_["cleft"])}
+    assert sorted(SEGMENTATION_TYPES) == list(range(11))
+    for seg_type, want in expected.items():
+        got = segmentation_mask(inst, sem, seg_type)
+        assert got.dtype == bool and np.array_equal(got, want), seg_type
+    assert segmentation_mask(inst, sem, 6, centre_zyx=(0, 0, 1))[at_["far"]]      # the other cloud is now closer
+    assert np.array_equal(segmentation_mask(np.where(inst == PRE, 9, inst), sem, 1, pre_id=9), pre)
+
+
+def test_segmentation_mask_errors():
+    inst, sem, _ = hand_made()
+    with pytest.raises(ValueError, match="missing mask"):
+        segmentation_mask(inst, np.zeros_like(sem), 4)
+    with pytest.raises(ValueError, match="missing mask"):
+        segmentation_mask(np.zeros_like(inst), sem, 1)
+    with pytest.raises(ValueError, match="seg_type must be one of"):
+        segmentation_mask(inst, sem, 12)
+    with pytest.raises(ValueError, match="one shape"):
+        segmentation_mask(inst, sem[:3], 0)
+
+
+def test_blend_formula():
+    raw = np.array([[[0.0, 0.2, 1.0]]])
+    mask = np.array([[[True, False, False]]])
+    assert np.allclose(blend_outside_mask(raw, mask, 1.0), [[[0.0, 0.6, 0.6]]])
+    assert np.allclose(blend_outside_mask(raw, mask, 0.0), raw)
+    assert np.allclose(blend_outside_mask(raw, mask, 0.25, gray=0.4), [[[0.0, 0.25 * 0.4 + 0.75 * 0.2, 0.25 * 0.4 + 0.75]]])
+    with pytest.raises(ValueError, match="alpha"):
+        blend_outside_mask(raw, mask, 1.5)
+    with pytest.raises(ValueError, match="boolean"):
+        blend_outside_mask(raw, mask.astype(int), 0.5)
+
+
+def test_prepare_cube():
+    inst, sem, _ = hand_made()
+    raw = np.random.default_rng(0).random((7, 7, 7)) * 50 + 10
+    cube = SynapseCube(raw, inst, sem, {})
+    assert np.allclose(prepare_cube(cube), normalise_cube(raw))
+    out = prepare_cube(cube, seg_type=10, alpha=1.0)
+    assert out.dtype == np.float32 and out.shape == (7, 7, 7)
+    assert np.allclose(out[inst == POST], 0.6) and np.allclose(out[:3], normalise_cube(raw)[:3])
+    with pytest.raises(ValueError, match="3-D cube"):
+        prepare_cube(SynapseCube(raw[:, :, :5], inst, sem, {}))
+    with pytest.raises(ValueError, match="3-D cube"):
+        prepare_cube(SynapseCube(raw[0], inst, sem, {}))
+    with pytest.raises(ValueError, match="must match"):
+        prepare_cube(SynapseCube(raw, inst[:5, :5, :5], sem, {}))
+    with pytest.raises(ValueError, match="missing mask"):
+        prepare_cube(SynapseCube(raw, inst, np.zeros_like(sem), {}), seg_type=8)
+
+
+def test_synapse_table_coordinates_must_be_whole_numbers(tmp_path, tiles):
+    table = assemble_bbox(tiles)[3]
+    table.astype({"central_coord_1": float}).to_excel(tmp_path / "f.xlsx", index=False)
+    assert read_synapse_table(tmp_path / "f.xlsx").central_coord_1.dtype == np.int64      # 8.0 is a voxel index
+    table.assign(central_coord_1=[1.5, 2.0, 3.0]).to_excel(tmp_path / "h.xlsx", index=False)
+    with pytest.raises(ValueError, match="whole voxel numbers"):
+        read_synapse_table(tmp_path / "h.xlsx")
+
+
+def test_cubes_from_bbox_with_per_bbox_label_ids_and_bad_sides(tmp_path, tiles):
+    raw, seg, mask, table = assemble_bbox(tiles)
+    original_ids = np.array([0, 6, 7, 5], np.uint8)[mask]        # vesicle 6, cleft 7, mitochondrion 5, as in bbox 1
+    original_ids[(mask == 0) & (seg == 0)] = 8                    # a second cleft label on the extracellular gap
+    write_original_layout(tmp_path, "bbox1", raw, seg, original_ids, table)
+    cubes = cubes_from_bbox(tmp_path, "bbox1", 16, labels={"vesicle_cloud": 6, "cleft": (7, 8), "mitochondrion": 5})
+    gap = (tiles[0].semantic == 0) & (tiles[0].instance == 0)
+    assert np.array_equal(cubes[0].semantic, np.where(gap, SEMANTIC_LABELS["cleft"], tiles[0].semantic))
+    with pytest.raises(ValueError, match="labels must map"):
+        cubes_from_bbox(tmp_path, "bbox1", 16, labels={"cleft": 7})
+    write_original_layout(tmp_path, "same", raw, seg, mask, table.assign(side_2_coord_1=table.side_1_coord_1,
+                                                                         side_2_coord_2=table.side_1_coord_2,
+                                                                         side_2_coord_3=table.side_1_coord_3))
+    with pytest.raises(ValueError, match="two different neurites"):
+        cubes_from_bbox(tmp_path, "same", 16)
