@@ -211,3 +211,12 @@ def test_proxy_training_learns_and_is_deterministic():
     assert runs[0].loss.iloc[-1] < runs[0].loss.iloc[0]
     with pytest.raises(ValueError, match="differ in length"):
         train_proxy(VGG3D(input_size=16, classifier_hidden=8), x, y[:-1], progress=False)
+
+
+def test_cli_help_and_no_silent_random_weights():
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "project_lib.synapse", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "--extraction_method" in run.stdout and "--layer_num" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "project_lib.synapse", "--extraction_method", "standard"], capture_output=True, text=True)
+    assert run.returncode == 2 and "one of the arguments --checkpoint --random_init is required" in run.stderr

@@ -81,7 +81,8 @@ def budget_hash(config: TrainConfig) -> str:
     return params_hash({k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")})
 
 def build_model(config: TrainConfig) -> nn.Module:
-    return (AttentionUNet if config.model == "attention_unet" else UNet)(1, 1, config.width)
+    "The arm's network in channels-last layout (measured 30-45 % faster training on CPU: benchmarks/bench_cryoem.py)."
+    return (AttentionUNet if config.model == "attention_unet" else UNet)(1, 1, config.width).to(memory_format=torch.channels_last)
 
 def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     "Binary focal loss (Lin et al. 2017) plus soft Dice loss."
@@ -106,7 +107,7 @@ def predict(model: nn.Module, micrographs: list[Micrograph], device: str = "cpu"
     out = []
     with torch.no_grad(), torch.autocast(device_type="cuda", enabled=device == "cuda"):
         for i in range(0, len(x), batch_size):
-            out.append(torch.sigmoid(model(x[i:i + batch_size].to(device)).float()).cpu())
+            out.append(torch.sigmoid(model(x[i:i + batch_size].to(device, memory_format=torch.channels_last)).float()).cpu())
     return torch.cat(out)[:, 0].numpy()
 
 def _picks_and_truth(probs, micrographs):
@@ -222,7 +223,7 @@ def train(config: TrainConfig, train_set: list[Micrograph], val_set: list[Microg
             xb, yb = x[idx], y[idx]
             if config.augment: xb, yb = _augment(xb, yb, gen)
             with torch.autocast(device_type="cuda", enabled=device == "cuda"):
-                loss = focal_dice_loss(net(xb.to(device)).float(), yb.to(device), config)
+                loss = focal_dice_loss(net(xb.to(device, memory_format=torch.channels_last)).float(), yb.to(device), config)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
             losses.append(float(loss.detach()))
