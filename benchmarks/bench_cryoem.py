@@ -15,17 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from timing import best_of
 from project_lib.core import load_study_params
 from project_lib.cryoem.compare import CryoEMStudyParams
 from project_lib.cryoem.data import MicrographConfig, read_pdb_atoms, simulate_micrograph
 from project_lib.cryoem.train import _stack, build_model, focal_dice_loss, predict, select_threshold, simulate_dataset
-
-
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 class _MicrographDataset(Dataset):

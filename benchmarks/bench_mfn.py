@@ -14,17 +14,9 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from timing import best_of
 from project_lib.mfn.features import FeatureConfig, box_sizes, compute_features
 from project_lib.mfn.sim import DYNAMICS, SimulationConfig, _initial_state, _pack, _step_kernel, _switch, reference_step, simulate
-
-
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 # --- the plain reference of the 18 static features (numpy, and the upstream pure-Python union-find) --------------

@@ -12,17 +12,11 @@ import time
 
 import torch
 
+from timing import best_of
 from project_lib.core import load_study_params
 from project_lib.synapse.analysis import SynapseStudyParams
 from project_lib.synapse.data import GeneratorConfig, SyntheticSynapses, prepare_cube
 from project_lib.synapse.model import VGG3D, ExtractionConfig, VGG3DStageExtractor, cubes_to_input, extract_features, layer_table
-
-
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench_extraction(sizes, batch, repeats):

@@ -10,13 +10,14 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 
 # %% auto #0
 __all__ = ['PROFILES', 'GENERATED_PATHS', 'project_root', 'atomic_write_bytes', 'atomic_write_text', 'validate_section',
            'read_params', 'resolve_profile', 'load_study_params', 'to_jsonable', 'params_hash', 'file_sha256',
            'seed_everything', 'select_device', 'output_dir', 'git_state', 'package_versions', 'describe_cpu',
-           'Provenance', 'start_provenance', 'mean_ci']
+           'Provenance', 'start_provenance', 'mean_ci', 'summarise_over_seeds']
 
 # %% ../nbs/00_core.ipynb #c005
 def project_root(start: str | Path | None = None, # folder to start looking from; default: the working directory
@@ -290,3 +291,19 @@ def mean_ci(units, # 1-D values of independent units (e.g. one per seed or per p
     res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
                           method="percentile", rng=np.random.default_rng(seed))
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+# %% ../nbs/00_core.ipynb #c032
+def summarise_over_seeds(df: pd.DataFrame, # one row per run (seed), with a grouping column and metric columns
+                         by: str, # grouping column, e.g. "model" or "variant"
+                         metrics, # metric columns to summarise
+                        ):
+    "Long table `by, metric, mean, ci_low, ci_high, n`: mean and 95% t-interval over each group's rows (NaN dropped)."
+    missing = [c for c in [by, *metrics] if c not in df]
+    if missing: raise ValueError(f"df lacks the columns {missing}")
+    rows = []
+    for key, g in df.groupby(by, sort=False):
+        for m in metrics:
+            v = g[m].dropna().to_numpy(np.float64)
+            mean, lo, hi = mean_ci(v, method="t") if len(v) > 1 else (float(v.mean()),) * 3
+            rows.append({by: key, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(v)})
+    return pd.DataFrame(rows)

@@ -10,13 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..core import mean_ci
 from .data import MicrographConfig
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['CryoEMStudyParams', 'arm_summary', 'paired_difference', 'flawed_protocol', 'plot_learning_curves', 'plot_pr_curves',
-           'plot_picks', 'plot_maps', 'plot_spectra']
+__all__ = ['CryoEMStudyParams', 'paired_difference', 'flawed_protocol', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
+           'plot_maps', 'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c005
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +56,6 @@ class CryoEMStudyParams:
         return TrainConfig(model=model, seed=seed, **{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c007
-def arm_summary(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    "Mean and 95% t-CI over seeds of each metric, per model (runs: one row per model and seed)."
-    rows = []
-    for model, g in runs.groupby("model", sort=False):
-        for m in metrics:
-            mean, lo, hi = mean_ci(g[m].to_numpy(), method="t") if len(g) > 1 else (float(g[m].iloc[0]),) * 3
-            rows.append({"model": model, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi, "n_seeds": len(g)})
-    return pd.DataFrame(rows)
-
 def paired_difference(per_mic: pd.DataFrame, # columns model, seed, micrograph, <metric>
                       metric: str, a: str, b: str, # difference b - a
                       n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -18,7 +18,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score, silhouette_score
 from sklearn.preprocessing import StandardScaler
 
-from ..core import atomic_write_text, mean_ci
+from ..core import atomic_write_text
 from .data import SEMANTIC_LABELS, GeneratorConfig, SynapseCube, prepare_cube
 from .model import VGG3D, check_input, cubes_to_input
 
@@ -26,7 +26,7 @@ from .model import VGG3D, check_input, cubes_to_input
 __all__ = ['HANDCRAFTED_SIGMAS_NM', 'head_target', 'dummy_head_target', 'grad_cam', 'localisation_auc', 'handcrafted_features',
            'feature_columns', 'presynapse_consistency', 'choose_k_by_silhouette', 'run_clustering_analysis',
            'plot_embedding', 'plot_layer_curve', 'plot_slices', 'SynapseStudyParams', 'localisation_scores',
-           'clustering_table', 'summarise_over_seeds']
+           'clustering_table']
 
 # %% ../../nbs/32_synapse_analysis.ipynb #c005
 def head_target(model: VGG3D, features: torch.Tensor) -> torch.Tensor:
@@ -251,12 +251,3 @@ def clustering_table(tables: dict[str, pd.DataFrame], # variant name -> metadata
         rows.append({"variant": name, "seed": seed, **metrics})
     return pd.DataFrame(rows)
 
-def summarise_over_seeds(df: pd.DataFrame, by: str, metrics: Sequence[str]) -> pd.DataFrame:
-    "Mean and 95% t-interval over the rows (seeds) of each group, per metric: columns by, metric, mean, ci_low, ci_high, n."
-    rows = []
-    for key, g in df.groupby(by, sort=False):
-        for m in metrics:
-            v = g[m].dropna().to_numpy(float)
-            mean, lo, hi = mean_ci(v, method="t") if len(v) > 1 else (float(v.mean()),) * 3
-            rows.append({by: key, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(v)})
-    return pd.DataFrame(rows)
