@@ -14,8 +14,9 @@ from .data import MicrographConfig
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['CryoEMStudyParams', 'paired_difference', 'flawed_protocol', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
-           'plot_maps', 'plot_spectra']
+__all__ = ['CryoEMStudyParams', 'paired_summary', 'variance_components', 'interval_coverage', 'verdict', 'flawed_protocol',
+           'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks', 'plot_maps',
+           'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c005
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +57,59 @@ class CryoEMStudyParams:
         return TrainConfig(model=model, seed=seed, **{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c007
-def paired_difference(per_mic: pd.DataFrame, # columns model, seed, micrograph, <metric>
-                      metric: str, a: str, b: str, # difference b - a
-                      n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    "Mean paired difference (b − a) over seeds and test micrographs, with a two-level bootstrap 95% CI."
-    wide = per_mic.pivot_table(index=["seed", "micrograph"], columns="model", values=metric)
-    if a not in wide or b not in wide or wide[[a, b]].isna().any().any(): raise ValueError(f"need {metric} of both {a} and {b} for every seed and micrograph")
-    diff = (wide[b] - wide[a]).unstack("micrograph").to_numpy()          # (seeds, micrographs)
+def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    "Means of `n_resamples` two-level bootstrap draws of a (seeds, micrographs) matrix (weights, not copies)."
+    s, m = values.shape
+    ws = np.stack([np.bincount(i, minlength=s) for i in rng.integers(0, s, (n_resamples, s))])
+    wm = np.stack([np.bincount(i, minlength=m) for i in rng.integers(0, m, (n_resamples, m))])
+    return np.einsum("bs,sm,bm->b", ws, values, wm) / (s * m)
+
+def _metric_matrix(per_mic: pd.DataFrame, metric: str, model: str) -> np.ndarray:
+    wide = per_mic[per_mic.model == model].pivot_table(index="seed", columns="micrograph", values=metric)
+    if wide.empty or wide.isna().any().any(): raise ValueError(f"need {metric} of {model!r} for every seed and micrograph")
+    return wide.to_numpy(dtype=float)
+
+def paired_summary(per_mic: pd.DataFrame, # columns model, seed, micrograph, <metric>
+                   metric: str, a: str, b: str, # arms; the difference is b - a
+                   n_resamples: int = 2000, seed: int = 0,
+                  ) -> dict[str, tuple[float, float, float]]: # {a, b, "difference"}: (mean, low, high)
+    "Per-arm means and the paired difference (b − a) over seeds × micrographs, 95% CIs from the same bootstrap draws."
+    va, vb = _metric_matrix(per_mic, metric, a), _metric_matrix(per_mic, metric, b)
+    if va.shape != vb.shape: raise ValueError(f"arms {a!r} and {b!r} are not paired: shapes {va.shape} and {vb.shape}")
+    out = {}
+    for name, v in ((a, va), (b, vb), ("difference", vb - va)):
+        boots = _bootstrap_means(v, n_resamples, np.random.default_rng(seed))   # same seed: same draws for all three
+        out[name] = (float(v.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)))
+    return out
+
+def variance_components(diff: np.ndarray) -> tuple[float, float, float]: # (seed, micrograph, residual) variances
+    "Two-way random-effects ANOVA (no replication) of a (seeds, micrographs) matrix; negative estimates set to 0."
+    s, m = diff.shape
+    resid = diff - diff.mean(1, keepdims=True) - diff.mean(0, keepdims=True) + diff.mean()
+    ms_e = (resid ** 2).sum() / max((s - 1) * (m - 1), 1)
+    ms_s = m * ((diff.mean(1) - diff.mean()) ** 2).sum() / max(s - 1, 1)
+    ms_m = s * ((diff.mean(0) - diff.mean()) ** 2).sum() / max(m - 1, 1)
+    return max((ms_s - ms_e) / m, 0.0), max((ms_m - ms_e) / s, 0.0), float(ms_e)
+
+def interval_coverage(diff: np.ndarray, # observed (seeds, micrographs) paired differences
+                      n_simulations: int = 400, n_resamples: int = 1000, seed: int = 0) -> float:
+    "Share of simulated zero-difference matrices (variance components of `diff`) whose two-level bootstrap 95% CI covers 0."
     rng = np.random.default_rng(seed)
-    s_idx = rng.integers(0, diff.shape[0], (n_resamples, diff.shape[0]))
-    m_idx = rng.integers(0, diff.shape[1], (n_resamples, diff.shape[1]))
-    boots = np.array([diff[np.ix_(s, m)].mean() for s, m in zip(s_idx, m_idx)])
-    return float(diff.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+    vs, vm, ve = variance_components(np.asarray(diff, float))
+    s, m = diff.shape
+    covered = 0
+    for _ in range(n_simulations):
+        sim = rng.normal(0, np.sqrt(vs), (s, 1)) + rng.normal(0, np.sqrt(vm), (1, m)) + rng.normal(0, np.sqrt(ve), (s, m))
+        lo, hi = np.quantile(_bootstrap_means(sim, n_resamples, rng), [0.025, 0.975])
+        covered += lo <= 0 <= hi
+    return covered / n_simulations
+
+def verdict(low: float, high: float, margin: float) -> str:
+    "What a 95% interval of a difference shows against an equivalence margin declared in advance."
+    if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
+    inside = -margin < low and high < margin
+    if low > 0 or high < 0: return "a difference, within the equivalence margin" if inside else "a difference"
+    return "equivalence" if inside else "inconclusive"
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c010
 def flawed_protocol(histories: pd.DataFrame, # columns model, seed, epoch and <set>_pixel_f1, <set>_thresholded_auc ...
@@ -82,6 +124,21 @@ def flawed_protocol(histories: pd.DataFrame, # columns model, seed, epoch and <s
                      "pixel_f1": float(best[f"{s}_pixel_f1"]), "auc_thresholded": float(best[f"{s}_thresholded_auc"]),
                      "particle_f1": float(best[f"{s}_particle_f1"])})
     return pd.DataFrame(rows)
+
+def flawed_gap_distribution(histories: pd.DataFrame, # as for `flawed_protocol`
+                            sets: list[str], # the alternative validation sets scored every epoch
+                            a: str, b: str, # arms; the gap is b - a
+                            n_assignments: int = 2000, seed: int = 0,
+                            metric: str = "pixel_f1") -> np.ndarray: # (n_assignments,) gaps
+    "The original protocol's gap (b − a, mean over seeds) under random assignments of two different sets to the arms."
+    if len(sets) < 2: raise ValueError(f"need at least two alternative validation sets, got {sets}")
+    best = histories.groupby(["model", "seed"])[[f"{s}_{metric}" for s in sets]].max()   # best epoch on each set
+    seeds = sorted(histories.seed.unique())
+    va, vb = best.loc[a].loc[seeds].to_numpy(), best.loc[b].loc[seeds].to_numpy()       # (seeds, sets)
+    rng = np.random.default_rng(seed)
+    pairs = np.array([rng.choice(len(sets), 2, replace=False) for _ in range(n_assignments * len(seeds))]).reshape(n_assignments, len(seeds), 2)
+    rows = np.arange(len(seeds))
+    return (vb[rows, pairs[..., 1]] - va[rows, pairs[..., 0]]).mean(axis=1)
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c013
 def plot_learning_curves(histories: pd.DataFrame):

@@ -11,7 +11,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 # %% auto #0
-__all__ = ['pixel_metrics', 'extract_picks', 'match_picks', 'particle_metrics', 'particle_pr_curve']
+__all__ = ['pixel_metrics', 'extract_picks', 'match_picks', 'recovered', 'particle_metrics', 'particle_pr_curve',
+           'particle_metrics_by_image']
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c005
 def _check_pair(prob: np.ndarray, truth: np.ndarray):
@@ -39,49 +40,86 @@ def pixel_metrics(prob: np.ndarray, # probabilities, any shape
             "average_precision": float(average_precision_score(truth.ravel(), prob.ravel())) if both else float("nan")}
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c008
-def extract_picks(prob: np.ndarray, # (H, W) probability map
-                  diameter_px: float, # particle diameter
+def _suppress_close(xy: np.ndarray, distance: float) -> np.ndarray:
+    "Keep-mask of points (sorted by score, highest first) with no higher-scoring kept point within `distance`."
+    keep = np.ones(len(xy), bool)
+    for i in range(len(xy)):
+        if keep[i]: keep[i + 1:] &= np.hypot(*(xy[i + 1:] - xy[i]).T) >= distance
+    return keep
+
+_P_FLOOR = 1e-15 # probabilities are clipped to [1e-15, 1 - 1e-15] (logits ±34.5, what float64 resolves) before smoothing
+
+def extract_picks(prob: np.ndarray, # (H, W) probability map (or any score map in [0, 1])
+                  diameter_px: float, # nominal particle diameter, pixels
                   min_score: float = 0.05, # candidates below this are dropped
                   min_distance_px: float | None = None, # default: diameter / 2
                  ) -> pd.DataFrame: # columns x (column), y (row), score; sorted by score, highest first
-    "Particle picks as local maxima of a probability map."
+    "One pick per particle: plateau-merged peaks of the map smoothed at the particle scale, closer peaks suppressed."
     prob = np.asarray(prob, dtype=np.float64)
     if prob.ndim != 2: raise ValueError(f"prob must be 2-D, got shape {prob.shape}")
-    if diameter_px <= 0: raise ValueError(f"diameter_px must be positive, got {diameter_px}")
-    distance = min_distance_px or diameter_px / 2
-    smooth = ndimage.gaussian_filter(prob, diameter_px / 8)
+    if not np.isfinite(prob).all(): raise ValueError("prob must be finite (no NaN or Inf)")
+    if not diameter_px > 0: raise ValueError(f"diameter_px must be positive, got {diameter_px}")
+    distance = diameter_px / 2 if min_distance_px is None else min_distance_px
+    p = np.clip(prob, _P_FLOOR, 1 - _P_FLOOR)
+    smooth = ndimage.gaussian_filter(np.log(p / (1 - p)), diameter_px / 6, mode="reflect")   # in logit space: see above
     size = max(3, int(round(distance)) | 1)
-    peaks = (smooth == ndimage.maximum_filter(smooth, size=size, mode="constant")) & (smooth >= min_score)
-    rows, cols = np.nonzero(peaks)
-    picks = pd.DataFrame({"x": cols.astype(float), "y": rows.astype(float), "score": smooth[rows, cols]})
-    return picks.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    top = ndimage.maximum_filter(smooth, size=size, mode="reflect")
+    candidates = (smooth >= top - 1e-6 * np.abs(top).max()) & (smooth >= np.log(min_score / (1 - min_score)))
+    plateaus, n = ndimage.label(candidates, structure=np.ones((3, 3)))
+    if n == 0: return pd.DataFrame({"x": [], "y": [], "score": []})
+    ids = np.arange(1, n + 1)
+    yx = np.array(ndimage.center_of_mass(candidates, plateaus, ids)).reshape(-1, 2)
+    score = 1 / (1 + np.exp(-np.asarray(ndimage.maximum(smooth, plateaus, ids))))
+    order = np.argsort(-score, kind="stable")
+    yx, score = yx[order], score[order]
+    keep = _suppress_close(yx[:, ::-1], distance)
+    return pd.DataFrame({"x": yx[keep, 1], "y": yx[keep, 0], "score": score[keep]}).reset_index(drop=True)
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c010
-def match_picks(picks_xy: np.ndarray, truth_xy: np.ndarray, radius: float) -> tuple[int, int, int]: # (TP, FP, FN)
-    "One-to-one optimal matching of picks to true centres within `radius` pixels."
-    picks_xy, truth_xy = np.asarray(picks_xy, float).reshape(-1, 2), np.asarray(truth_xy, float).reshape(-1, 2)
-    if len(picks_xy) == 0 or len(truth_xy) == 0: return 0, len(picks_xy), len(truth_xy)
+def _assign(picks_xy: np.ndarray, truth_xy: np.ndarray, radius) -> tuple[np.ndarray, np.ndarray]:
+    "Indices (picks, truths) of the optimal one-to-one matching within `radius` (scalar or one per truth)."
+    if len(picks_xy) == 0 or len(truth_xy) == 0: return np.zeros(0, int), np.zeros(0, int)
     dist = np.hypot(*(picks_xy[:, None, :] - truth_xy[None, :, :]).transpose(2, 0, 1))
-    cost = np.where(dist <= radius, dist, 1e9)
+    cost = np.where(dist <= np.broadcast_to(np.asarray(radius, float), (len(truth_xy),))[None, :], dist, 1e9)
     r, c = linear_sum_assignment(cost)
-    tp = int((cost[r, c] < 1e9).sum())
+    ok = cost[r, c] < 1e9
+    return r[ok], c[ok]
+
+def _xy(a) -> np.ndarray: return np.asarray(a, float).reshape(-1, 2)
+
+def match_picks(picks_xy: np.ndarray, truth_xy: np.ndarray, radius) -> tuple[int, int, int]: # (TP, FP, FN)
+    "One-to-one optimal matching of picks to true centres within `radius` pixels (scalar or one per true centre)."
+    picks_xy, truth_xy = _xy(picks_xy), _xy(truth_xy)
+    tp = len(_assign(picks_xy, truth_xy, radius)[0])
     return tp, len(picks_xy) - tp, len(truth_xy) - tp
 
+def recovered(picks_xy: np.ndarray, truth_xy: np.ndarray, radius) -> np.ndarray: # (n_truth,) bool
+    "Which true centres the optimal one-to-one matching finds."
+    truth_xy = _xy(truth_xy)
+    found = np.zeros(len(truth_xy), bool)
+    found[_assign(_xy(picks_xy), truth_xy, radius)[1]] = True
+    return found
+
+def _radius(t: pd.DataFrame, radius: float):
+    return t["radius"].to_numpy(dtype=float) if "radius" in t.columns else radius
+
 def particle_metrics(picks: pd.DataFrame, # x, y, score of all images, with an `image` column
-                     truth: pd.DataFrame, # x, y of the true centres, with an `image` column
-                     radius: float, # matching radius, pixels (half a diameter)
+                     truth: pd.DataFrame, # x, y of the true centres, with an `image` column (and optionally `radius`)
+                     radius: float, # matching radius, pixels (half a diameter), where truth has no `radius` column
                      threshold: float, # score threshold (chosen on validation)
                      with_auprc: bool = True, # also the AUPRC (greedy matching of all picks; skip it when sweeping thresholds)
                     ) -> dict[str, float]:
     "Particle precision, recall, F1 at `threshold` and AUPRC over all thresholds, pooled over images."
     tp = fp = fn = 0
     scored = []
-    for image in sorted(set(truth.image) | set(picks.image)):
-        p, t = picks[picks.image == image], truth[truth.image == image]
+    by_pick, by_truth = dict(tuple(picks.groupby("image"))), dict(tuple(truth.groupby("image")))
+    empty_p, empty_t = picks.iloc[:0], truth.iloc[:0]
+    for image in sorted(set(by_truth) | set(by_pick)):
+        p, t = by_pick.get(image, empty_p), by_truth.get(image, empty_t)
         kept = p[p.score >= threshold]
-        a, b, c = match_picks(kept[["x", "y"]].to_numpy(), t[["x", "y"]].to_numpy(), radius)
+        a, b, c = match_picks(kept[["x", "y"]].to_numpy(), t[["x", "y"]].to_numpy(), _radius(t, radius))
         tp, fp, fn = tp + a, fp + b, fn + c
-        if with_auprc: scored.append(_greedy_hits(p.sort_values("score", ascending=False), t[["x", "y"]].to_numpy(), radius))
+        if with_auprc: scored.append(_greedy_hits(p.sort_values("score", ascending=False), t[["x", "y"]].to_numpy(), _radius(t, radius)))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     out = {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
@@ -90,21 +128,24 @@ def particle_metrics(picks: pd.DataFrame, # x, y, score of all images, with an `
         out["auprc"] = _auprc(hits.score.to_numpy(), hits.hit.to_numpy(), len(truth))
     return out
 
-def _greedy_hits(picks: pd.DataFrame, truth_xy: np.ndarray, radius: float) -> pd.DataFrame:
-    "Each pick (in score order) takes the nearest unmatched true centre within radius."
+def _greedy_hits(picks: pd.DataFrame, truth_xy: np.ndarray, radius) -> pd.DataFrame:
+    "Each pick (in score order) takes the nearest unmatched true centre within its radius."
     free = np.ones(len(truth_xy), bool)
+    reach = np.broadcast_to(np.asarray(radius, float), (len(truth_xy),))
     hit = np.zeros(len(picks), bool)
     for i, (x, y) in enumerate(picks[["x", "y"]].to_numpy()):
         if not free.any(): break
-        d = np.where(free, np.hypot(truth_xy[:, 0] - x, truth_xy[:, 1] - y), np.inf)
+        d = np.where(free & (np.hypot(truth_xy[:, 0] - x, truth_xy[:, 1] - y) <= reach), np.hypot(truth_xy[:, 0] - x, truth_xy[:, 1] - y), np.inf)
         j = int(np.argmin(d))
-        if d[j] <= radius: free[j], hit[i] = False, True
+        if np.isfinite(d[j]): free[j], hit[i] = False, True
     return pd.DataFrame({"score": picks.score.to_numpy(), "hit": hit})
 
 def particle_pr_curve(picks: pd.DataFrame, truth: pd.DataFrame, radius: float) -> pd.DataFrame:
     "Particle-level precision-recall curve (columns threshold, precision, recall), pooled over images."
-    hits = pd.concat([_greedy_hits(picks[picks.image == i].sort_values("score", ascending=False),
-                                   truth[truth.image == i][["x", "y"]].to_numpy(), radius) for i in sorted(set(picks.image))])
+    by_truth = dict(tuple(truth.groupby("image")))
+    hits = pd.concat([_greedy_hits(p.sort_values("score", ascending=False), by_truth[i][["x", "y"]].to_numpy(), _radius(by_truth[i], radius))
+                      if i in by_truth else pd.DataFrame({"score": p.score.to_numpy(), "hit": False})
+                      for i, p in picks.groupby("image")])
     order = np.argsort(-hits.score.to_numpy(), kind="stable")
     hit = hits.hit.to_numpy()[order]
     tp = np.cumsum(hit)
@@ -117,3 +158,17 @@ def _auprc(scores: np.ndarray, hits: np.ndarray, n_true: int) -> float:
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(hits[order]); precision = tp / np.arange(1, len(order) + 1)
     return float((precision * hits[order]).sum() / n_true)
+
+# %% ../../nbs/22_cryoem_metrics.ipynb #c032
+def particle_metrics_by_image(picks: pd.DataFrame, truth: pd.DataFrame, # as for `particle_metrics`
+                              radius: float, threshold: float) -> pd.DataFrame: # image, n_true, n_kept, precision, recall, f1, auprc
+    "`particle_metrics` of every image separately."
+    by_pick, by_truth = dict(tuple(picks.groupby("image"))), dict(tuple(truth.groupby("image")))
+    rows = []
+    for image in sorted(set(by_truth) | set(by_pick)):
+        p, t = by_pick.get(image, picks.iloc[:0]), by_truth.get(image, truth.iloc[:0])
+        m = particle_metrics(p, t, radius, threshold)
+        n_kept = int((p.score >= threshold).sum())
+        if len(t) == 0 and n_kept == 0: m["f1"] = 1.0
+        rows.append({"image": image, "n_true": len(t), "n_kept": n_kept, **m})
+    return pd.DataFrame(rows)

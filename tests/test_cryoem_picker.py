@@ -1,0 +1,79 @@
+"""The picker gives one pick per particle whatever the sharpness of the map (independent oracles: the true mask,
+hand-built maps, and monotone rescaling of logits, which must not change what a re-selected threshold achieves)."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from project_lib.cryoem.data import MicrographConfig, read_pdb_atoms, simulate_micrograph
+from project_lib.cryoem.metrics import extract_picks, particle_metrics
+
+STRUCTURE = read_pdb_atoms("data/cryoem/6z6u.pdb")
+
+
+@pytest.fixture(scope="module")
+def micrographs():
+    cfg = MicrographConfig(size_px=128, pixel_size_a=6.0, particles_min=8, particles_max=16, clustered_fraction=0.5)
+    return [simulate_micrograph(cfg, np.random.default_rng(100 + i), STRUCTURE) for i in range(24)]
+
+
+def _truth(mics):
+    return pd.concat([pd.DataFrame(m.centres, columns=["x", "y"]).assign(image=i, radius=m.diameter_px / 2) for i, m in enumerate(mics)])
+
+
+def _picks(maps, mics):
+    return pd.concat([extract_picks(p, m.diameter_px).assign(image=i) for i, (p, m) in enumerate(zip(maps, mics))])
+
+
+def _edge(m):
+    c, r, n = m.centres, m.diameter_px / 2, m.image.shape[0]
+    return (c.min(axis=1) < r) | (c.max(axis=1) > n - 1 - r)
+
+
+def test_true_mask_as_probabilities_scores_f1_at_least_099_edge_particles_included(micrographs):
+    maps = [m.mask.astype(float) for m in micrographs]
+    truth = _truth(micrographs)
+    assert sum(_edge(m).sum() for m in micrographs) >= 5                  # the set really has particles cut by the border
+    assert particle_metrics(_picks(maps, micrographs), truth, 0.0, 0.5)["f1"] >= 0.99
+    edge_only = [m.centres[_edge(m)] for m in micrographs]
+    edge_truth = pd.concat([pd.DataFrame(c, columns=["x", "y"]).assign(image=i, radius=m.diameter_px / 2)
+                            for i, (c, m) in enumerate(zip(edge_only, micrographs))])
+    assert particle_metrics(_picks(maps, micrographs), edge_truth, 0.0, 0.5)["recall"] == 1.0
+
+
+def _network_like_logits(m, rng):
+    "A map a trained network could give: soft particle blobs, smooth false-positive texture, noise."
+    soft = ndimage.gaussian_filter(m.mask.astype(float), 1.5)
+    clutter = ndimage.gaussian_filter(rng.normal(size=m.image.shape), 2.5)
+    return 8 * (soft - 0.5) + 20 * clutter
+
+
+def _best_threshold(picks, truth):
+    "Threshold maximising F1, searched over the quantiles of the scores the picks actually take."
+    scores = np.sort(picks.score.to_numpy())
+    candidates = np.unique(scores[np.linspace(0, len(scores) - 1, 60).astype(int)])
+    f1 = [particle_metrics(picks, truth, 0.0, t, with_auprc=False)["f1"] for t in candidates]
+    return candidates[int(np.argmax(f1))]
+
+
+def test_f1_after_reselecting_the_threshold_does_not_depend_on_logit_scale(micrographs):
+    rng = np.random.default_rng(0)
+    logits = [_network_like_logits(m, rng) for m in micrographs]
+    val, test = slice(0, 12), slice(12, 24)
+    f1 = {}
+    for scale in (1, 3, 10):
+        maps = [1 / (1 + np.exp(-scale * z)) for z in logits]       # float64: saturates only beyond logit 36
+        vm, tm = micrographs[val], micrographs[test]
+        threshold = _best_threshold(_picks(maps[val], vm), _truth(vm))
+        f1[scale] = particle_metrics(_picks(maps[test], tm), _truth(tm), 0.0, threshold, with_auprc=False)["f1"]
+    assert 0.5 < f1[1] < 0.99                                            # a map that is neither useless nor perfect
+    assert abs(f1[3] - f1[1]) < 0.01 and abs(f1[10] - f1[1]) < 0.01, f1
+
+
+def test_a_plateau_gives_one_pick_and_touching_particles_two():
+    flat = np.zeros((80, 80)); flat[30:45, 20:41] = 1.0                 # a 15 x 21 saturated plateau
+    picks = extract_picks(flat, 16)
+    assert len(picks) == 1 and picks.x[0] == pytest.approx(30.0) and picks.y[0] == pytest.approx(37.0)
+    rows, cols = np.indices((80, 80))
+    touching = ((cols - 32) ** 2 + (rows - 40) ** 2 <= 64) | ((cols - 48) ** 2 + (rows - 40) ** 2 <= 64)
+    assert sorted(extract_picks(touching.astype(float), 16).x.round()) == [32.0, 48.0]
