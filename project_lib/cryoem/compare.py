@@ -14,9 +14,9 @@ from .data import MicrographConfig
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['CryoEMStudyParams', 'paired_summary', 'variance_components', 'interval_coverage', 'verdict', 'flawed_protocol',
-           'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks', 'plot_maps',
-           'plot_spectra']
+__all__ = ['CryoEMStudyParams', 'paired_summary', 'picker_summary', 'variance_components', 'interval_coverage', 'verdict',
+           'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
+           'plot_maps', 'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c005
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,13 @@ def paired_summary(per_mic: pd.DataFrame, # columns model, seed, micrograph, <me
         boots = _bootstrap_means(v, n_resamples, np.random.default_rng(seed))   # same seed: same draws for all three
         out[name] = (float(v.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)))
     return out
+
+def picker_summary(per_mic: pd.DataFrame, metric: str, model: str, # one picker's rows (any number of seeds)
+                   n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]: # (mean, low, high)
+    "Mean of a picker's per-micrograph metric with the same two-level bootstrap 95% CI (micrographs only for one seed)."
+    v = _metric_matrix(per_mic, metric, model)
+    boots = _bootstrap_means(v, n_resamples, np.random.default_rng(seed))
+    return float(v.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 def variance_components(diff: np.ndarray) -> tuple[float, float, float]: # (seed, micrograph, residual) variances
     "Two-way random-effects ANOVA (no replication) of a (seeds, micrographs) matrix; negative estimates set to 0."
