@@ -16,7 +16,78 @@ from .metrics import particle_metrics_by_image, pixel_metrics, recovered
 from .train import TrainConfig, _picks_and_truth, cache_micrographs, select_pixel_threshold, select_threshold, train
 
 # %% auto #0
-__all__ = ['train_arms', 'edge_particles', 'score_picker', 'condition_table', 'plot_difficulty']
+__all__ = ['CryoEMStudyParams', 'train_arms', 'edge_particles', 'score_picker', 'condition_table', 'plot_difficulty']
+
+# %% ../../nbs/27_cryoem_study.ipynb #c011
+_MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
+                      "min_separation", "clustered_fraction", "ice_thickness_a", "defocus_um_min", "defocus_um_max",
+                      "carbon_probability", "aggregates_max", "broken_max", "ice_crystals_max")
+
+@dataclasses.dataclass(frozen=True)
+class CryoEMStudyParams:
+    "Parameters of the cryo-EM comparison stage (one profile of params.yaml)."
+    size_px: int # micrograph side, pixels
+    pixel_size_a: float # Å per pixel
+    particle_types: list[str] # picked particle types (structures in data/cryoem)
+    type_proportions: list[float] # their relative abundance
+    particles_min: int
+    particles_max: int
+    min_separation: float # closest centre distance, in diameters (default conditions)
+    clustered_fraction: float
+    ice_thickness_a: float
+    defocus_um_min: float
+    defocus_um_max: float
+    carbon_probability: float
+    aggregates_max: int
+    broken_max: int
+    ice_crystals_max: int
+    dose_levels: list[float] # e-/Å², easy to hard: the difficulty axis
+    reference_dose: float # one of dose_levels: the original protocol's replay and the real-micrograph picks use it
+    crowded_dose: float # dose of the crowded condition
+    crowded_min_separation: float # 1.0 = touching particles
+    n_train: int
+    n_val: int
+    n_test: int
+    n_alt_val: int # micrographs in each of the alternative validation sets of the replay
+    n_alt_sets: int # how many alternative validation sets
+    data_seed: int
+    split_seed: int
+    width: float
+    epochs: int
+    batch_size: int
+    lr: float
+    focal_gamma: float
+    focal_alpha: float
+    dice_weight: float
+    augment: bool
+    seeds: list[int]
+    bootstrap_resamples: int
+    equivalence_margin: float # ± particle F1 (and AUPRC) within which the arms are called equivalent
+    coverage_simulations: int # simulated data sets for the interval coverage check
+    template_orientations: int # projections per particle type in the template bank
+    n_jobs: int # parallel training runs on CPU
+
+    def __post_init__(self):
+        if self.reference_dose not in self.dose_levels: raise ValueError(f"reference_dose {self.reference_dose} must be one of dose_levels {self.dose_levels}")
+        if self.equivalence_margin <= 0: raise ValueError(f"equivalence_margin must be positive, got {self.equivalence_margin}")
+        if self.n_alt_sets < 2: raise ValueError(f"n_alt_sets must be >= 2 (the replay assigns two different sets), got {self.n_alt_sets}")
+
+    def micrograph_config(self, dose_e_per_a2: float, min_separation: float | None = None) -> MicrographConfig:
+        "The simulator's configuration at one dose (and crowding)."
+        fields = {k: getattr(self, k) for k in _MICROGRAPH_FIELDS}
+        if min_separation is not None: fields["min_separation"] = min_separation
+        return MicrographConfig(dose_e_per_a2=dose_e_per_a2, **fields)
+
+    def conditions(self) -> dict[str, MicrographConfig]:
+        "Every condition of the study, easy to hard, then the crowded one."
+        out = {f"dose {d:g}": self.micrograph_config(d) for d in self.dose_levels}
+        out[f"crowded, dose {self.crowded_dose:g}"] = self.micrograph_config(self.crowded_dose, self.crowded_min_separation)
+        return out
+
+    def train_config(self, model: str, seed: int) -> TrainConfig:
+        "The training configuration of one arm and seed: identical for both arms but `model`."
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed"}
+        return TrainConfig(model=model, seed=seed, **{k: getattr(self, k) for k in fields})
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
 def _train_one(config: TrainConfig, train_set, val_set, out_dir: Path, device: str, extra_eval, cache_dir: Path, threads: int):
