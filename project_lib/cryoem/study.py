@@ -11,12 +11,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .data import Micrograph, MicrographConfig
+from .baselines import oracle_probability_map, template_match_map
+from .data import CTFParams, Micrograph, MicrographConfig, edge_particles
 from .metrics import particle_metrics_by_image, pixel_metrics, recovered
-from .train import TrainConfig, _picks_and_truth, cache_micrographs, select_pixel_threshold, select_threshold, train
+from .train import (RunResult, TrainConfig, _picks_and_truth, cache_micrographs, check_comparable, data_hash, load_best, make_split,
+                                      predict, select_pixel_threshold, select_threshold, simulate_dataset, train, write_manifest)
 
 # %% auto #0
-__all__ = ['CryoEMStudyParams', 'train_arms', 'edge_particles', 'score_picker', 'condition_table', 'plot_difficulty']
+__all__ = ['ARMS', 'BASELINES', 'CryoEMStudyParams', 'train_arms', 'score_picker', 'ConditionRun', 'ctf_of', 'simulate_condition',
+           'run_condition', 'condition_table', 'plot_difficulty']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c011
 _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
@@ -115,12 +118,6 @@ def train_arms(configs: list[TrainConfig], # one per (model, seed); compared run
     return {(c.model, c.seed): r for c, r in zip(configs, runs)}
 
 # %% ../../nbs/27_cryoem_study.ipynb #c007
-def edge_particles(m: Micrograph) -> np.ndarray: # (n,) bool
-    "Particles whose disk is cut by the micrograph border."
-    c, r = np.asarray(m.centres, float).reshape(-1, 2), np.asarray(m.diameters_px, float) / 2
-    rows, cols = np.shape(m.image)
-    return (c[:, 0] - r < 0) | (c[:, 1] - r < 0) | (c[:, 0] + r > cols - 1) | (c[:, 1] + r > rows - 1)
-
 def score_picker(val_maps: np.ndarray, test_maps: np.ndarray, # (n, H, W) score maps in [0, 1]
                  val_set: list[Micrograph], test_set: list[Micrograph],
                 ) -> tuple[pd.DataFrame, float]: # (one row per test micrograph, the validation-chosen threshold)
@@ -140,6 +137,64 @@ def score_picker(val_maps: np.ndarray, test_maps: np.ndarray, # (n, H, W) score 
                     "interior_found": int(found[~edge].sum()), "interior_total": int((~edge).sum()),
                     "pixel_f1": px["f1"], "pixel_roc_auc": px["roc_auc"]})
     return pd.DataFrame(out), threshold
+
+# %% ../../nbs/27_cryoem_study.ipynb #c014
+ARMS = ("unet", "attention_unet")
+BASELINES = ("template_matching", "oracle")
+
+@dataclasses.dataclass
+class ConditionRun:
+    "Everything one condition produced."
+    name: str
+    config: MicrographConfig
+    sets: dict[str, list[Micrograph]] # train, val, test
+    alt_sets: dict[str, list[Micrograph]] # the replay's alternative validation sets (empty without replay)
+    split_hash: str
+    runs: dict[tuple[str, int], RunResult]
+    per_micrograph: pd.DataFrame # condition, model, seed, micrograph and the metrics of `score_picker`
+    thresholds: dict[tuple[str, int], float] # validation-chosen picking threshold of every picker
+    test_maps: dict[tuple[str, int], np.ndarray] # score maps of the test set (figures)
+
+def ctf_of(m: Micrograph, cfg: MicrographConfig) -> CTFParams:
+    "The CTF a micrograph was simulated with (a real pipeline estimates it, e.g. with CTFFIND)."
+    md = m.metadata
+    return CTFParams(md["defocus_u_um"], md["defocus_v_um"], md["astigmatism_angle_deg"], cfg.voltage_kv, cfg.cs_mm,
+                     cfg.amplitude_contrast, cfg.b_factor_a2)
+
+def simulate_condition(cfg: MicrographConfig, p, out_dir: Path, replay: bool) -> tuple[dict, dict, str]:
+    "(train/val/test sets, alternative validation sets, split hash) of one condition; the split manifest is frozen in out_dir."
+    n_total = p.n_train + p.n_val + p.n_test
+    micrographs = simulate_dataset(cfg, n_total, p.data_seed, None)
+    split = make_split(n_total, (p.n_train / n_total, p.n_val / n_total, p.n_test / n_total), p.split_seed)
+    split_hash = write_manifest(out_dir / "split.json", split, data_hash(micrographs))
+    sets = {k: [micrographs[i] for i in split[k]] for k in ("train", "val", "test")}
+    alt = simulate_dataset(cfg, p.n_alt_val * p.n_alt_sets, p.data_seed + 1, None) if replay else []
+    alt_sets = {f"alt{k}": alt[k * p.n_alt_val:(k + 1) * p.n_alt_val] for k in range(p.n_alt_sets)} if replay else {}
+    return sets, alt_sets, split_hash
+
+def run_condition(name: str, cfg: MicrographConfig, p, # study parameters (`CryoEMStudyParams`)
+                  out_dir: str | Path, # this condition's folder
+                  templates: list[np.ndarray], # template bank at cfg's pixel size
+                  device: str = "cpu", replay: bool = False) -> ConditionRun:
+    "Simulate, train both arms with every seed, and score every picker on the test set."
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    sets, alt_sets, split_hash = simulate_condition(cfg, p, out_dir, replay)
+    configs = [p.train_config(model, seed) for seed in p.seeds for model in ARMS]
+    runs = train_arms(configs, sets["train"], sets["val"], out_dir / "runs", device, alt_sets or None, p.n_jobs)
+    check_comparable([runs[(ARMS[0], s)] for s in p.seeds], [runs[(ARMS[1], s)] for s in p.seeds])
+    maps = {}
+    for key, r in runs.items():
+        net = load_best(r, device)
+        maps[key] = (predict(net, sets["val"], device), predict(net, sets["test"], device))
+    tm = lambda mics: np.stack([template_match_map(m.image, templates, ctf_of(m, cfg), cfg.pixel_size_a) for m in mics])
+    maps[("template_matching", 0)] = (tm(sets["val"]), tm(sets["test"]))
+    maps[("oracle", 0)] = tuple(np.stack([oracle_probability_map(m) for m in sets[k]]) for k in ("val", "test"))
+    rows, thresholds = [], {}
+    for (model, seed), (val_maps, test_maps) in maps.items():
+        scored, thresholds[(model, seed)] = score_picker(val_maps, test_maps, sets["val"], sets["test"])
+        rows.append(scored.assign(condition=name, model=model, seed=seed))
+    return ConditionRun(name, cfg, sets, alt_sets, split_hash, runs, pd.concat(rows, ignore_index=True), thresholds,
+                        {k: v[1] for k, v in maps.items()})
 
 # %% ../../nbs/27_cryoem_study.ipynb #c009
 def condition_table(per_mic: pd.DataFrame, # columns condition, model, seed, micrograph, <metric>
