@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['paired_summary', 'picker_summary', 'variance_components', 'interval_coverage', 'verdict', 'flawed_protocol',
-           'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks', 'plot_maps',
-           'plot_spectra']
+__all__ = ['metric_matrix', 'paired_summary', 'picker_summary', 'variance_components', 'interval_coverage', 'verdict',
+           'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
+           'plot_maps', 'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c007
 def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -22,7 +22,8 @@ def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Genera
     wm = np.stack([np.bincount(i, minlength=m) for i in rng.integers(0, m, (n_resamples, m))])
     return np.einsum("bs,sm,bm->b", ws, values, wm) / (s * m)
 
-def _metric_matrix(per_mic: pd.DataFrame, metric: str, model: str) -> np.ndarray:
+def metric_matrix(per_mic: pd.DataFrame, metric: str, model: str) -> np.ndarray: # (seeds, micrographs)
+    "One picker's per-micrograph metric as a (seeds, micrographs) matrix: the unit of every interval here."
     wide = per_mic[per_mic.model == model].pivot_table(index="seed", columns="micrograph", values=metric)
     if wide.empty or wide.isna().any().any(): raise ValueError(f"need {metric} of {model!r} for every seed and micrograph")
     return wide.to_numpy(dtype=float)
@@ -32,7 +33,7 @@ def paired_summary(per_mic: pd.DataFrame, # columns model, seed, micrograph, <me
                    n_resamples: int = 2000, seed: int = 0,
                   ) -> dict[str, tuple[float, float, float]]: # {a, b, "difference"}: (mean, low, high)
     "Per-arm means and the paired difference (b − a) over seeds × micrographs, 95% CIs from the same bootstrap draws."
-    va, vb = _metric_matrix(per_mic, metric, a), _metric_matrix(per_mic, metric, b)
+    va, vb = metric_matrix(per_mic, metric, a), metric_matrix(per_mic, metric, b)
     if va.shape != vb.shape: raise ValueError(f"arms {a!r} and {b!r} are not paired: shapes {va.shape} and {vb.shape}")
     out = {}
     for name, v in ((a, va), (b, vb), ("difference", vb - va)):
@@ -43,7 +44,7 @@ def paired_summary(per_mic: pd.DataFrame, # columns model, seed, micrograph, <me
 def picker_summary(per_mic: pd.DataFrame, metric: str, model: str, # one picker's rows (any number of seeds)
                    n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]: # (mean, low, high)
     "Mean of a picker's per-micrograph metric with the same two-level bootstrap 95% CI (micrographs only for one seed)."
-    v = _metric_matrix(per_mic, metric, model)
+    v = metric_matrix(per_mic, metric, model)
     boots = _bootstrap_means(v, n_resamples, np.random.default_rng(seed))
     return float(v.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
