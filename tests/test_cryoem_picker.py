@@ -5,47 +5,40 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from project_lib.cryoem.data import MicrographConfig, read_pdb_atoms, simulate_micrograph
+from project_lib.cryoem.data import MicrographConfig, edge_particles, simulate_micrograph
 from project_lib.cryoem.metrics import extract_picks, particle_metrics
-
-STRUCTURE = read_pdb_atoms("data/cryoem/6z6u.pdb")
 
 
 @pytest.fixture(scope="module")
 def micrographs():
-    cfg = MicrographConfig(size_px=128, pixel_size_a=6.0, particles_min=8, particles_max=16, clustered_fraction=0.5)
-    return [simulate_micrograph(cfg, np.random.default_rng(100 + i), STRUCTURE) for i in range(24)]
+    cfg = MicrographConfig(size_px=128, pixel_size_a=8.0, particles_min=8, particles_max=16, clustered_fraction=0.5, min_separation=1.0)
+    return [simulate_micrograph(cfg, np.random.default_rng(100 + i)) for i in range(24)]
 
 
 def _truth(mics):
-    return pd.concat([pd.DataFrame(m.centres, columns=["x", "y"]).assign(image=i, radius=m.diameter_px / 2) for i, m in enumerate(mics)])
+    return pd.concat([pd.DataFrame(m.centres, columns=["x", "y"]).assign(image=i, radius=m.diameters_px / 2) for i, m in enumerate(mics)])
 
 
 def _picks(maps, mics):
     return pd.concat([extract_picks(p, m.diameter_px).assign(image=i) for i, (p, m) in enumerate(zip(maps, mics))])
 
 
-def _edge(m):
-    c, r, n = m.centres, m.diameter_px / 2, m.image.shape[0]
-    return (c.min(axis=1) < r) | (c.max(axis=1) > n - 1 - r)
-
-
 def test_true_mask_as_probabilities_scores_f1_at_least_099_edge_particles_included(micrographs):
     maps = [m.mask.astype(float) for m in micrographs]
     truth = _truth(micrographs)
-    assert sum(_edge(m).sum() for m in micrographs) >= 5                  # the set really has particles cut by the border
+    assert sum(edge_particles(m).sum() for m in micrographs) >= 5                  # the set really has particles cut by the border
     assert particle_metrics(_picks(maps, micrographs), truth, 0.0, 0.5)["f1"] >= 0.99
-    edge_only = [m.centres[_edge(m)] for m in micrographs]
-    edge_truth = pd.concat([pd.DataFrame(c, columns=["x", "y"]).assign(image=i, radius=m.diameter_px / 2)
-                            for i, (c, m) in enumerate(zip(edge_only, micrographs))])
+    edge_truth = pd.concat([pd.DataFrame(m.centres[edge_particles(m)], columns=["x", "y"]).assign(image=i, radius=m.diameters_px[edge_particles(m)] / 2)
+                            for i, m in enumerate(micrographs)])
     assert particle_metrics(_picks(maps, micrographs), edge_truth, 0.0, 0.5)["recall"] == 1.0
 
 
 def _network_like_logits(m, rng):
-    "A map a trained network could give: soft particle blobs, smooth false-positive texture, noise."
+    """A map a trained network could give: soft particle blobs and smooth false-positive texture, logits within ±3.4 so that x10
+    stays below logit 34.5, what float64 probabilities resolve (beyond it the map itself, not the picker, loses information)."""
     soft = ndimage.gaussian_filter(m.mask.astype(float), 1.5)
     clutter = ndimage.gaussian_filter(rng.normal(size=m.image.shape), 2.5)
-    return 8 * (soft - 0.5) + 20 * clutter
+    return np.clip(2.4 * (soft - 0.5) + 6 * clutter, -3.4, 3.4)
 
 
 def _best_threshold(picks, truth):
@@ -76,4 +69,4 @@ def test_a_plateau_gives_one_pick_and_touching_particles_two():
     assert len(picks) == 1 and picks.x[0] == pytest.approx(30.0) and picks.y[0] == pytest.approx(37.0)
     rows, cols = np.indices((80, 80))
     touching = ((cols - 32) ** 2 + (rows - 40) ** 2 <= 64) | ((cols - 48) ** 2 + (rows - 40) ** 2 <= 64)
-    assert sorted(extract_picks(touching.astype(float), 16).x.round()) == [32.0, 48.0]
+    assert np.allclose(sorted(extract_picks(touching.astype(float), 16).x), [32.0, 48.0], atol=1.5)

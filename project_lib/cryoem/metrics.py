@@ -40,40 +40,52 @@ def pixel_metrics(prob: np.ndarray, # probabilities, any shape
             "average_precision": float(average_precision_score(truth.ravel(), prob.ravel())) if both else float("nan")}
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c008
-def _suppress_close(xy: np.ndarray, distance: float) -> np.ndarray:
-    "Keep-mask of points (sorted by score, highest first) with no higher-scoring kept point within `distance`."
-    keep = np.ones(len(xy), bool)
-    for i in range(len(xy)):
-        if keep[i]: keep[i + 1:] &= np.hypot(*(xy[i + 1:] - xy[i]).T) >= distance
+_P_FLOOR = 1e-15 # probabilities are clipped to [1e-15, 1 - 1e-15] (logits ±34.5, what float64 resolves)
+
+def _scale_space(logit: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    "Scale-normalised Laplacian-of-Gaussian responses (scales, H, W): a disk of radius r peaks at its centre at σ = r/√2."
+    return np.stack([-(r / np.sqrt(2)) ** 2 * ndimage.gaussian_laplace(logit, r / np.sqrt(2), mode="reflect") for r in radii])
+
+def _prune_nested(yx: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    "Keep-mask of blobs (sorted by response, highest first): a blob whose centre is inside a kept blob is the same particle."
+    keep = np.ones(len(yx), bool)
+    for i in range(len(yx)):
+        if keep[i]: keep[i + 1:] &= np.hypot(*(yx[i + 1:] - yx[i]).T) >= np.maximum(radius[i + 1:], radius[i])
     return keep
 
-_P_FLOOR = 1e-15 # probabilities are clipped to [1e-15, 1 - 1e-15] (logits ±34.5, what float64 resolves) before smoothing
-
 def extract_picks(prob: np.ndarray, # (H, W) probability map (or any score map in [0, 1])
-                  diameter_px: float, # nominal particle diameter, pixels
-                  min_score: float = 0.05, # candidates below this are dropped
-                  min_distance_px: float | None = None, # default: diameter / 2
-                 ) -> pd.DataFrame: # columns x (column), y (row), score; sorted by score, highest first
-    "One pick per particle: plateau-merged peaks of the map smoothed at the particle scale, closer peaks suppressed."
+                  diameter_px: float, # nominal (smallest) particle diameter, pixels
+                  min_score: float = 0.05, # candidates scoring below this are dropped
+                  max_diameter_px: float | None = None, # largest particle to expect; default: 2.5 x diameter
+                  n_scales: int = 6, # blob radii searched, geometric from diameter/2 to max_diameter/2
+                 ) -> pd.DataFrame: # columns x (column), y (row), score, diameter; sorted by score, highest first
+    "One pick per particle: scale-space blobs of the logit map, plateaus merged, nested blobs pruned."
     prob = np.asarray(prob, dtype=np.float64)
     if prob.ndim != 2: raise ValueError(f"prob must be 2-D, got shape {prob.shape}")
     if not np.isfinite(prob).all(): raise ValueError("prob must be finite (no NaN or Inf)")
     if not diameter_px > 0: raise ValueError(f"diameter_px must be positive, got {diameter_px}")
-    distance = diameter_px / 2 if min_distance_px is None else min_distance_px
+    largest = 2.5 * diameter_px if max_diameter_px is None else max_diameter_px
+    if largest < diameter_px: raise ValueError(f"max_diameter_px must be >= diameter_px, got {largest} < {diameter_px}")
     p = np.clip(prob, _P_FLOOR, 1 - _P_FLOOR)
-    smooth = ndimage.gaussian_filter(np.log(p / (1 - p)), diameter_px / 6, mode="reflect")   # in logit space: see above
-    size = max(3, int(round(distance)) | 1)
-    top = ndimage.maximum_filter(smooth, size=size, mode="reflect")
-    candidates = (smooth >= top - 1e-6 * np.abs(top).max()) & (smooth >= np.log(min_score / (1 - min_score)))
-    plateaus, n = ndimage.label(candidates, structure=np.ones((3, 3)))
-    if n == 0: return pd.DataFrame({"x": [], "y": [], "score": []})
+    logit = np.log(p / (1 - p))
+    radii = np.geomspace(diameter_px / 2, largest / 2, n_scales)
+    response = _scale_space(logit, radii)
+    top = ndimage.maximum_filter(response, size=3, mode="nearest")
+    candidates = (response >= top - 1e-9 * np.abs(top).max()) & (response > 0)
+    blobs, n = ndimage.label(candidates, structure=np.ones((3, 3, 3)))
+    if n == 0: return pd.DataFrame({"x": [], "y": [], "score": [], "diameter": []})
     ids = np.arange(1, n + 1)
-    yx = np.array(ndimage.center_of_mass(candidates, plateaus, ids)).reshape(-1, 2)
-    score = 1 / (1 + np.exp(-np.asarray(ndimage.maximum(smooth, plateaus, ids))))
-    order = np.argsort(-score, kind="stable")
-    yx, score = yx[order], score[order]
-    keep = _suppress_close(yx[:, ::-1], distance)
-    return pd.DataFrame({"x": yx[keep, 1], "y": yx[keep, 0], "score": score[keep]}).reset_index(drop=True)
+    syx = np.array(ndimage.center_of_mass(candidates, blobs, ids)).reshape(-1, 3)   # plateaus: one point each
+    strength = np.asarray(ndimage.maximum(response, blobs, ids))
+    radius = np.interp(syx[:, 0], np.arange(n_scales), radii)
+    # score: the lightly smoothed logit at the blob centre, as a probability (monotone in the map's confidence)
+    at = ndimage.map_coordinates(ndimage.gaussian_filter(logit, diameter_px / 12, mode="reflect"), syx[:, 1:].T, order=1, mode="nearest")
+    score = 1 / (1 + np.exp(-at))
+    order = np.argsort(-strength, kind="stable")
+    keep = _prune_nested(syx[order, 1:], radius[order]) & (score[order] >= min_score)
+    picks = pd.DataFrame({"x": syx[order, 2][keep], "y": syx[order, 1][keep], "score": score[order][keep], "diameter": 2 * radius[order][keep]})
+    return picks.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c010
 def _assign(picks_xy: np.ndarray, truth_xy: np.ndarray, radius) -> tuple[np.ndarray, np.ndarray]:
