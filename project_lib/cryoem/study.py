@@ -11,14 +11,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .baselines import oracle_probability_map, template_match_map
-from .data import CTFParams, Micrograph, MicrographConfig, edge_particles
+from .baselines import micrograph_ctf, oracle_probability_map, template_match_map
+from .data import Micrograph, MicrographConfig, edge_particles
 from .metrics import particle_metrics_by_image, pixel_metrics, recovered
 from .train import (RunResult, TrainConfig, _picks_and_truth, cache_micrographs, check_comparable, data_hash, load_best, make_split,
                                       predict, select_pixel_threshold, select_threshold, simulate_dataset, train, write_manifest)
 
 # %% auto #0
-__all__ = ['ARMS', 'BASELINES', 'CryoEMStudyParams', 'train_arms', 'score_picker', 'ConditionRun', 'ctf_of', 'simulate_condition',
+__all__ = ['ARMS', 'BASELINES', 'CryoEMStudyParams', 'train_arms', 'score_picker', 'ConditionRun', 'simulate_condition',
            'run_condition', 'condition_table', 'plot_difficulty']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c011
@@ -96,7 +96,7 @@ class CryoEMStudyParams:
 def _train_one(config: TrainConfig, train_set, val_set, out_dir: Path, device: str, extra_eval, cache_dir: Path, threads: int):
     import torch
     torch.set_num_threads(threads)
-    return train(config, train_set, val_set, out_dir, device, extra_eval=extra_eval, cache_dir=cache_dir, progress=False)
+    return train(config, train_set, val_set, out_dir, device=device, extra_eval=extra_eval, cache_dir=cache_dir, progress=False)
 
 def train_arms(configs: list[TrainConfig], # one per (model, seed); compared runs must share everything else
                train_set: list[Micrograph], val_set: list[Micrograph],
@@ -155,12 +155,6 @@ class ConditionRun:
     thresholds: dict[tuple[str, int], float] # validation-chosen picking threshold of every picker
     test_maps: dict[tuple[str, int], np.ndarray] # score maps of the test set (figures)
 
-def ctf_of(m: Micrograph, cfg: MicrographConfig) -> CTFParams:
-    "The CTF a micrograph was simulated with (a real pipeline estimates it, e.g. with CTFFIND)."
-    md = m.metadata
-    return CTFParams(md["defocus_u_um"], md["defocus_v_um"], md["astigmatism_angle_deg"], cfg.voltage_kv, cfg.cs_mm,
-                     cfg.amplitude_contrast, cfg.b_factor_a2)
-
 def simulate_condition(cfg: MicrographConfig, p, out_dir: Path, replay: bool) -> tuple[dict, dict, str]:
     "(train/val/test sets, alternative validation sets, split hash) of one condition; the split manifest is frozen in out_dir."
     n_total = p.n_train + p.n_val + p.n_test
@@ -186,7 +180,7 @@ def run_condition(name: str, cfg: MicrographConfig, p, # study parameters (`Cryo
     for key, r in runs.items():
         net = load_best(r, device)
         maps[key] = (predict(net, sets["val"], device), predict(net, sets["test"], device))
-    tm = lambda mics: np.stack([template_match_map(m.image, templates, ctf_of(m, cfg), cfg.pixel_size_a) for m in mics])
+    tm = lambda mics: np.stack([template_match_map(m.image, templates, micrograph_ctf(m, cfg), cfg.pixel_size_a) for m in mics])
     maps[("template_matching", 0)] = (tm(sets["val"]), tm(sets["test"]))
     maps[("oracle", 0)] = tuple(np.stack([oracle_probability_map(m) for m in sets[k]]) for k in ("val", "test"))
     rows, thresholds = [], {}
