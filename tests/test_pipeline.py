@@ -33,12 +33,16 @@ def _run_study(study, tmp_path):
 def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
     out, html = _run_study("cryoem", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["test"]) == {"unet", "attention_unet"}
-    split = json.loads((out / "split.json").read_text())
+    assert set(metrics["conditions"]) == {"dose 20", "dose 0.3", "crowded, dose 0.3"}
+    assert all(c["f1_oracle"] == 1.0 for c in metrics["conditions"].values())          # the ceiling is a ceiling
+    split = json.loads((out / "conditions" / "dose-20" / "split.json").read_text())
     assert len(split["split"]["test"]) == 4 and split["data_hash"]
-    assert (out / "runs" / "unet-s0" / "best.pt").is_file() and (out / "runs" / "attention_unet-s1" / "last.pt").is_file()
-    assert external_references(html) == [] and html.count("data:image/png;base64") >= 5
-    assert "What the original protocol does to the same data" in html
+    runs = out / "conditions" / "crowded-dose-0.3" / "runs"
+    assert (runs / "unet-s0" / "best.pt").is_file() and (runs / "attention_unet-s1" / "last.pt").is_file()
+    assert len(list((out / "real_picks").glob("*.star"))) == 4
+    assert external_references(html) == [] and html.count("data:image/png;base64") >= 8
+    assert "What the original protocol does to the same data" in html and "Where the arms part" in html
+    assert "micrographs:" not in html                                                 # no progress bars in the report
 
 
 def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
