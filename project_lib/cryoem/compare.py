@@ -87,8 +87,7 @@ def flawed_protocol(histories: pd.DataFrame, # columns model, seed, epoch and <s
         s = sets[model]
         best = h.loc[h[f"{s}_pixel_f1"].idxmax()]
         rows.append({"model": model, "seed": seed, "reported_on": s, "epoch": int(best.epoch),
-                     "pixel_f1": float(best[f"{s}_pixel_f1"]), "auc_thresholded": float(best[f"{s}_thresholded_auc"]),
-                     "particle_f1": float(best[f"{s}_particle_f1"])})
+                     "pixel_f1": float(best[f"{s}_pixel_f1"]), "auc_thresholded": float(best[f"{s}_thresholded_auc"])})
     return pd.DataFrame(rows)
 
 def flawed_gap_distribution(histories: pd.DataFrame, # as for `flawed_protocol`

@@ -13,6 +13,7 @@ from torch import nn
 
 from .io import bin_image, fourier_resample, read_micrograph, write_picks
 from .metrics import extract_picks
+from .train import probabilities
 
 # %% auto #0
 __all__ = ['to_model_grid', 'predict_probability', 'pick_micrograph_file']
@@ -47,12 +48,7 @@ def predict_probability(model: nn.Module, # maps (1, 1, H, W) to logits of the s
     if min(rows, cols) < multiple: raise ValueError(f"image must be at least {multiple} px on each side at the model's pixel size, got {image.shape}")
     (top, bottom), (left, right) = [(p // 2, p - p // 2) for p in (-rows % multiple, -cols % multiple)]
     x = torch.from_numpy(np.pad(image, ((top, bottom), (left, right)), mode="reflect"))[None, None]
-    x = x.to(device, memory_format=torch.channels_last)
-    model.eval()
-    with torch.no_grad(), torch.autocast(device_type="cuda", enabled=str(device).startswith("cuda")):
-        logits = model(x)
-    if logits.shape != x.shape: raise ValueError(f"model must return logits of the input's shape {tuple(x.shape)}, got {tuple(logits.shape)}")
-    return torch.sigmoid(logits.float())[0, 0, top:top + rows, left:left + cols].cpu().numpy()
+    return probabilities(model, x, device)[0, top:top + rows, left:left + cols]
 
 # %% ../../nbs/26_cryoem_pick.ipynb #c013
 def pick_micrograph_file(path: str | Path, # micrograph: .mrc, .tif or .png/.jpg

@@ -63,6 +63,7 @@ class CryoEMStudyParams:
     focal_alpha: float
     dice_weight: float
     augment: bool
+    lr_schedule: str # "constant" or "cosine"
     seeds: list[int]
     bootstrap_resamples: int
     equivalence_margin: float # ± particle F1 (and AUPRC) within which the arms are called equivalent

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/23_cryoem_train.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, json, os, pickle, shutil, tempfile, time
+import dataclasses, hashlib, math, json, os, pickle, shutil, tempfile, time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +20,9 @@ from .metrics import extract_picks, match_picks, particle_metrics, pixel_metrics
 from .models import AttentionUNet, UNet
 
 # %% auto #0
-__all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'budget_hash',
-           'build_model', 'focal_dice_loss', 'predict', 'select_threshold', 'select_pixel_threshold', 'evaluate',
-           'RunResult', 'train', 'load_best', 'check_comparable']
+__all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'epoch_lr',
+           'budget_hash', 'build_model', 'focal_dice_loss', 'probabilities', 'predict', 'select_threshold',
+           'select_pixel_threshold', 'evaluate', 'RunResult', 'train', 'load_best', 'check_comparable']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
@@ -114,11 +114,19 @@ class TrainConfig:
     focal_alpha: float = 0.75 # weight of the (rare) particle class
     dice_weight: float = 1.0
     augment: bool = True
+    lr_schedule: str = "constant" # "constant" or "cosine" (annealed to 0 over `epochs`: the last epochs settle)
     seed: int = 0
 
     def __post_init__(self):
         if self.model not in ("unet", "attention_unet"): raise ValueError(f"model must be 'unet' or 'attention_unet', got {self.model!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0: raise ValueError("epochs, batch_size must be >= 1 and lr > 0")
+        if self.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+
+def epoch_lr(config: TrainConfig, epoch: int, # 0-based
+            ) -> float:
+    "Learning rate of an epoch: constant, or cosine-annealed from `lr` towards 0 over `epochs` (a function of the epoch only, so resuming is exact)."
+    if config.lr_schedule == "constant": return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
 
 def budget_hash(config: TrainConfig) -> str:
     "Hash of the training budget: every field but `model` (and `seed`, which comparisons pair explicitly)."
@@ -141,15 +149,21 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainCon
 # %% ../../nbs/23_cryoem_train.ipynb #c011
 def _is_cuda(device) -> bool: return torch.device(device).type == "cuda"
 
+def probabilities(model: nn.Module, # maps (B, 1, H, W) to logits of the same shape
+                  x: torch.Tensor, # (B, 1, H, W) normalised micrographs
+                  device: str = "cpu") -> np.ndarray: # (B, H, W) particle probabilities
+    "Sigmoid of the model's logits: eval mode, no gradients, channels-last, AMP on CUDA (one inference path for every caller)."
+    model.eval()
+    x = x.to(device, memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(device_type="cuda", enabled=_is_cuda(device)):
+        logits = model(x)
+    if logits.shape != x.shape: raise ValueError(f"model must return logits of the input's shape {tuple(x.shape)}, got {tuple(logits.shape)}")
+    return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+
 def predict(model: nn.Module, micrographs: Sequence[Micrograph], device: str = "cpu", batch_size: int = 8) -> np.ndarray:
     "Particle probability maps (n, H, W), computed batch by batch."
-    model.eval()
-    out = []
-    with torch.no_grad(), torch.autocast(device_type="cuda", enabled=_is_cuda(device)):
-        for i in range(0, len(micrographs), batch_size):
-            x = torch.from_numpy(np.stack([np.asarray(micrographs[j].image, np.float32) for j in range(i, min(i + batch_size, len(micrographs)))]))
-            out.append(torch.sigmoid(model(x[:, None].to(device, memory_format=torch.channels_last)).float())[:, 0].cpu().numpy())
-    return np.concatenate(out)
+    batches = (np.stack([np.asarray(m.image, np.float32) for m in micrographs[i:i + batch_size]]) for i in range(0, len(micrographs), batch_size))
+    return np.concatenate([probabilities(model, torch.from_numpy(x)[:, None], device) for x in batches])
 
 def _picks_and_truth(probs, micrographs):
     "Picks (x, y, score, image) and true centres (x, y, radius: half the particle's own diameter, image)."
@@ -220,11 +234,9 @@ class RunResult:
     best_checkpoint: Path
 
 def _fixed_threshold_scores(probs: np.ndarray, micrographs: Sequence[Micrograph], threshold: float = 0.5) -> dict:
-    "Pixel F1, particle F1 and the ROC-AUC of thresholded predictions at a fixed threshold (the original protocol's numbers)."
+    "Pixel F1 and the ROC-AUC of thresholded predictions at a fixed threshold (the original protocol's numbers)."
     truth = np.stack([m.mask for m in micrographs])
-    picks, centres = _picks_and_truth(probs, micrographs)
     return {"pixel_f1": pixel_metrics(probs, truth, threshold)["f1"],
-            "particle_f1": particle_metrics(picks, centres, micrographs[0].diameter_px / 2, threshold, with_auprc=False)["f1"],
             "thresholded_auc": pixel_metrics((probs >= threshold).astype(float), truth)["roc_auc"]}
 
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
@@ -296,7 +308,9 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     if rank > 0: torch.distributed.barrier()   # rank 0 writes the cache...
     folder, train_hash = cache_micrographs(train_set, cache_dir or out_dir / "cache")
     if rank == 0 and world > 1: torch.distributed.barrier()   # ...before the others read it
-    identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}, "train_hash": train_hash, "val_hash": data_hash(val_set)}
+    extendable = config.lr_schedule == "constant"   # a constant-lr run may be resumed with more epochs; a cosine one may not
+    identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs" or not extendable}, "train_hash": train_hash,
+                "val_hash": data_hash(val_set)}
     seed_everything(config.seed)
     model = build_model(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -314,6 +328,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     per_rank = config.batch_size // world
     for epoch in tqdm(range(start, config.epochs), desc=f"{config.model} seed {config.seed}", disable=not progress or rank > 0, leave=False):
         t0 = time.perf_counter()
+        for group in opt.param_groups: group["lr"] = epoch_lr(config, epoch)
         net.train()
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         mine = _rank_shard(torch.randperm(len(train_set), generator=gen), rank, world).numpy()
@@ -324,7 +339,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
             if config.augment: xb, yb = _augment(xb, yb, gen)
             losses.append(_train_step(net, opt, scaler, xb, yb, config, device))
         elapsed += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(float(np.mean(losses)), world, device)}
+        row = {"epoch": epoch + 1, "lr": epoch_lr(config, epoch), "train_loss": _mean_over_ranks(float(np.mean(losses)), world, device)}
         if rank == 0:
             row["val_threshold"], row["val_f1"] = select_threshold(predict(model, val_set, device), val_set)
             for name, mics in (extra_eval or {}).items():
