@@ -133,7 +133,7 @@ def budget_hash(config: TrainConfig) -> str:
     return params_hash({k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")})
 
 def build_model(config: TrainConfig) -> nn.Module:
-    "The arm's network in channels-last layout (measured 30-45 % faster training on CPU: benchmarks/bench_cryoem.py)."
+    "The arm's network in channels-last layout (30-45 % faster training on CPU at 128² px; within ±10 % at 96²: benchmarks/results-cryoem.md)."
     return (AttentionUNet if config.model == "attention_unet" else UNet)(1, 1, config.width).to(memory_format=torch.channels_last)
 
 def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
