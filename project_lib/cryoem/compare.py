@@ -12,7 +12,7 @@ import pandas as pd
 # %% auto #0
 __all__ = ['metric_matrix', 'paired_summary', 'picker_summary', 'variance_components', 'interval_coverage', 'verdict',
            'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
-           'plot_maps', 'plot_spectra']
+           'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c007
 def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,13 +106,17 @@ def flawed_gap_distribution(histories: pd.DataFrame, # as for `flawed_protocol`
     return (vb[rows, pairs[..., 1]] - va[rows, pairs[..., 0]]).mean(axis=1)
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c013
-def plot_learning_curves(histories: pd.DataFrame):
-    "Validation particle F1 per epoch, one line per model and seed."
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colours = dict(zip(histories.model.unique(), ("tab:blue", "tab:orange", "tab:green")))
-    for (model, seed), h in histories.groupby(["model", "seed"], sort=False):
-        ax.plot(h.epoch, h.val_f1, color=colours[model], alpha=0.7, label=model if seed == histories.seed.min() else None)
-    ax.set_xlabel("epoch"); ax.set_ylabel("validation particle F1"); ax.legend()
+def plot_learning_curves(histories: pd.DataFrame, # columns condition, model, seed, epoch, val_f1
+                        arms: tuple[str, ...]):
+    "Validation particle F1 per epoch: one panel per condition, one line per arm and seed."
+    fig, axes = plt.subplots(1, histories.condition.nunique(), figsize=(3.2 * histories.condition.nunique(), 3), sharey=True, squeeze=False)
+    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green")))
+    first_seed = histories.seed.min()
+    for ax, (condition, h) in zip(axes[0], histories.groupby("condition", sort=False)):
+        for (model, seed), g in h.groupby(["model", "seed"], sort=False):
+            ax.plot(g.epoch, g.val_f1, color=colours[model], alpha=0.6, label=model if seed == first_seed else None)
+        ax.set_title(condition, fontsize=9); ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("validation particle F1"); axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -133,14 +137,6 @@ def plot_picks(images: list[np.ndarray], truths: list[np.ndarray], picks: list[p
         for x, y in t: ax.add_patch(plt.Circle((x, y), diameter_px / 2, fill=False, color="lime", lw=0.8))
         ax.plot(p.x, p.y, "r+", ms=7)
         ax.set_title(title, fontsize=8); ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-def plot_maps(panels: dict[str, np.ndarray], cmap: str = "magma"):
-    "A row of maps (e.g. attention gates) with their titles."
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, img) in zip(axes[0], panels.items()):
-        ax.imshow(img, cmap=cmap, vmin=0, vmax=1 if cmap == "magma" else None); ax.set_title(title, fontsize=8); ax.axis("off")
     fig.tight_layout()
     return fig
 

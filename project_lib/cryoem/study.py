@@ -10,7 +10,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
+from joblib import Parallel, delayed
 
+from .compare import paired_summary, picker_summary, verdict
 from .baselines import micrograph_ctf, oracle_probability_map, template_match_map
 from .data import Micrograph, MicrographConfig, edge_particles
 from .metrics import particle_metrics_by_image, pixel_metrics, recovered
@@ -95,7 +98,6 @@ class CryoEMStudyParams:
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
 def _train_one(config: TrainConfig, train_set, val_set, out_dir: Path, device: str, extra_eval, cache_dir: Path, threads: int):
-    import torch
     torch.set_num_threads(threads)
     return train(config, train_set, val_set, out_dir, device=device, extra_eval=extra_eval, cache_dir=cache_dir, progress=False)
 
@@ -107,12 +109,11 @@ def train_arms(configs: list[TrainConfig], # one per (model, seed); compared run
                n_jobs: int = 1, # parallel runs on CPU (one thread each); 1 on CUDA
               ) -> dict[tuple[str, int], "RunResult"]:
     "Train every configuration on one split; {(model, seed): RunResult}."
-    from joblib import Parallel, delayed
     if n_jobs < 1: raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
     out_dir = Path(out_dir)
     cache_micrographs(train_set, out_dir / "cache")              # written once, before any run reads it
     jobs = 1 if device != "cpu" else n_jobs
-    threads = 1 if jobs > 1 else max(1, __import__("torch").get_num_threads())
+    threads = 1 if jobs > 1 else max(1, torch.get_num_threads())
     runs = Parallel(n_jobs=jobs, backend="loky")(
         delayed(_train_one)(c, train_set, val_set, out_dir / f"{c.model}-s{c.seed}", device, extra_eval, out_dir / "cache", threads)
         for c in configs)
@@ -200,7 +201,6 @@ def condition_table(per_mic: pd.DataFrame, # columns condition, model, seed, mic
                     n_resamples: int = 2000, seed: int = 0,
                    ) -> pd.DataFrame: # one row per condition: mean/low/high of every picker and of the difference, verdict
     "Arms, baselines and the paired difference per condition, with 95% intervals and a verdict."
-    from project_lib.cryoem.compare import paired_summary, picker_summary, verdict
     rows = []
     for condition, d in per_mic.groupby("condition", sort=False):
         s = paired_summary(d, metric, arms[0], arms[1], n_resamples, seed)

@@ -22,7 +22,7 @@ from .models import AttentionUNet, UNet
 # %% auto #0
 __all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'epoch_lr',
            'budget_hash', 'build_model', 'focal_dice_loss', 'probabilities', 'predict', 'select_threshold',
-           'select_pixel_threshold', 'evaluate', 'RunResult', 'train', 'load_best', 'check_comparable']
+           'select_pixel_threshold', 'RunResult', 'train', 'load_best', 'check_comparable']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
@@ -201,23 +201,6 @@ def select_pixel_threshold(probs: np.ndarray, micrographs: Sequence[Micrograph],
     tp = len(pos) - np.searchsorted(pos, candidates, "left")   # positives >= threshold
     fp = len(neg) - np.searchsorted(neg, candidates, "left")
     return float(candidates[int(np.argmax(2 * tp / np.maximum(tp + fp + len(pos), 1)))])   # F1 = 2TP / (2TP + FP + FN)
-
-def evaluate(probs: np.ndarray, micrographs: Sequence[Micrograph], threshold: float, # particle threshold
-             pixel_threshold: float | None = None, # default: `threshold`
-            ) -> tuple[dict, pd.DataFrame]:
-    "(pooled metrics, per-micrograph metrics): pixel P/R/F1/IoU, ROC-AUC, AP; particle P/R/F1, AUPRC."
-    pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
-    truth_masks = np.stack([m.mask for m in micrographs])
-    pooled = {f"pixel_{k}": v for k, v in pixel_metrics(probs, truth_masks, pixel_threshold).items()}
-    picks, truth = _picks_and_truth(probs, micrographs)
-    radius = micrographs[0].diameter_px / 2
-    pooled.update({f"particle_{k}": v for k, v in particle_metrics(picks, truth, radius, threshold).items()})
-    rows = []
-    for i, m in enumerate(micrographs):
-        pm = particle_metrics(picks[picks.image == i], truth[truth.image == i], radius, threshold)
-        px = pixel_metrics(probs[i], truth_masks[i], pixel_threshold)
-        rows.append({"micrograph": i, "particle_f1": pm["f1"], "pixel_f1": px["f1"], "pixel_roc_auc": px["roc_auc"]})
-    return pooled, pd.DataFrame(rows)
 
 # %% ../../nbs/23_cryoem_train.ipynb #c013
 @dataclasses.dataclass
