@@ -58,12 +58,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 def _matches(value, tp) -> bool:
-    "Whether a YAML value fits the annotation `tp` (int, float, bool, str, list[...], Literal[...], X | None)."
+    "Whether a YAML value fits the annotation `tp` (int, float, bool, str, list[...], dict (a non-empty mapping with string keys; its schema checks the values), Literal[...], X | None)."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int: return isinstance(value, int) and not isinstance(value, bool)
     if tp in (bool, str): return isinstance(value, tp)
     if origin is list: return isinstance(value, list) and len(value) > 0 and all(_matches(v, args[0]) for v in value)
+    if tp is dict: return isinstance(value, dict) and len(value) > 0 and all(isinstance(k, str) for k in value)
     if origin is typing.Literal: return value in args
     if origin in (typing.Union, types.UnionType): return any(_matches(value, a) for a in args)
     if tp is type(None): return value is None

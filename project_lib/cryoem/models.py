@@ -35,9 +35,12 @@ class UNet(nn.Module):
     "U-Net with concatenating skips; `attention=True` gates every skip (Attention U-Net)."
     def __init__(self, in_channels: int = 1, out_channels: int = 1,
                  width: float = 1.0, # channel multiplier: 1.0 gives 64-128-256-512 / 1024
-                 attention: bool = False):
+                 attention: bool = False,
+                 dropout: float = 0.0, # Dropout2d on the bottleneck output (MC dropout for BALD); 0 adds no layer
+                ):
         super().__init__()
         if width <= 0: raise ValueError(f"width must be positive, got {width}")
+        if not 0 <= dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         chans = [max(1, int(round(c * width))) for c in (64, 128, 256, 512, 1024)]
         self.encoder = nn.ModuleList()
         prev = in_channels
@@ -50,6 +53,7 @@ class UNet(nn.Module):
             self.gates.append(AttentionGate(c, c, max(1, c // 2)) if attention else nn.Identity())
             self.decoder.append(conv_block(2 * c, c)); prev = c
         self.head = nn.Conv2d(prev, out_channels, 1)
+        self.bottleneck_dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.attention = attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +63,7 @@ class UNet(nn.Module):
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else self.pool(x))
             skips.append(x)
-        x = skips.pop()
+        x = self.bottleneck_dropout(skips.pop())
         for up, gate, block in zip(self.up, self.gates, self.decoder):
             x = up(x)
             skip = skips.pop()
@@ -71,9 +75,9 @@ class UNet(nn.Module):
         "The attention maps of the last forward pass, deepest first (empty without attention)."
         return [g.last_map for g in self.gates if isinstance(g, AttentionGate)]
 
-def AttentionUNet(in_channels: int = 1, out_channels: int = 1, width: float = 1.0) -> UNet:
+def AttentionUNet(in_channels: int = 1, out_channels: int = 1, width: float = 1.0, dropout: float = 0.0) -> UNet:
     "U-Net with an additive attention gate on every skip connection."
-    return UNet(in_channels, out_channels, width, attention=True)
+    return UNet(in_channels, out_channels, width, attention=True, dropout=dropout)
 
 def count_parameters(model: nn.Module) -> int:
     "Number of trainable parameters."

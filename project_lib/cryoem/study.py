@@ -21,8 +21,8 @@ from .train import (RunResult, TrainConfig, _picks_and_truth, cache_micrographs,
                                       predict, select_pixel_threshold, select_threshold, simulate_dataset, train, write_manifest)
 
 # %% auto #0
-__all__ = ['ARMS', 'BASELINES', 'CryoEMStudyParams', 'train_arms', 'score_picker', 'ConditionRun', 'simulate_condition',
-           'run_condition', 'condition_table', 'plot_difficulty']
+__all__ = ['ARMS', 'BASELINES', 'CryoEMStudyParams', 'train_arms', 'choose_thresholds', 'score_picker', 'ConditionRun',
+           'simulate_condition', 'run_condition', 'condition_table', 'plot_difficulty']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c011
 _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
@@ -120,12 +120,16 @@ def train_arms(configs: list[TrainConfig], # one per (model, seed); compared run
     return {(c.model, c.seed): r for c, r in zip(configs, runs)}
 
 # %% ../../nbs/27_cryoem_study.ipynb #c007
+def choose_thresholds(val_maps: np.ndarray, val_set: list[Micrograph]) -> tuple[float, float]:
+    "(picking threshold maximising particle F1, pixel threshold maximising pixel F1) on the validation micrographs."
+    return select_threshold(val_maps, val_set)[0], select_pixel_threshold(val_maps, val_set)
+
 def score_picker(val_maps: np.ndarray, test_maps: np.ndarray, # (n, H, W) score maps in [0, 1]
                  val_set: list[Micrograph], test_set: list[Micrograph],
-                ) -> tuple[pd.DataFrame, float]: # (one row per test micrograph, the validation-chosen threshold)
+                 thresholds: tuple[float, float] | None = None, # (picking, pixel), e.g. from `choose_thresholds`; default: chosen here
+                ) -> tuple[pd.DataFrame, float]: # (one row per test micrograph, the picking threshold)
     "Per-test-micrograph particle and pixel metrics at thresholds chosen on validation."
-    threshold, _ = select_threshold(val_maps, val_set)
-    pixel_threshold = select_pixel_threshold(val_maps, val_set)
+    threshold, pixel_threshold = thresholds if thresholds is not None else choose_thresholds(val_maps, val_set)
     picks, truth = _picks_and_truth(test_maps, test_set)
     rows = particle_metrics_by_image(picks, truth, 0.0, threshold).set_index("image")
     out = []

@@ -22,7 +22,7 @@ from .models import AttentionUNet, UNet
 # %% auto #0
 __all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'epoch_lr',
            'budget_hash', 'build_model', 'focal_dice_loss', 'probabilities', 'predict', 'select_threshold',
-           'select_pixel_threshold', 'RunResult', 'train', 'load_best', 'check_comparable']
+           'select_pixel_threshold', 'RunResult', 'train', 'load_checkpoint', 'load_best', 'check_comparable']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
@@ -115,11 +115,17 @@ class TrainConfig:
     dice_weight: float = 1.0
     augment: bool = True
     lr_schedule: str = "constant" # "constant" or "cosine" (annealed to 0 over `epochs`: the last epochs settle)
+    dropout: float = 0.0 # Dropout2d on the bottleneck (MC dropout); 0 = none, the comparison's network
+    crop_px: int = 0 # 0: train on whole micrographs; n > 0: on random n x n crops (a multiple of 16; cheaper steps, evaluation stays whole)
+    samples_per_epoch: int = 0 # 0: an epoch is one pass over the training set; n > 0: n samples whatever the set's size (a budget fixed in steps)
     seed: int = 0
 
     def __post_init__(self):
         if self.model not in ("unet", "attention_unet"): raise ValueError(f"model must be 'unet' or 'attention_unet', got {self.model!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0: raise ValueError("epochs, batch_size must be >= 1 and lr > 0")
+        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.crop_px < 0 or self.crop_px % 16: raise ValueError(f"crop_px must be 0 or a positive multiple of 16, got {self.crop_px}")
+        if self.samples_per_epoch < 0: raise ValueError(f"samples_per_epoch must be >= 0, got {self.samples_per_epoch}")
         if self.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 def epoch_lr(config: TrainConfig, epoch: int, # 0-based
@@ -134,7 +140,7 @@ def budget_hash(config: TrainConfig) -> str:
 
 def build_model(config: TrainConfig) -> nn.Module:
     "The arm's network in channels-last layout (30-45 % faster training on CPU at 128² px; within ±10 % at 96²: benchmarks/results-cryoem.md)."
-    return (AttentionUNet if config.model == "attention_unet" else UNet)(1, 1, config.width).to(memory_format=torch.channels_last)
+    return (AttentionUNet if config.model == "attention_unet" else UNet)(1, 1, config.width, dropout=config.dropout).to(memory_format=torch.channels_last)
 
 def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     "Binary focal loss (Lin et al. 2017) plus soft Dice loss."
@@ -151,9 +157,14 @@ def _is_cuda(device) -> bool: return torch.device(device).type == "cuda"
 
 def probabilities(model: nn.Module, # maps (B, 1, H, W) to logits of the same shape
                   x: torch.Tensor, # (B, 1, H, W) normalised micrographs
-                  device: str = "cpu") -> np.ndarray: # (B, H, W) particle probabilities
+                  device: str = "cpu",
+                  dropout: bool = False, # keep the dropout layers (only) active: one MC-dropout sample
+                 ) -> np.ndarray: # (B, H, W) particle probabilities
     "Sigmoid of the model's logits: eval mode, no gradients, channels-last, AMP on CUDA (one inference path for every caller)."
     model.eval()
+    if dropout:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd): m.train()
     x = x.to(device, memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(device_type="cuda", enabled=_is_cuda(device)):
         logits = model(x)
@@ -222,11 +233,22 @@ def _fixed_threshold_scores(probs: np.ndarray, micrographs: Sequence[Micrograph]
     return {"pixel_f1": pixel_metrics(probs, truth, threshold)["f1"],
             "thresholded_auc": pixel_metrics((probs >= threshold).astype(float), truth)["roc_auc"]}
 
+def _crop(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator):
+    "One random size x size window of a batch of images and masks."
+    h, w = x.shape[-2:]
+    if size > min(h, w): raise ValueError(f"crop_px ({size}) must not exceed the micrographs' size ({h} x {w})")
+    oy, ox = (int(torch.randint(0, n - size + 1, (1,), generator=gen)) for n in (h, w))
+    return x[..., oy:oy + size, ox:ox + size], y[..., oy:oy + size, ox:ox + size]
+
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     k = int(torch.randint(0, 4, (1,), generator=gen))
     flip = bool(torch.randint(0, 2, (1,), generator=gen))
     x, y = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (2, 3))
     return (x.flip(3), y.flip(3)) if flip else (x, y)
+
+def _file_hash(path: str | Path) -> str:
+    "SHA-256 (16 hex digits) of a file's bytes."
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 def _save(path: Path, state: dict):
     tmp = path.with_name(f".{path.name}.tmp")
@@ -252,6 +274,11 @@ def _rank_shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     "This rank's share of an epoch's order, split as `DistributedSampler` does: wrapped round to a multiple of `world`, every world-th item."
     total = -(-len(order) // world) * world
     return order.repeat(-(-total // len(order)))[:total][rank::world]
+
+def _epoch_order(n: int, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    "An epoch's sample order: one permutation of the n training items, or (`samples_per_epoch` > 0) that many items from permutations drawn one after another."
+    if config.samples_per_epoch == 0: return torch.randperm(n, generator=gen)
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-config.samples_per_epoch // n))])[:config.samples_per_epoch]
 
 def _wrap(model: nn.Module, world: int, device: str) -> nn.Module:
     "The model in DistributedDataParallel (gradients averaged over ranks every step) when several processes train it."
@@ -282,6 +309,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
           *, device: str | None = None, # default: CUDA when present
           extra_eval: dict[str, Sequence[Micrograph]] | None = None, # other sets scored every epoch (e.g. the flawed protocol's)
           cache_dir: str | Path | None = None, # on-disk cache of the training set (default out_dir/cache); share it between arms
+          init_from: str | Path | None = None, # warm start: the weights of this checkpoint instead of a fresh initialisation
           progress: bool = True) -> RunResult:
     "Train one arm on micrographs streamed from an on-disk cache; select the best epoch on validation."
     if len(val_set) == 0: raise ValueError("val_set must hold at least one micrograph")
@@ -293,9 +321,10 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     if rank == 0 and world > 1: torch.distributed.barrier()   # ...before the others read it
     extendable = config.lr_schedule == "constant"   # a constant-lr run may be resumed with more epochs; a cosine one may not
     identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs" or not extendable}, "train_hash": train_hash,
-                "val_hash": data_hash(val_set)}
+                "val_hash": data_hash(val_set), "init_hash": _file_hash(init_from) if init_from else None}
     seed_everything(config.seed)
     model = build_model(config).to(device)
+    if init_from: model.load_state_dict(_load(Path(init_from), device)["model"])   # strict: any mismatch is an error
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=_is_cuda(device))
     last, best = out_dir / "last.pt", out_dir / "best.pt"
@@ -314,11 +343,12 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
         for group in opt.param_groups: group["lr"] = epoch_lr(config, epoch)
         net.train()
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        mine = _rank_shard(torch.randperm(len(train_set), generator=gen), rank, world).numpy()
+        mine = _rank_shard(_epoch_order(len(train_set), config, gen), rank, world).numpy()
         losses = []
         for i in range(0, len(mine), per_rank):
             idx = mine[i:i + per_rank]
             xb, yb = torch.from_numpy(_read_rows(folder / "images.npy", idx)), torch.from_numpy(_read_rows(folder / "masks.npy", idx).astype(np.float32))
+            if config.crop_px: xb, yb = _crop(xb, yb, config.crop_px, gen)
             if config.augment: xb, yb = _augment(xb, yb, gen)
             losses.append(_train_step(net, opt, scaler, xb, yb, config, device))
         elapsed += time.perf_counter() - t0
@@ -341,11 +371,15 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     return RunResult(config, hist, int(best_row.epoch), float(best_row.val_threshold), train_hash, identity["val_hash"],
                      budget_hash(config), elapsed, best)
 
+def load_checkpoint(config: TrainConfig, path: str | Path, device: str = "cpu") -> nn.Module:
+    "The network of `config` with the weights of a checkpoint (best.pt or last.pt), in eval mode; any mismatch is an error."
+    model = build_model(config).to(device)
+    model.load_state_dict(_load(Path(path), device)["model"])
+    return model.eval()
+
 def load_best(result: RunResult, device: str = "cpu") -> nn.Module:
     "The best-on-validation model of a run."
-    model = build_model(result.config).to(device)
-    model.load_state_dict(_load(result.best_checkpoint, device)["model"])
-    return model.eval()
+    return load_checkpoint(result.config, result.best_checkpoint, device)
 
 # %% ../../nbs/23_cryoem_train.ipynb #c016
 def check_comparable(runs_a: list[RunResult], runs_b: list[RunResult]):

@@ -1,0 +1,177 @@
+"""Active learning for the picker: strategies against independent references (scikit-activeml, hand-computed cases, a
+brute-force k-center), the theory of which strategies must coincide, the protocol's guards and its reproducibility."""
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.spatial.distance import cdist
+from skactiveml.pool._bald import batch_bald
+from skactiveml.pool._core_set import k_greedy_center
+
+from project_lib.core import load_study_params
+from project_lib.cryoem.active import (AcquisitionSettings, acquire, aggregate, bald, entropy, image_mean_score, k_center_greedy,
+                                       least_confidence, margin, mc_dropout_probabilities, measure, scan_pool)
+from project_lib.cryoem.al import ALStudyParams, check_disjoint, labelled_counts, micrograph_hashes, run_al_study
+from project_lib.cryoem.data import Micrograph
+from project_lib.cryoem.models import UNet
+
+
+def _tiny():
+    return yaml.safe_load(Path("params.yaml").read_text())["cryoem_al"]["tiny"]
+
+
+@pytest.mark.parametrize("n_labelled", [1, 3])
+def test_k_center_greedy_matches_scikit_activeml(n_labelled):
+    rng = np.random.default_rng(n_labelled)
+    for _ in range(10):
+        x = rng.normal(size=(40, 6))
+        labelled = rng.choice(40, n_labelled, replace=False)
+        y = np.full(40, np.nan); y[labelled] = 0
+        candidates = np.setdiff1d(np.arange(40), labelled)
+        reference, _ = k_greedy_center(x, y, batch_size=7)
+        assert k_center_greedy(x, labelled, candidates, 7) == reference.tolist()
+
+
+def test_k_center_greedy_is_within_twice_the_optimal_radius():
+    """Gonzalez's bound, against the optimum found by trying every subset (small data)."""
+    from itertools import combinations
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.normal(size=(12, 2))
+        radius = lambda centres: cdist(x, x[list(centres)]).min(axis=1).max()
+        greedy = k_center_greedy(x, [0], range(1, 12), 3)
+        best = min(radius([0, *c]) for c in combinations(range(1, 12), 3))
+        assert radius([0, *greedy]) <= 2 * best + 1e-12
+
+
+def test_bald_matches_scikit_activeml_and_hand_computed_values():
+    rng = np.random.default_rng(1)
+    samples = rng.uniform(0.02, 0.98, (6, 50))                       # 6 MC passes, 50 pixels as 50 samples
+    probas = np.stack([1 - samples, samples], axis=-1)               # (passes, samples, classes)
+    reference = batch_bald(probas.copy(), batch_size=1, random_state=0)[0]   # nats
+    np.testing.assert_allclose(bald(samples) * math.log(2), reference, atol=1e-6)
+    np.testing.assert_allclose(bald(np.array([[0.0, 0.5], [1.0, 0.5]])), [1.0, 0.0], atol=1e-12)
+
+
+def test_per_pixel_scores_and_the_theory_of_which_strategies_coincide():
+    p = np.random.default_rng(2).beta(0.4, 3.0, (30, 24, 24))
+    np.testing.assert_allclose(least_confidence([0.1, 0.5, 0.8]), [0.1, 0.5, 0.2])
+    np.testing.assert_allclose(entropy([0.5, 0.0]), [1.0, 0.0])
+    for how in ("mean", "top_k"):
+        lc, mg, en = (aggregate(f(p), how, 0.05) for f in (least_confidence, margin, entropy))
+        assert np.array_equal(np.argsort(-lc, kind="stable"), np.argsort(-mg, kind="stable"))   # margin = 2 LC: same ranking
+        assert not np.array_equal(np.argsort(-lc), np.argsort(-en))                             # entropy is not affine in LC
+    orders = {tuple(np.argsort(-image_mean_score(p, s), kind="stable")) for s in ("least_confidence", "entropy", "margin")}
+    assert len(orders) == 1                                                                     # the original's collapse
+
+
+class _Constant(torch.nn.Module):
+    """Logits fixed per micrograph (keyed by the image's constant value); a 1-channel 'bottleneck' for the hook."""
+    def __init__(self, maps, embeddings):
+        super().__init__()
+        self.maps, self.embeddings = maps, embeddings
+        self.encoder = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, x):
+        ids = x[:, 0, 0, 0].long()
+        self.encoder[-1](self.embeddings[ids][:, :, None, None].expand(-1, -1, 2, 2))
+        return torch.logit(self.maps[ids][:, None].clamp(1e-6, 1 - 1e-6))
+
+
+def test_strategies_choose_different_micrographs_where_theory_says_they_must():
+    pool = [Micrograph(np.full((16, 16), i, np.float32), np.zeros((0, 2)), 4.0, {}) for i in range(4)]
+    half = np.where(np.arange(256).reshape(16, 16) % 2 == 0, 0.5, 0.0)          # mean LC 0.25, mean entropy 0.5
+    maps = torch.tensor(np.stack([np.zeros((16, 16)), half, np.full((16, 16), 0.2), np.zeros((16, 16))]))  # 0.2: LC 0.2, entropy 0.72
+    model = _Constant(maps, torch.tensor([[0.0], [1.0], [2.0], [10.0]]))
+    chosen = {s: acquire(s, model, pool, [0], 1, np.random.default_rng(0)) for s in ("least_confidence", "margin", "entropy", "diversity")}
+    assert chosen == {"least_confidence": [1], "margin": [1], "entropy": [2], "diversity": [3]}
+
+
+def test_hook_embeddings_equal_a_manual_bottleneck_forward():
+    torch.manual_seed(0)
+    net = UNet(width=0.125, dropout=0.2).eval()
+    mics = [Micrograph(np.random.default_rng(i).normal(size=(48, 48)).astype(np.float32), np.zeros((0, 2)), 5.0, {}) for i in range(3)]
+    scan = scan_pool(net, mics, AcquisitionSettings(batch_size=2))
+    h = torch.from_numpy(np.stack([m.image for m in mics]))[:, None]
+    with torch.no_grad():
+        for i, block in enumerate(net.encoder):
+            h = block(h if i == 0 else net.pool(h))
+    np.testing.assert_allclose(scan["embedding"], h.mean(dim=(2, 3)).numpy(), atol=1e-5)
+
+
+def test_mc_dropout_is_seeded_and_needs_dropout():
+    x = torch.randn(1, 1, 32, 32)
+    net = UNet(width=0.0625, dropout=0.5)
+    a, b = mc_dropout_probabilities(net, x, 3, seed=4), mc_dropout_probabilities(net, x, 3, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a[0], a[1])
+    with pytest.raises(ValueError, match="dropout > 0"):
+        mc_dropout_probabilities(UNet(width=0.0625), x, 3, seed=4)
+
+
+class _Untouchable(torch.nn.Module):
+    def forward(self, x):
+        raise AssertionError("the network ran: the error should have come first")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"labelled_fractions": [0.2, 0.2]}, "query size 0"),
+    ({"labelled_fractions": [0.2, 1.3]}, r"\(0, 1\]"),
+    ({"strategies": ["random", "badge"]}, "unknown strategy"),
+    ({"pool_size": 2}, "smaller than a query"),
+    ({"acquisition": {"mc_samples": 1}}, "mc_samples"),
+])
+def test_bad_configuration_is_refused_before_anything_runs(change, message, tmp_path):
+    params = {**_tiny(), **change}
+    Path(tmp_path / "params.yaml").write_text(yaml.safe_dump({"cryoem_al": {"tiny": params}}))
+    with pytest.raises(ValueError, match=message):
+        load_study_params("cryoem_al", ALStudyParams, "tiny", tmp_path / "params.yaml")
+    pool = [Micrograph(np.zeros((16, 16), np.float32), np.zeros((0, 2)), 4.0, {}) for _ in range(3)]
+    with pytest.raises(ValueError, match="query_size"):
+        acquire("entropy", _Untouchable(), pool, [0], 0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="query_size"):
+        acquire("entropy", _Untouchable(), pool, [0], 3, np.random.default_rng(0))
+
+
+def test_labelled_counts():
+    assert labelled_counts(80, [0.1, 0.2, 0.3, 0.5]) == [8, 16, 24, 40]
+    assert labelled_counts(5172, [0.1, 0.2]) == [517, 1034]
+
+
+def test_measure_sees_an_allocation_of_known_size():
+    def allocate():
+        a = np.ones(200 * 2**20 // 8)
+        return a.sum()
+    _, seconds, mb = measure(allocate)
+    assert seconds > 0 and 180 <= mb < 500
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy", "diversity", "bald"])
+    return p, run_al_study(p, tmp_path_factory.mktemp("a")), run_al_study(p, tmp_path_factory.mktemp("b"))
+
+
+def test_same_seed_gives_same_selections_and_metrics(tiny_runs):
+    _, a, b = tiny_runs
+    cols = ["strategy", "round", "selected", "labelled", "test_particle_f1", "test_particle_auprc", "val_particle_f1", "test_pixel_roc_auc"]
+    assert a.rounds[cols].to_dict("records") == b.rounds[cols].to_dict("records")
+    assert a.replay.test_particle_f1.tolist() == b.replay.test_particle_f1.tolist()
+
+
+def test_selected_batches_never_hold_validation_or_test_micrographs(tiny_runs):
+    p, a, _ = tiny_runs
+    held_out = set(micrograph_hashes(a.sets["val"] + a.sets["test"]))
+    later = a.rounds[a.rounds["round"] >= 1]
+    assert len(later) == len(p.strategies) * (len(p.labelled_fractions) - 1)
+    for r in later.itertuples():
+        assert not set(micrograph_hashes([a.sets["pool"][i] for i in r.selected])) & held_out
+        assert set(r.selected) <= set(r.labelled) and r.n_labelled == len(r.labelled)
+    with pytest.raises(ValueError, match="test micrographs"):
+        check_disjoint([a.sets["test"][0]], {"test": a.sets["test"]})
+    # every strategy's round 0 trained on the same data; every run on one budget and one validation set
+    assert a.rounds[a.rounds["round"] == 0].train_hash.nunique() == 1
+    assert a.rounds.budget_hash.nunique() == 1 and a.rounds.val_hash.nunique() == 1
