@@ -4,7 +4,7 @@
 
 # %% ../../nbs/29_cryoem_al.ipynb #c002
 from __future__ import annotations
-import dataclasses, itertools
+import dataclasses, hashlib, itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from .train import TrainConfig, budget_hash, data_hash, load_best, load_checkpoi
 
 # %% auto #0
 __all__ = ['labelled_counts', 'ALStudyParams', 'simulate_sets', 'micrograph_hashes', 'check_disjoint', 'initial_labelled',
-           'check_protocol', 'train_round', 'run_chain', 'run_replay', 'ALRun', 'run_al_study', 'learning_curves',
-           'aulc_frame', 'holm', 'aulc_table', 'labels_to_reach', 'jaccard', 'selection_overlap', 'collapse_replay',
+           'check_protocol', 'train_round', 'run_replay', 'ALRun', 'run_al_study', 'learning_curves', 'aulc_frame',
+           'holm', 'aulc_table', 'labels_to_reach', 'jaccard', 'selection_overlap', 'collapse_replay',
            'collapse_overlap', 'pool_bias', 'acquisition_cost', 'plot_learning_curves', 'plot_overlap', 'plot_replay']
 
 # %% ../../nbs/29_cryoem_al.ipynb #c005
@@ -144,62 +144,58 @@ def train_round(config: TrainConfig, sets: dict[str, list[Micrograph]], labelled
     return summary, test_rows, path
 
 # %% ../../nbs/29_cryoem_al.ipynb #c013
-def _acquisition_seed(seed: int, round_: int) -> int: return seed * 1000 + round_
+def _set_dir(out_dir: Path, seed: int, labelled: Sequence[int]) -> Path:
+    "The training folder of one seed's labelled set: named by a hash of the sorted ids."
+    ids = ",".join(map(str, sorted(labelled)))
+    return out_dir / f"s{seed}-n{len(labelled)}-{hashlib.sha256(ids.encode()).hexdigest()[:10]}"
 
-def run_chain(p: ALStudyParams, sets: dict, strategy: str, seed: int, round0: dict, round0_checkpoint: Path, out_dir: Path,
-              device: str = "cpu") -> tuple[list[dict], list[pd.DataFrame]]:
-    "Rounds 1.. of one strategy and seed (round 0 given); one summary per round and the per-test-micrograph rows."
-    config, counts, settings = p.train_config(seed), p.counts(), p.settings()
-    labelled, checkpoint = initial_labelled(p.pool_size, counts[0], seed), round0_checkpoint
-    summaries, rows = [], []
-    for r in range(1, len(counts)):
-        model = load_checkpoint(config, checkpoint, device)
-        rng = np.random.default_rng([seed, r, 11])
-        batch, seconds, peak_mb = measure(acquire, strategy, model, sets["pool"], labelled, counts[r] - counts[r - 1], rng, settings, device,
-                                          _acquisition_seed(seed, r))
-        check_disjoint([sets["pool"][i] for i in batch], {"validation": sets["val"], "test": sets["test"]})
-        if set(batch) & set(labelled): raise RuntimeError(f"{strategy} chose already-labelled micrographs {sorted(set(batch) & set(labelled))}")
-        labelled = sorted(labelled + batch)
-        summary, test_rows, checkpoint = train_round(config, sets, labelled, out_dir / f"{strategy}-s{seed}-r{r}", device)
-        summaries.append({**summary, "strategy": strategy, "seed": seed, "round": r, "selected": batch, "labelled": labelled,
-                          "acquisition_s": seconds, "acquisition_peak_mb": peak_mb})
-        rows.append(test_rows.assign(strategy=strategy, seed=seed, round=r))
-    return summaries, rows
+def _acquire_step(p: ALStudyParams, sets: dict, strategy: str, seed: int, round_: int, labelled: list[int], checkpoint: Path,
+                  device: str) -> tuple[list[int], float, float]:
+    "One strategy's batch for a round, with its wall time and peak memory, checked against the held-out data."
+    counts = p.counts()
+    model = load_checkpoint(p.train_config(seed), checkpoint, device) if strategy != "random" else None
+    batch, seconds, peak_mb = measure(acquire, strategy, model, sets["pool"], labelled, counts[round_] - counts[round_ - 1],
+                                      np.random.default_rng([seed, round_, 11]), p.settings(), device, seed * 1000 + round_)
+    check_disjoint([sets["pool"][i] for i in batch], {"validation": sets["val"], "test": sets["test"]})
+    if set(batch) & set(labelled): raise RuntimeError(f"{strategy} chose already-labelled micrographs {sorted(set(batch) & set(labelled))}")
+    return batch, seconds, peak_mb
+
+def _train_set(p: ALStudyParams, sets: dict, seed: int, labelled: list[int], out_dir: Path, device: str):
+    return train_round(p.train_config(seed), sets, labelled, _set_dir(out_dir, seed, labelled), device)
 
 def _with_threads(fn, *args):
     torch.set_num_threads(1)
     return fn(*args)
 
 def _parallel(p: ALStudyParams, device: str, jobs: list) -> list:
+    "Run (fn, *args) jobs: in `n_jobs` processes of one thread each on CPU, in turn on a GPU."
     n = 1 if device != "cpu" else p.n_jobs
     if n == 1: return [fn(*args) for fn, *args in jobs]
     return Parallel(n_jobs=n, backend="loky")(delayed(_with_threads)(fn, *args) for fn, *args in jobs)
 
-def _reference_round(p, sets, seed, which, out_dir, device):
-    "Round 0 (the seed's initial set) or the full-pool reference of one seed."
-    labelled = initial_labelled(p.pool_size, p.counts()[0], seed) if which == "initial" else list(range(p.pool_size))
-    summary, rows, path = train_round(p.train_config(seed), sets, labelled, out_dir / f"{which}-s{seed}", device)
-    return {**summary, "seed": seed, "round": 0 if which == "initial" else -1, "labelled": labelled, "selected": labelled}, rows, path
-
 # %% ../../nbs/29_cryoem_al.ipynb #c015
-def run_replay(p: ALStudyParams, sets: dict, seed: int, out_dir: Path, device: str = "cpu") -> list[dict]:
-    "The original protocol (warm start, last checkpoint, threshold 0.5) with random acquisition, and its no-new-labels control."
+_FIXED = (0.5, 0.5)   # the original's picking and pixel thresholds
+
+def run_replay(p: ALStudyParams, sets: dict, seed: int, arm: str, # "warm start" or "control"
+               round0_dir: Path, out_dir: Path, device: str = "cpu") -> list[dict]:
+    "The original protocol (warm start, last checkpoint, threshold 0.5) with random acquisition, or its no-new-labels control."
     counts = labelled_counts(p.pool_size, p.replay_fractions)
     initial = initial_labelled(p.pool_size, counts[0], seed)
-    rng = np.random.default_rng([seed, 13])
-    order = initial + [int(i) for i in rng.permutation(np.setdiff1d(np.arange(p.pool_size), initial))]
-    out, fixed = [], (0.5, 0.5)
-    first, _, last = train_round(p.replay_config(seed, p.train_config(seed).epochs), sets, initial, out_dir / f"replay-s{seed}-r0", device,
-                                 checkpoint="last", thresholds=fixed)
-    out += [{**first, "arm": arm, "seed": seed, "round": 0, "cumulative_epochs": p.train_config(seed).epochs} for arm in ("warm start", "control")]
-    for arm in ("warm start", "control"):
-        checkpoint = last
-        for r in range(1, len(counts)):
-            labelled = order[:counts[r]] if arm == "warm start" else initial
-            summary, _, checkpoint = train_round(p.replay_config(seed, p.replay_epochs), sets, labelled, out_dir / f"replay-{arm.replace(' ', '')}-s{seed}-r{r}",
-                                                 device, init_from=checkpoint, checkpoint="last", thresholds=fixed)
-            out.append({**summary, "arm": arm, "seed": seed, "round": r, "cumulative_epochs": p.train_config(seed).epochs + r * p.replay_epochs})
+    order = initial + [int(i) for i in np.random.default_rng([seed, 13]).permutation(np.setdiff1d(np.arange(p.pool_size), initial))]
+    checkpoint, epochs, out = round0_dir / "last.pt", p.train_config(seed).epochs, []
+    for r in range(1, len(counts)):
+        labelled = order[:counts[r]] if arm == "warm start" else initial
+        summary, _, checkpoint = train_round(p.replay_config(seed, p.replay_epochs), sets, labelled, out_dir / f"replay-{arm.replace(' ', '')}-s{seed}-r{r}",
+                                             device, init_from=checkpoint, checkpoint="last", thresholds=_FIXED)
+        epochs += p.replay_epochs
+        out.append({**summary, "arm": arm, "seed": seed, "round": r, "cumulative_epochs": epochs})
     return out
+
+def _replay_start(p: ALStudyParams, sets: dict, seed: int, round0_dir: Path, device: str) -> list[dict]:
+    "Round 0 of the replay: the protocol's round-0 network at its last epoch, scored at the fixed threshold (no training)."
+    labelled = initial_labelled(p.pool_size, p.counts()[0], seed)
+    summary = train_round(p.train_config(seed), sets, labelled, round0_dir, device, checkpoint="last", thresholds=_FIXED)[0]
+    return [{**summary, "arm": arm, "seed": seed, "round": 0, "cumulative_epochs": p.train_config(seed).epochs} for arm in ("warm start", "control")]
 
 # %% ../../nbs/29_cryoem_al.ipynb #c016
 @dataclasses.dataclass
@@ -210,33 +206,49 @@ class ALRun:
     rounds: pd.DataFrame # one row per (strategy, seed, round), round 0 repeated for every strategy; the full-pool reference as round -1
     per_micrograph: pd.DataFrame # test metrics per (strategy, seed, round, micrograph)
     replay: pd.DataFrame # the original protocol and its control, per (arm, seed, round)
-    checkpoints: dict # (seed, "initial") -> round-0 checkpoint
+    checkpoints: dict # (seed, "initial") -> round-0 best checkpoint
 
 def run_al_study(p: ALStudyParams, out_dir: str | Path, device: str = "cpu") -> ALRun:
-    "Simulate, train round 0 and the full-pool reference per seed, then every strategy's chain and the replay, in parallel."
+    "Simulate; train round 0 and the full-pool reference per seed; then round by round, every strategy's acquisition and the distinct trainings; the replay."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    sets = simulate_sets(p)
+    sets, counts = simulate_sets(p), p.counts()
     check_disjoint(sets["pool"], {"validation": sets["val"], "test": sets["test"]})
-    first = _parallel(p, device, [(_reference_round, p, sets, s, which, out_dir, device) for s in p.seeds for which in ("initial", "full")])
-    refs = {(s["seed"], "initial" if s["round"] == 0 else "full"): (s, rows, path) for s, rows, path in first}
-    jobs = [(run_chain, p, sets, strategy, seed, refs[(seed, "initial")][0], refs[(seed, "initial")][2], out_dir, device)
-            for seed in p.seeds for strategy in p.strategies if len(p.counts()) > 1]
-    jobs += [(run_replay, p, sets, seed, out_dir, device) for seed in p.seeds]
-    done = _parallel(p, device, jobs)
-    chains, replays = done[:len(done) - len(p.seeds)], done[len(done) - len(p.seeds):]
+    initial = {seed: initial_labelled(p.pool_size, counts[0], seed) for seed in p.seeds}
+    full = list(range(p.pool_size))
+    done = _parallel(p, device, [(_train_set, p, sets, seed, ids, out_dir, device) for seed in p.seeds for ids in (initial[seed], full)])
+    trained = {(seed, tuple(ids)): d for (seed, ids), d in zip([(s, i) for s in p.seeds for i in (initial[s], full)], done)}
+    state = {(seed, s): {"labelled": initial[seed], "checkpoint": trained[(seed, tuple(initial[seed]))][2]} for seed in p.seeds for s in p.strategies}
     summaries, rows = [], []
+    def record(key, r, extra):
+        summary, test_rows, _ = trained[(key[0], tuple(state[key]["labelled"]))]
+        summaries.append({**summary, "strategy": key[1], "seed": key[0], "round": r, "labelled": state[key]["labelled"], **extra})
+        rows.append(test_rows.assign(strategy=key[1], seed=key[0], round=r))
+    for key in state: record(key, 0, {"selected": state[key]["labelled"], "acquisition_s": 0.0, "acquisition_peak_mb": 0.0})
     for seed in p.seeds:
-        (s0, r0, _), (sf, rf, _) = refs[(seed, "initial")], refs[(seed, "full")]
-        for strategy in p.strategies:
-            summaries.append({**s0, "strategy": strategy, "acquisition_s": 0.0, "acquisition_peak_mb": 0.0}); rows.append(r0.assign(strategy=strategy, seed=seed, round=0))
-        summaries.append({**sf, "strategy": "full pool"}); rows.append(rf.assign(strategy="full pool", seed=seed, round=-1))
-    for s, r in chains: summaries += s; rows += r
+        summary, test_rows, _ = trained[(seed, tuple(full))]
+        summaries.append({**summary, "strategy": "full pool", "seed": seed, "round": -1, "labelled": full, "selected": full})
+        rows.append(test_rows.assign(strategy="full pool", seed=seed, round=-1))
+    round0_dirs = {seed: _set_dir(out_dir, seed, initial[seed]) for seed in p.seeds}
+    replay = [x for r in _parallel(p, device, [(_replay_start, p, sets, seed, round0_dirs[seed], device) for seed in p.seeds]) for x in r]
+    for r in range(1, len(counts)):
+        keys = list(state)
+        acquired = _parallel(p, device, [(_acquire_step, p, sets, key[1], key[0], r, state[key]["labelled"], state[key]["checkpoint"], device) for key in keys])
+        for key, (batch, _, _) in zip(keys, acquired): state[key]["labelled"] = sorted(state[key]["labelled"] + batch)
+        todo = sorted({(key[0], tuple(state[key]["labelled"])) for key in keys} - set(trained))
+        jobs = [(_train_set, p, sets, seed, list(ids), out_dir, device) for seed, ids in todo]
+        if r == 1: jobs += [(run_replay, p, sets, seed, arm, round0_dirs[seed], out_dir, device) for seed in p.seeds for arm in ("warm start", "control")]
+        done = _parallel(p, device, jobs)
+        trained.update(zip(todo, done[:len(todo)]))
+        replay += [x for d in done[len(todo):] for x in d]
+        for key, (batch, seconds, peak_mb) in zip(keys, acquired):
+            state[key]["checkpoint"] = trained[(key[0], tuple(state[key]["labelled"]))][2]
+            record(key, r, {"selected": batch, "acquisition_s": seconds, "acquisition_peak_mb": peak_mb})
     rounds = pd.DataFrame(summaries)
     rounds["labelled_fraction"] = rounds.n_labelled / p.pool_size
     check_protocol(rounds)
-    return ALRun(p, sets, rounds.sort_values(["strategy", "seed", "round"], ignore_index=True),
-                 pd.concat(rows, ignore_index=True), pd.DataFrame([x for r in replays for x in r]).eval(f"labelled_fraction = n_labelled / {p.pool_size}"),
-                 {k: v[2] for k, v in refs.items() if k[1] == "initial"})
+    return ALRun(p, sets, rounds.sort_values(["strategy", "seed", "round"], ignore_index=True), pd.concat(rows, ignore_index=True),
+                 pd.DataFrame(replay).eval(f"labelled_fraction = n_labelled / {p.pool_size}").sort_values(["arm", "seed", "round"], ignore_index=True),
+                 {(seed, "initial"): trained[(seed, tuple(initial[seed]))][2] for seed in p.seeds})
 
 # %% ../../nbs/29_cryoem_al.ipynb #c018
 def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
@@ -327,9 +339,10 @@ def labels_to_reach(per_mic: pd.DataFrame, rounds: pd.DataFrame, targets: Sequen
             point_p = _crossing(cube.mean(axis=(1, 2)), particles.mean(axis=1), target * full.mean())
             boots = np.array([_crossing(curve_b[b], fractions, target * full_b[b]) for b in range(n_resamples)])
             boots_p = np.array([_crossing(curve_b[b], particles_b[:, b], target * full_b[b]) for b in range(n_resamples)])
-            out.append({"strategy": strategy, "target": target, "fraction": point, "fraction_low": np.quantile(boots, 0.025),
-                        "fraction_high": np.quantile(boots, 0.975), "particles": point_p, "particles_low": np.quantile(boots_p, 0.025),
-                        "particles_high": np.quantile(boots_p, 0.975), "share_of_draws_reached": float(np.isfinite(boots).mean())})
+            q = lambda v, level: float(np.quantile(v, level, method="inverted_cdf"))   # an order statistic: inf (never reached) stays inf
+            out.append({"strategy": strategy, "target": target, "fraction": point, "fraction_low": q(boots, 0.025), "fraction_high": q(boots, 0.975),
+                        "particles": point_p, "particles_low": q(boots_p, 0.025), "particles_high": q(boots_p, 0.975),
+                        "share_of_draws_reached": float(np.isfinite(boots).mean())})
     return pd.DataFrame(out)
 
 def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
