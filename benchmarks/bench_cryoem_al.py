@@ -44,13 +44,13 @@ def acquisition_table(p, sizes):
     for strategy in STRATEGIES:
         r = [x for x in rows if x[0] == strategy]
         slope, intercept = np.polyfit([x[1] for x in r], [x[2] for x in r], 1)
-        print(f"| {strategy} | " + " | ".join(f"{s:.3f} / {mb:.0f}" for _, _, s, mb in r) + f" | {intercept + slope * PAPER_POOL:.1f} |")
+        print(f"| {strategy} | " + " | ".join(f"{s:.3f} / {mb:.0f}" for _, _, s, mb in r) + f" | {max(0.0, intercept + slope * PAPER_POOL):.1f} |")
 
 
 def k_center_table(sizes, dim=1024):
     print(f"\n## k-center greedy on {dim}-D embeddings (10 % labelled, query 10 %)\n")
-    print("| N | ours: s / MB | scikit-activeml: s / MB | full N x N matrix (DeepAL): s / MB | same picks |")
-    print("|---|---|---|---|---|")
+    print("| N | ours: s / MB | scikit-activeml: s / MB | full N x N matrix (DeepAL): s / MB | same picks | covering radius, ours / scikit-activeml |")
+    print("|---|---|---|---|---|---|")
     for n in sizes:
         x = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
         labelled, k = np.arange(n // 10), n // 10
@@ -66,7 +66,8 @@ def k_center_table(sizes, dim=1024):
                 j = int(np.argmax(nearest)); chosen.append(j); nearest = np.minimum(nearest, d[:, j])
             return chosen
         _, s3, m3 = measure(full_matrix)
-        print(f"| {n} | {s1:.3f} / {m1:.0f} | {s2:.3f} / {m2:.0f} | {s3:.3f} / {m3:.0f} | {ours == ref} |")
+        radius = lambda picks: float(cdist(x[candidates].astype(np.float64), x[np.r_[labelled, picks]].astype(np.float64)).min(axis=1).max())
+        print(f"| {n} | {s1:.3f} / {m1:.0f} | {s2:.3f} / {m2:.0f} | {s3:.3f} / {m3:.0f} | {ours == ref} | {radius(ours) / radius(ref):.6f} |")
 
 
 def paper_forward(repeats):

@@ -128,18 +128,23 @@ def scan_pool(model: nn.Module, micrographs: Sequence[Micrograph], settings: Acq
 def k_center_greedy(embeddings: np.ndarray, # (N, C) every pool micrograph
                     centres: Sequence[int], # ids already labelled
                     candidates: Sequence[int], # ids that may be chosen
-                    k: int) -> list[int]:
+                    k: int,
+                    block_size: int = 256, # labelled centres per matrix product: memory O(candidates x block_size)
+                   ) -> list[int]:
     "Core-set k-center greedy: k candidates, each the farthest from everything labelled or chosen before it."
     x = np.asarray(embeddings, np.float64)
-    candidates = np.asarray(candidates, int)
+    candidates, centres = np.asarray(candidates, int), np.asarray(centres, int)
     if not 1 <= k <= len(candidates): raise ValueError(f"k must be in [1, {len(candidates)}] (the number of candidates), got {k}")
+    xc = x[candidates]                      # one copy; squared distances by |a|² + |b|² - 2 a·b, one matrix product per block
+    sq = np.einsum("ij,ij->i", xc, xc)
     nearest = np.full(len(candidates), np.inf)
-    for c in centres: nearest = np.minimum(nearest, np.linalg.norm(x[candidates] - x[c], axis=1))
+    for block in np.array_split(centres, max(1, -(-len(centres) // block_size))):
+        if len(block): nearest = np.minimum(nearest, (sq[:, None] + np.einsum("ij,ij->i", x[block], x[block])[None] - 2 * xc @ x[block].T).min(axis=1))
     chosen = []
     for _ in range(k):
         j = int(np.argmax(nearest))
         chosen.append(int(candidates[j]))
-        nearest = np.minimum(nearest, np.linalg.norm(x[candidates] - x[candidates[j]], axis=1))
+        nearest = np.minimum(nearest, sq + sq[j] - 2 * xc @ xc[j])
         nearest[j] = -np.inf
     return chosen
 
