@@ -19,7 +19,7 @@ from .active import STRATEGIES, AcquisitionSettings, acquire, image_mean_score, 
 from .compare import paired_summary
 from .data import Micrograph, MicrographConfig
 from .study import choose_thresholds, score_picker
-from .train import TrainConfig, budget_hash, data_hash, load_best, load_checkpoint, predict, simulate_dataset, train
+from .train import TrainConfig, data_hash, load_checkpoint, predict, simulate_dataset, train
 
 # %% auto #0
 __all__ = ['labelled_counts', 'ALStudyParams', 'simulate_sets', 'micrograph_hashes', 'check_disjoint', 'initial_labelled',
@@ -134,7 +134,7 @@ def train_round(config: TrainConfig, sets: dict[str, list[Micrograph]], labelled
     net = load_checkpoint(config, path, device)
     val_maps, test_maps = predict(net, sets["val"], device), predict(net, sets["test"], device)
     thresholds = thresholds or choose_thresholds(val_maps, sets["val"])
-    rest = [pool[i] for i in range(len(pool)) if i not in set(labelled)]
+    rest = [pool[i] for i in np.setdiff1d(np.arange(len(pool)), labelled)]
     test_rows = score_picker(val_maps, test_maps, sets["val"], sets["test"], thresholds)[0]
     summary = {"n_labelled": len(labelled), "n_particles": int(sum(len(pool[i].centres) for i in labelled)),
                **_scores(score_picker(val_maps, val_maps, sets["val"], sets["val"], thresholds)[0], "val"), **_scores(test_rows, "test"),
