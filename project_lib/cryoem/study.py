@@ -29,6 +29,8 @@ _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proport
                       "min_separation", "clustered_fraction", "ice_thickness_a", "defocus_um_min", "defocus_um_max",
                       "carbon_probability", "aggregates_max", "broken_max", "ice_crystals_max")
 
+_AT_DEFAULT = {"dropout", "crop_px", "samples_per_epoch"}   # the comparison's network and epochs: no dropout, whole micrographs, full passes
+
 @dataclasses.dataclass(frozen=True)
 class CryoEMStudyParams:
     "Parameters of the cryo-EM comparison stage (one profile of params.yaml)."
@@ -93,7 +95,7 @@ class CryoEMStudyParams:
 
     def train_config(self, model: str, seed: int) -> TrainConfig:
         "The training configuration of one arm and seed: identical for both arms but `model`."
-        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed"}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed"} - _AT_DEFAULT
         return TrainConfig(model=model, seed=seed, **{k: getattr(self, k) for k in fields})
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
