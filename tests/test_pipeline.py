@@ -50,7 +50,8 @@ def test_cryoem_al_study_runs_end_to_end_in_tiny_profile(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["aulc"]) == {"least_confidence", "entropy", "margin", "diversity", "hybrid", "bald"}
     assert metrics["jaccard_lc_margin_round1"] == 1.0 and metrics["image_mean_jaccard_min"] == 1.0   # the theorem and the original's collapse
-    assert (out / "runs" / "initial-s0" / "best.pt").is_file() and (out / "runs" / "full-s1" / "best.pt").is_file()
+    assert len(list((out / "runs").glob("s0-n2-*/best.pt"))) == 1 and len(list((out / "runs").glob("s1-n10-*/best.pt"))) == 1   # round 0, full pool
+    assert (out / "runs" / "replay-warmstart-s0-r1" / "last.pt").is_file() and (out / "runs" / "replay-control-s1-r1" / "last.pt").is_file()
     assert {f.name for f in (out / "tables").iterdir()} >= {"rounds.csv", "learning-curves.csv", "aulc-against-random.csv", "acquisition-cost.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 3
     assert "## Answer" not in html and "Answer" in html and "Better than random?" in html and "micrographs:" not in html
