@@ -15,8 +15,8 @@ import torch
 from joblib import Parallel, delayed
 from scipy import stats
 
-from .active import STRATEGIES, AcquisitionSettings, acquire, image_mean_score, measure, scan_pool
-from .compare import paired_summary
+from .active import STRATEGIES, AcquisitionSettings, _top, acquire, image_mean_score, measure, scan_pool
+from .compare import bootstrap_weights, paired_summary
 from .data import Micrograph, MicrographConfig
 from .study import choose_thresholds, score_picker
 from .train import TrainConfig, data_hash, load_checkpoint, predict, simulate_dataset, train
@@ -323,8 +323,8 @@ def labels_to_reach(per_mic: pd.DataFrame, rounds: pd.DataFrame, targets: Sequen
     full = _curve_cube(per_mic, "full pool", metric)[0]   # (seeds, micrographs)
     s, m = full.shape
     rng = np.random.default_rng(seed)
-    ws = np.stack([np.bincount(i, minlength=s) for i in rng.integers(0, s, (n_resamples, s))]) / s
-    wm = np.stack([np.bincount(i, minlength=m) for i in rng.integers(0, m, (n_resamples, m))]) / m
+    ws, wm = bootstrap_weights(s, m, n_resamples, rng)
+    ws, wm = ws / s, wm / m
     full_b = np.einsum("bs,sm,bm->b", ws, full, wm)
     out = []
     for strategy in [x for x in per_mic.strategy.unique() if x != "full pool"]:
@@ -371,7 +371,7 @@ def collapse_replay(run: ALRun, device: str = "cpu") -> pd.DataFrame:
         scan = scan_pool(model, run.sets["pool"], p.settings(), device)
         mean_p = scan["mean_probability"]
         candidates = np.setdiff1d(np.arange(p.pool_size), initial_labelled(p.pool_size, p.counts()[0], seed))
-        top = lambda score: sorted(candidates[np.lexsort((candidates, -score[candidates]))[:q]].tolist())
+        top = lambda score: sorted(_top(score, candidates, q))
         other = "top_k" if p.settings().aggregation == "mean" else "mean"
         scans = {f"per-pixel, {p.settings().aggregation} (this study)": scan,
                  f"per-pixel, {other} (alternative)": scan_pool(model, run.sets["pool"], dataclasses.replace(p.settings(), aggregation=other), device)}

@@ -10,16 +10,21 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['metric_matrix', 'paired_summary', 'picker_summary', 'variance_components', 'interval_coverage', 'verdict',
-           'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
-           'plot_spectra']
+__all__ = ['bootstrap_weights', 'metric_matrix', 'paired_summary', 'picker_summary', 'variance_components', 'interval_coverage',
+           'verdict', 'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves',
+           'plot_picks', 'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c007
+def bootstrap_weights(s: int, m: int, n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    "Two-level bootstrap draws as weights: how often each of s seeds and m micrographs is drawn, (n_resamples, s) and (n_resamples, m)."
+    ws = np.stack([np.bincount(i, minlength=s) for i in rng.integers(0, s, (n_resamples, s))])
+    wm = np.stack([np.bincount(i, minlength=m) for i in rng.integers(0, m, (n_resamples, m))])
+    return ws, wm
+
 def _bootstrap_means(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     "Means of `n_resamples` two-level bootstrap draws of a (seeds, micrographs) matrix (weights, not copies)."
     s, m = values.shape
-    ws = np.stack([np.bincount(i, minlength=s) for i in rng.integers(0, s, (n_resamples, s))])
-    wm = np.stack([np.bincount(i, minlength=m) for i in rng.integers(0, m, (n_resamples, m))])
+    ws, wm = bootstrap_weights(s, m, n_resamples, rng)
     return np.einsum("bs,sm,bm->b", ws, values, wm) / (s * m)
 
 def metric_matrix(per_mic: pd.DataFrame, metric: str, model: str) -> np.ndarray: # (seeds, micrographs)
