@@ -1,6 +1,6 @@
 """Run by tests/test_cryoem_train.py under `torchrun --standalone --nproc_per_node=2` (gloo, CPU).
 
-1. One step of the engine's `_train_step` on different data per rank, with and without the engine's DDP wrapper:
+1. One step of the engine's `train_step` on different data per rank, with and without the engine's DDP wrapper:
    the largest weight difference between the ranks afterwards (0 when gradients are synchronised).
 2. A tiny `train()` run under DDP: each rank's history and data hashes; a batch size that does not split is refused.
 Each rank writes rank<r>.json into the folder given as the first argument.
@@ -13,19 +13,20 @@ from pathlib import Path
 import torch
 
 from project_lib.cryoem.data import MicrographConfig
-from project_lib.cryoem.train import TrainConfig, _distributed, _train_step, _wrap, build_model, simulate_dataset, train
+from project_lib.cryoem.train import TrainConfig, build_model, focal_dice_loss, simulate_dataset, train
+from project_lib.engine import distributed, train_step, wrap_ddp
 
 
 def weight_spread_after_one_step(ddp: bool) -> float:
     "Largest difference between the ranks' weights after one step on rank-specific data."
-    rank, world, device = _distributed("cpu")
+    rank, world, device = distributed("cpu")
     config = TrainConfig(width=0.0625, batch_size=2)
     torch.manual_seed(0)   # the same initial weights on every rank
     model = build_model(config)
     gen = torch.Generator().manual_seed(100 + rank)   # different data on every rank
     xb, yb = torch.randn(2, 1, 32, 32, generator=gen), (torch.rand(2, 1, 32, 32, generator=gen) > 0.8).float()
-    _train_step(_wrap(model, world, device) if ddp else model, torch.optim.Adam(model.parameters(), lr=config.lr),
-                torch.amp.GradScaler("cuda", enabled=False), xb, yb, config, device)
+    train_step(wrap_ddp(model, world, device) if ddp else model, torch.optim.Adam(model.parameters(), lr=config.lr),
+               torch.amp.GradScaler("cuda", enabled=False), lambda net: focal_dice_loss(net(xb), yb, config), device)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.empty_like(weights) for _ in range(world)]
     torch.distributed.all_gather(gathered, weights)

@@ -12,11 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 
 from project_lib.cryoem.data import Micrograph, MicrographConfig
 from project_lib.cryoem.metrics import pixel_metrics
-from project_lib.cryoem.train import (TrainConfig, _rank_shard, budget_hash, check_comparable, data_hash,
+from project_lib.cryoem.train import (TrainConfig, budget_hash, check_comparable, data_hash,
                                       load_best, select_pixel_threshold, select_threshold, simulate_dataset, train)
 
 TINY = TrainConfig(epochs=2, batch_size=2, width=0.0625)
@@ -89,14 +88,6 @@ def test_gradscaler_state_is_checkpointed_and_restored(mics, tmp_path):
     torch.save(state, tmp_path / "last.pt")
     train(TINY, mics[:4], mics[4:5], tmp_path, device="cuda", progress=False)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]["scale"] <= 1024.0   # continued, not reset
-
-
-@pytest.mark.parametrize("n, world", [(11, 2), (11, 3), (8, 4), (3, 5)])
-def test_rank_shards_are_those_of_torch_distributed_sampler(n, world):
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
-    shards = [_rank_shard(order, r, world) for r in range(world)]
-    assert [s.tolist() for s in shards] == [order[list(DistributedSampler(range(n), world, r, shuffle=False))].tolist() for r in range(world)]
-    assert len({len(s) for s in shards}) == 1 and set(torch.cat(shards).tolist()) == set(order.tolist())
 
 
 def test_ddp_synchronises_gradients_and_ranks_agree(tmp_path):

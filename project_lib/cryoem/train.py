@@ -4,7 +4,7 @@
 
 # %% ../../nbs/23_cryoem_train.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, math, json, os, pickle, shutil, tempfile, time
+import dataclasses, hashlib, math, json, shutil, tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core import atomic_write_text, params_hash, seed_everything, select_device, to_jsonable
+from ..engine import autocast, distributed, file_hash, fit, load_weights
 from .data import Micrograph, MicrographConfig, simulate_micrograph
 from .metrics import extract_picks, match_picks, particle_metrics, pixel_metrics
 from .models import AttentionUNet, UNet
@@ -153,8 +154,6 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainCon
     return focal + config.dice_weight * dice
 
 # %% ../../nbs/23_cryoem_train.ipynb #c011
-def _is_cuda(device) -> bool: return torch.device(device).type == "cuda"
-
 def probabilities(model: nn.Module, # maps (B, 1, H, W) to logits of the same shape
                   x: torch.Tensor, # (B, 1, H, W) normalised micrographs
                   device: str = "cpu",
@@ -166,7 +165,7 @@ def probabilities(model: nn.Module, # maps (B, 1, H, W) to logits of the same sh
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd): m.train()
     x = x.to(device, memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast(device_type="cuda", enabled=_is_cuda(device)):
+    with torch.no_grad(), autocast(device):
         logits = model(x)
     if logits.shape != x.shape: raise ValueError(f"model must return logits of the input's shape {tuple(x.shape)}, got {tuple(logits.shape)}")
     return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
@@ -246,64 +245,6 @@ def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     x, y = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (2, 3))
     return (x.flip(3), y.flip(3)) if flip else (x, y)
 
-def _file_hash(path: str | Path) -> str:
-    "SHA-256 (16 hex digits) of a file's bytes."
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-def _save(path: Path, state: dict):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp); tmp.replace(path)
-
-def _load(path: Path, device) -> dict:
-    "A checkpoint unpickled with `weights_only=True`: tensors, numbers, strings and containers of them, never code."
-    try: return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"checkpoint {path} holds more than tensors, numbers and strings: refusing to unpickle it") from e
-
-def _distributed(device: str) -> tuple[int, int, str]:
-    "(rank, world size, this rank's device); under torchrun, joins the process group and pins GPU LOCAL_RANK."
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1: return 0, 1, device
-    if _is_cuda(device):
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank); device = f"cuda:{local_rank}"
-    if not torch.distributed.is_initialized(): torch.distributed.init_process_group("nccl" if _is_cuda(device) else "gloo")
-    return torch.distributed.get_rank(), world, device
-
-def _rank_shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    "This rank's share of an epoch's order, split as `DistributedSampler` does: wrapped round to a multiple of `world`, every world-th item."
-    total = -(-len(order) // world) * world
-    return order.repeat(-(-total // len(order)))[:total][rank::world]
-
-def _epoch_order(n: int, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    "An epoch's sample order: one permutation of the n training items, or (`samples_per_epoch` > 0) that many items from permutations drawn one after another."
-    if config.samples_per_epoch == 0: return torch.randperm(n, generator=gen)
-    return torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-config.samples_per_epoch // n))])[:config.samples_per_epoch]
-
-def _wrap(model: nn.Module, world: int, device: str) -> nn.Module:
-    "The model in DistributedDataParallel (gradients averaged over ranks every step) when several processes train it."
-    if world == 1: return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(device).index] if _is_cuda(device) else None)
-
-def _train_step(net: nn.Module, opt, scaler, xb: torch.Tensor, yb: torch.Tensor, config: TrainConfig, device: str) -> float:
-    "One optimiser step on a batch; returns its loss."
-    with torch.autocast(device_type="cuda", enabled=_is_cuda(device)):
-        loss = focal_dice_loss(net(xb.to(device, memory_format=torch.channels_last)).float(), yb.to(device), config)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-    return float(loss.detach())
-
-def _mean_over_ranks(value: float, world: int, device: str) -> float:
-    if world == 1: return value
-    t = torch.tensor(value, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t) / world
-
-def _from_rank0(obj, world: int):
-    if world == 1: return obj
-    box = [obj]; torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
 def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
           out_dir: str | Path, # checkpoints go here; an existing last.pt of the same config and data is resumed
           *, device: str | None = None, # default: CUDA when present
@@ -311,71 +252,43 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
           cache_dir: str | Path | None = None, # on-disk cache of the training set (default out_dir/cache); share it between arms
           init_from: str | Path | None = None, # warm start: the weights of this checkpoint instead of a fresh initialisation
           progress: bool = True) -> RunResult:
-    "Train one arm on micrographs streamed from an on-disk cache; select the best epoch on validation."
+    "Train one arm on micrographs streamed from an on-disk cache; select the best epoch on validation (the shared engine's `fit`)."
     if len(val_set) == 0: raise ValueError("val_set must hold at least one micrograph")
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    rank, world, device = _distributed(device or select_device())
-    if config.batch_size % world: raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({world})")
+    rank, world, device = distributed(device or select_device())
     if rank > 0: torch.distributed.barrier()   # rank 0 writes the cache...
     folder, train_hash = cache_micrographs(train_set, cache_dir or out_dir / "cache")
     if rank == 0 and world > 1: torch.distributed.barrier()   # ...before the others read it
     extendable = config.lr_schedule == "constant"   # a constant-lr run may be resumed with more epochs; a cosine one may not
     identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs" or not extendable}, "train_hash": train_hash,
-                "val_hash": data_hash(val_set), "init_hash": _file_hash(init_from) if init_from else None}
+                "val_hash": data_hash(val_set), "init_hash": file_hash(init_from) if init_from else None}
     seed_everything(config.seed)
     model = build_model(config).to(device)
-    if init_from: model.load_state_dict(_load(Path(init_from), device)["model"])   # strict: any mismatch is an error
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=_is_cuda(device))
-    last, best = out_dir / "last.pt", out_dir / "best.pt"
-    history, start, best_f1, elapsed = [], 0, -1.0, 0.0
-    if last.exists():
-        state = _load(last, device)
-        differ = [k for k, v in identity.items() if state.get(k) != v]
-        if differ: raise ValueError(f"{last} belongs to a run with a different {' and '.join(differ)}; use another out_dir")
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
-        if state["scaler"]: scaler.load_state_dict(state["scaler"])   # empty when saved by a CPU run (scaler disabled)
-        history, start, best_f1, elapsed = state["history"], state["epoch"], state["best_f1"], state["train_time_s"]
-    net = _wrap(model, world, device)
-    per_rank = config.batch_size // world
-    for epoch in tqdm(range(start, config.epochs), desc=f"{config.model} seed {config.seed}", disable=not progress or rank > 0, leave=False):
-        t0 = time.perf_counter()
-        for group in opt.param_groups: group["lr"] = epoch_lr(config, epoch)
-        net.train()
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        mine = _rank_shard(_epoch_order(len(train_set), config, gen), rank, world).numpy()
-        losses = []
-        for i in range(0, len(mine), per_rank):
-            idx = mine[i:i + per_rank]
-            xb, yb = torch.from_numpy(_read_rows(folder / "images.npy", idx)), torch.from_numpy(_read_rows(folder / "masks.npy", idx).astype(np.float32))
-            if config.crop_px: xb, yb = _crop(xb, yb, config.crop_px, gen)
-            if config.augment: xb, yb = _augment(xb, yb, gen)
-            losses.append(_train_step(net, opt, scaler, xb, yb, config, device))
-        elapsed += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": epoch_lr(config, epoch), "train_loss": _mean_over_ranks(float(np.mean(losses)), world, device)}
-        if rank == 0:
-            row["val_threshold"], row["val_f1"] = select_threshold(predict(model, val_set, device), val_set)
-            for name, mics in (extra_eval or {}).items():
-                row.update({f"{name}_{k}": v for k, v in _fixed_threshold_scores(predict(model, mics, device), mics).items()})
-        row = _from_rank0(to_jsonable(row), world)
-        history.append(row)
-        improved = row["val_f1"] > best_f1
-        best_f1 = max(best_f1, row["val_f1"])
-        if rank == 0:
-            if improved: _save(best, {"model": model.state_dict(), "epoch": epoch + 1, "threshold": row["val_threshold"]})
-            _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                         "history": history, "best_f1": best_f1, "train_time_s": elapsed, **identity})
-    if world > 1: torch.distributed.barrier()   # every rank returns once the checkpoints are written
-    hist = pd.DataFrame(history)
-    best_row = hist.loc[hist.val_f1.idxmax()]
-    return RunResult(config, hist, int(best_row.epoch), float(best_row.val_threshold), train_hash, identity["val_hash"],
-                     budget_hash(config), elapsed, best)
+    if init_from: load_weights(model, init_from, device)   # strict: any mismatch is an error
+
+    def batch_loss(net, idx, gen):
+        xb, yb = torch.from_numpy(_read_rows(folder / "images.npy", idx)), torch.from_numpy(_read_rows(folder / "masks.npy", idx).astype(np.float32))
+        if config.crop_px: xb, yb = _crop(xb, yb, config.crop_px, gen)
+        if config.augment: xb, yb = _augment(xb, yb, gen)
+        return focal_dice_loss(net(xb.to(device, memory_format=torch.channels_last)).float(), yb.to(device), config)
+
+    def evaluate(m):
+        row = dict(zip(("val_threshold", "val_f1"), select_threshold(predict(m, val_set, device), val_set)))
+        for name, mics in (extra_eval or {}).items():
+            row.update({f"{name}_{k}": v for k, v in _fixed_threshold_scores(predict(m, mics, device), mics).items()})
+        return row
+
+    run = fit(model, torch.optim.Adam(model.parameters(), lr=config.lr), batch_loss, n_train=len(train_set), epochs=config.epochs,
+              batch_size=config.batch_size, seed=config.seed, lr_at=lambda e: epoch_lr(config, e), evaluate=evaluate, select="val_f1",
+              out_dir=out_dir, identity=identity, device=device, rank=rank, world=world, samples_per_epoch=config.samples_per_epoch,
+              desc=f"{config.model} seed {config.seed}", progress=progress)
+    best_row = run.history.set_index("epoch").loc[run.best_epoch]
+    return RunResult(config, run.history, run.best_epoch, float(best_row.val_threshold), train_hash, identity["val_hash"],
+                     budget_hash(config), run.train_time_s, run.best_checkpoint)
 
 def load_checkpoint(config: TrainConfig, path: str | Path, device: str = "cpu") -> nn.Module:
     "The network of `config` with the weights of a checkpoint (best.pt or last.pt), in eval mode; any mismatch is an error."
-    model = build_model(config).to(device)
-    model.load_state_dict(_load(Path(path), device)["model"])
-    return model.eval()
+    return load_weights(build_model(config).to(device), path, device).eval()
 
 def load_best(result: RunResult, device: str = "cpu") -> nn.Module:
     "The best-on-validation model of a run."
