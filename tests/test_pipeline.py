@@ -81,3 +81,14 @@ def test_synapse_study_runs_end_to_end_in_tiny_profile(tmp_path):
     assert (out / "vgg3d_proxy.pt").is_file()
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 6
     assert "What the original pipeline" in html and "Profile tiny" in html
+
+
+def test_cascade_study_runs_end_to_end_in_tiny_profile(tmp_path):
+    out, html = _run_study("cascade", tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["auc"]) >= {"filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade", "null (shuffled labels)"}
+    assert 0 <= metrics["routed_fraction"] <= 1 and metrics["gmac_always"] > metrics["gmac_cascade"] > 0
+    assert (out / "runs" / "genconvit_vae" / "seed0" / "best.pt").is_file() and (out / "forgers" / "transposed" / "last.pt").is_file()
+    assert {f.name for f in (out / "tables").iterdir()} >= {"test-metrics.csv", "routing-per-seed.csv", "paired-auc-differences.csv", "success-criteria.csv"}
+    assert external_references(html) == [] and html.count("data:image/png;base64") >= 5
+    assert "Answer" in html and "Data card" in html and "micrographs:" not in html

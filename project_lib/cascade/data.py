@@ -85,8 +85,8 @@ def finish(image: np.ndarray, grey: bool, flip: bool, quality: int) -> np.ndarra
 # %% ../../nbs/40_cascade_data.ipynb #c011
 FAMILIES = ("sbi", "ae_swap", "generator", "generator_matched", "resample", "double_jpeg")
 STRENGTHS = {   # family: parameter at strength 1, 2, 3
-    "sbi": (0.04, 0.08, 0.16), "ae_swap": (0.5, 0.75, 1.0), "generator": (0.5, 0.75, 1.0), "generator_matched": (0.5, 0.75, 1.0),
-    "resample": (1.15, 1.35, 1.7), "double_jpeg": (90, 75, 60),
+    "sbi": (0.08, 0.16, 0.32), "ae_swap": (0.6, 0.8, 1.0), "generator": (0.5, 0.75, 1.0), "generator_matched": (0.5, 0.75, 1.0),
+    "resample": (1.25, 1.5, 1.9), "double_jpeg": (80, 60, 40),
 }
 
 def soft_ellipse(px: int, rng: np.random.Generator, feather: float = 0.08) -> np.ndarray:
@@ -151,7 +151,7 @@ from torch import nn
 
 class Forger(nn.Module):
     "Encoder (3 stride-2 convolutions) and decoder that up-samples by `up`: 'bilinear' (+ conv) or 'transposed'."
-    def __init__(self, up: str = "transposed", width: int = 32):
+    def __init__(self, up: str = "transposed", width: int = 16):
         super().__init__()
         if up not in ("bilinear", "transposed"): raise ValueError(f"up must be 'bilinear' or 'transposed', got {up!r}")
         w = [3, width, 2 * width, 4 * width]
@@ -231,7 +231,7 @@ def _sample_plan(photos: list[dict], crops_per_photo: int, crops_per_face: int, 
     plan = []
     for k, (i, ss) in enumerate(zip(owners, np.random.SeedSequence(seed).spawn(len(owners)))):
         rng = np.random.default_rng(ss)
-        step = {"photo": i, "rng": rng, "crop_seed": int(rng.integers(2**31)), "flip": bool(rng.integers(2)), "quality": int(rng.integers(75, 96))}
+        step = {"photo": i, "rng": rng, "crop_seed": int(rng.integers(2**31)), "flip": bool(rng.integers(2)), "quality": int(rng.integers(80, 96))}
         fake = bool(rng.random() < fake_fraction)   # drawn after the pipeline's parameters
         step.update(label=int(fake), family=FAMILIES[int(rng.integers(len(FAMILIES)))] if fake else "real", strength=int(rng.integers(1, 4)) if fake else 0)
         plan.append(step)
@@ -239,7 +239,7 @@ def _sample_plan(photos: list[dict], crops_per_photo: int, crops_per_face: int, 
 
 def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int = 4, n_faces: int = 100, fake_fraction: float = 0.5,
                    seed: int = 0, forger_dir: str | Path | None = None, # where the forgers are trained (default: a temporary folder)
-                   forger_epochs: int = 8, photos: list[dict] | None = None) -> tuple[Benchmark, dict]:
+                   forger_epochs: int = 8, max_forger_crops: int = 1024, photos: list[dict] | None = None) -> tuple[Benchmark, dict]:
     "The benchmark and its forgers ({'bilinear': swapper, 'transposed': generator})."
     import tempfile
     if px % 8 or px < 32: raise ValueError(f"px must be a multiple of 8 and >= 32, got {px}")
@@ -251,7 +251,8 @@ def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int 
         crop, info = crop_resize(photos[step["photo"]]["image"], px, np.random.default_rng(step["crop_seed"]))
         crops.append(crop); rows.append(info)
     crops = np.stack(crops)
-    forgers = train_forgers(crops, forger_dir or tempfile.mkdtemp(), forger_epochs, seed)
+    train_idx = np.random.default_rng(seed).permutation(len(crops))[:max_forger_crops]   # the forgers' training crops (a cap keeps the cost fixed)
+    forgers = train_forgers(crops[np.sort(train_idx)], forger_dir or tempfile.mkdtemp(), forger_epochs, seed)
     swapped, generated = render(forgers["bilinear"], crops), render(forgers["transposed"], crops)
     images = []
     for k, step in enumerate(plan):

@@ -15,8 +15,9 @@ from torch import nn
 from ..engine import load_weights
 
 # %% auto #0
-__all__ = ['EMBED_DIM', 'ROLES', 'backbone', 'feature_width', 'Projected', 'TimmDetector', 'kl_divergence', 'GenConViTConfig',
-           'GenConViT', 'detector_loss', 'branch_effects', 'ModelConfig', 'build_model', 'make_optimizer']
+__all__ = ['EMBED_DIM', 'ROLES', 'backbone', 'feature_width', 'HighPass', 'Projected', 'TimmDetector', 'kl_divergence',
+           'GenConViTConfig', 'GenConViT', 'detector_loss', 'branch_effects', 'ModelConfig', 'build_model',
+           'make_optimizer']
 
 # %% ../../nbs/41_cascade_models.ipynb #c005
 EMBED_DIM = 256
@@ -30,6 +31,11 @@ def feature_width(model: nn.Module) -> int:
     "Width of a classifier-less timm model's output: `head_hidden_size` when timm defines one, else `num_features`."
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
+class HighPass(nn.Module):
+    "The image minus its 3 x 3 local mean: a fixed noise-residual filter in front of every backbone (forensic detectors look at residuals, not content)."
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
 class Projected(nn.Module):
     "Features -> Linear to the 256-D embedding -> GELU -> Linear to one logit."
     def __init__(self, width: int, dim: int = EMBED_DIM):
@@ -40,13 +46,14 @@ class Projected(nn.Module):
         return self.head(nn.functional.gelu(e))[:, 0], e
 
 class TimmDetector(nn.Module):
-    "Stage 1 filter or the EfficientNetV2 expert: one timm backbone and the projected head."
-    def __init__(self, name: str, px: int, **kwargs):
+    "Stage 1 filter or the EfficientNetV2 expert: (optionally) the residual filter, one timm backbone and the projected head."
+    def __init__(self, name: str, px: int, highpass: bool = True, **kwargs):
         super().__init__()
+        self.pre = HighPass() if highpass else nn.Identity()
         self.backbone = backbone(name, px, **kwargs)
         self.top = Projected(feature_width(self.backbone))
     def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> dict:
-        logit, e = self.top(self.backbone(x))
+        logit, e = self.top(self.backbone(self.pre(x)))
         return {"logit": logit, "embedding": e}
 
 # %% ../../nbs/41_cascade_models.ipynb #c007
@@ -86,6 +93,8 @@ class GenConViTConfig:
     swin_kwargs: dict = dataclasses.field(default_factory=dict) # e.g. reduced embed_dim/depths/window_size for the cpu profile
     ae_width: float = 1.0
     latent: int = 256 # VAE only
+    convnext_kwargs: dict = dataclasses.field(default_factory=dict) # e.g. reduced dims/depths for the cpu profile
+    highpass: bool = True # the branches see residuals of the image and of its reconstruction
 
     def __post_init__(self):
         if self.variant not in ("ed", "vae"): raise ValueError(f"variant must be 'ed' or 'vae', got {self.variant!r}")
@@ -98,7 +107,8 @@ class GenConViT(nn.Module):
         self.config = config
         if config.variant == "ed": self.encoder, self.decoder = _ed_autoencoder(config.ae_width)
         else: self.vae = _VAE(config.px, config.ae_width, config.latent)
-        self.convnext = backbone(config.convnext, config.px)
+        self.pre = HighPass() if config.highpass else nn.Identity()
+        self.convnext = backbone(config.convnext, config.px, **dict(config.convnext_kwargs))
         self.swin = backbone(config.swin, config.px, **dict(config.swin_kwargs))
         self.top = Projected(2 * feature_width(self.convnext) + 2 * feature_width(self.swin))
 
@@ -106,7 +116,8 @@ class GenConViT(nn.Module):
         out = {}
         if self.config.variant == "ed": recon = self.decoder(self.encoder(x))
         else: recon, out["mu"], out["logvar"] = self.vae(x, gen)
-        f = torch.cat([self.convnext(x), self.convnext(recon), self.swin(x), self.swin(recon)], 1)
+        rx, rr = self.pre(x), self.pre(recon)
+        f = torch.cat([self.convnext(rx), self.convnext(rr), self.swin(rx), self.swin(rr)], 1)
         out["logit"], out["embedding"] = self.top(f)
         out["recon"] = recon
         return out
@@ -145,6 +156,8 @@ class ModelConfig:
     role: str # "filter", "effnet", "genconvit_ed" or "genconvit_vae"
     arch: str # timm name (filter, effnet) or the ConvNeXt name (GenConViT)
     px: int = 64
+    arch_kwargs: dict = dataclasses.field(default_factory=dict) # timm constructor arguments (reduced widths: channel_multiplier, dims, depths)
+    highpass: bool = True # the residual filter in front of the backbones
     swin: str = "swin_tiny_patch4_window7_224" # GenConViT only
     swin_kwargs: dict = dataclasses.field(default_factory=dict)
     ae_width: float = 1.0
@@ -174,10 +187,10 @@ ROLES = ("filter", "effnet", "genconvit_ed", "genconvit_vae")
 
 def build_model(config: ModelConfig, weights: str | Path | None = None) -> nn.Module:
     "The role's network (random init, `pretrained=False`), with a local checkpoint's weights if `weights` is given."
-    if config.role in ("filter", "effnet"): model = TimmDetector(config.arch, config.px)
+    if config.role in ("filter", "effnet"): model = TimmDetector(config.arch, config.px, config.highpass, **dict(config.arch_kwargs))
     else:
         model = GenConViT(GenConViTConfig("ed" if config.role == "genconvit_ed" else "vae", config.px, config.arch, config.swin,
-                                          dict(config.swin_kwargs), config.ae_width, config.latent))
+                                          dict(config.swin_kwargs), config.ae_width, config.latent, dict(config.arch_kwargs), config.highpass))
     return load_weights(model, weights) if weights else model
 
 def make_optimizer(config: ModelConfig, model: nn.Module) -> torch.optim.Optimizer:

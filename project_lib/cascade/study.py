@@ -22,7 +22,7 @@ from ..core import summarise_over_seeds
 # %% auto #0
 __all__ = ['EXPERTS', 'METHODS', 'CascadeParams', 'load_data', 'check_grouped', 'spectral_features', 'spectral_baseline',
            'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
-           'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
+           'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
            'plot_examples', 'plot_reconstructions', 'plot_curves', 'plot_risk_coverage', 'plot_family_accuracy']
 
 # %% ../../nbs/43_cascade_study.ipynb #c005
@@ -199,6 +199,17 @@ def cost_table(p: CascadeParams, results: list[dict], test: Benchmark) -> tuple[
     casc["speed_up"] = casc.ms_per_image.iloc[0] / casc.ms_per_image
     casc["gmac_saving"] = casc.gmac.iloc[0] / casc.gmac
     return per.reset_index(), casc
+
+def paper_cost(routed_fraction: float, profile: str = "paper") -> pd.DataFrame:
+    "GMAC per image of another profile's models (default: the seed's, at 256 px), always-expert vs cascade at `routed_fraction` (counted, not run)."
+    from project_lib.core import load_study_params
+    q = load_study_params("cascade", CascadeParams, profile)
+    gmac = {role: gmac_per_image(build_model(q.model_config(role)), q.px) for role in ("filter", *EXPERTS)}
+    experts = sum(gmac[e] for e in EXPERTS)
+    out = pd.DataFrame([{"pipeline": f"always experts ({profile} profile, {q.px} px)", "routed_fraction": 1.0, "gmac": experts},
+                        {"pipeline": f"cascade ({profile} profile, {q.px} px)", "routed_fraction": routed_fraction, "gmac": gmac["filter"] + routed_fraction * experts}])
+    out["gmac_saving"] = out.gmac.iloc[0] / out.gmac
+    return pd.concat([out, pd.DataFrame([{"pipeline": f"{role}: {q.models[role]['arch']}", "gmac": g} for role, g in gmac.items()])], ignore_index=True)
 
 def measured_cascade_ms(results: list[dict], splits: dict[str, Benchmark], n: int) -> dict:
     "Wall time per image of actually running the cascade on n test images (filter on all, experts and meta-model on the routed ones) vs experts on all."

@@ -1,0 +1,145 @@
+"""Deepfake cascade: grouped out-of-fold stacking without leakage, scalers fitted on training folds only, routing and
+temperature blind to test, both GenConViT branches live, embedding widths, the VAE's KL against a hand computation,
+determinism, a processing pipeline without label cue, and clear errors for bad inputs."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from project_lib.cascade.data import (Benchmark, _sample_plan, group_split, load_image, load_manifest, make_benchmark, read_manifest,
+                                      real_photographs, write_manifest)
+from project_lib.cascade.models import EMBED_DIM, GenConViT, GenConViTConfig, ModelConfig, branch_effects, build_model, kl_divergence
+from project_lib.cascade.stack import _logistic, fit_lightgbm, group_oof, predict, roc_auc, train_detector
+from project_lib.cascade.study import CascadeParams, check_grouped, load_data, run_seed
+from project_lib.core import load_study_params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(2)
+    return dataclasses.replace(load_study_params("cascade", CascadeParams, "tiny"), n_faces=8, crops_per_photo=3)
+
+
+@pytest.fixture(scope="module")
+def splits(tiny, tmp_path_factory):
+    return load_data(tiny, tmp_path_factory.mktemp("data"))[0]
+
+
+def test_processing_parameters_carry_no_label_cue():
+    """Crop, flip and JPEG quality are drawn before the label: as label scores their AUC stays at chance (n = 2,000)."""
+    photos = [{"name": f"p{i}", "image": np.zeros((8, 8, 3), np.uint8)} for i in range(40)]
+    plan = _sample_plan(photos, 50, 1, 0.5, seed=0)
+    y = np.array([s["label"] for s in plan])
+    for key in ("crop_seed", "flip", "quality"):
+        assert abs(roc_auc(y, [float(s[key]) for s in plan]) - 0.5) < 0.04, key
+    # and the draws do not depend on the fake fraction at all
+    other = _sample_plan(photos, 50, 1, 0.2, seed=0)
+    assert [(s["crop_seed"], s["flip"], s["quality"]) for s in plan] == [(s["crop_seed"], s["flip"], s["quality"]) for s in other]
+
+
+def test_grouped_folds_never_share_samples_or_groups_and_scalers_see_training_folds_only():
+    rng = np.random.default_rng(3)
+    X, groups = rng.normal(size=(90, 3)), np.repeat(np.arange(18), 5)
+    y = (X[:, 0] > 0).astype(int)
+    X[groups == 5] *= 50
+    oof, folds, models = group_oof(lambda: _logistic(1.0), X, y, groups, k=3)
+    assert not np.isnan(oof).any()
+    for (tr, te), m in zip(folds, models):
+        assert not set(tr) & set(te) and not set(groups[tr]) & set(groups[te])
+        np.testing.assert_allclose(m[0].mean_, X[tr].mean(0))
+        np.testing.assert_allclose(m[0].scale_, X[tr].std(0))
+    stack = fit_lightgbm(pd.DataFrame(X, columns=["a_prob", "b_emb000", "c_kl"]), y, groups, seed=0, k=3, max_rounds=30)
+    assert roc_auc(y, stack.oof) > 0.7
+
+
+def test_splits_hold_whole_groups_and_the_guard_refuses_shared_ones(splits):
+    for a in splits:
+        for b in splits:
+            if a < b:
+                assert not set(splits[a].group) & set(splits[b].group)
+    with pytest.raises(ValueError, match="share groups"):
+        check_grouped({"train": splits["train"], "test": splits["train"]})
+
+
+def test_temperature_routing_and_meta_models_never_touch_test(tiny, splits, tmp_path):
+    """Replacing the test split's labels changes none of the choices: temperature, band, thresholds, stacker choices, weights."""
+    a = run_seed(tiny, splits, 0, tmp_path / "a")
+    flipped = dict(splits, test=dataclasses.replace(splits["test"], label=1 - splits["test"].label))
+    b = run_seed(tiny, flipped, 0, tmp_path / "b")
+    assert a["temperature"] == b["temperature"] and a["band"] == b["band"] and a["thresholds"] == b["thresholds"]
+    assert a["stackers"]["LightGBM stack"].choice == b["stackers"]["LightGBM stack"].choice
+    for role in a["trained"]:
+        for (k, va), vb in zip(a["trained"][role].model.state_dict().items(), b["trained"][role].model.state_dict().values()):
+            assert torch.equal(va, vb), (role, k)
+    np.testing.assert_array_equal(a["test_prob"]["cascade"], b["test_prob"]["cascade"])   # and the whole run is deterministic
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_both_genconvit_branches_get_gradient_and_change_the_output(variant):
+    torch.manual_seed(0)
+    model = GenConViT(GenConViTConfig(variant, 32, swin_kwargs=dict(window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+                                      ae_width=0.25, latent=8))
+    effects = branch_effects(model, torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    for branch in ("convnext", "swin"):
+        assert effects[branch]["grad_norm"] > 0 and effects[branch]["logit_change"] > 1e-5
+
+
+@pytest.mark.parametrize("role, arch, width", [("filter", "mobilenetv4_conv_small", 1280), ("effnet", "tf_efficientnetv2_b0", 1280),
+                                               ("effnet", "tf_efficientnetv2_b3", 1536)])
+def test_embedding_widths(role, arch, width):
+    model = build_model(ModelConfig(role, arch, px=32)).eval()
+    assert model.top.proj.in_features == width
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32))["embedding"].shape == (2, EMBED_DIM)
+
+
+def test_vae_kl_against_a_hand_computation():
+    # mu = (0.5, -1), log var = (ln 4, 0): KL_1 = -1/2 (1 + ln 4 - 0.25 - 4), KL_2 = -1/2 (1 + 0 - 1 - 1) = 0.5
+    kl1 = -0.5 * (1 + np.log(4) - 0.25 - 4)
+    got = float(kl_divergence(torch.tensor([[0.5, -1.0]]), torch.tensor([[np.log(4.0), 0.0]])))
+    assert got == pytest.approx((kl1 + 0.5) / 2, abs=1e-6)
+
+
+def test_manifest_loader_round_trip_and_bad_inputs(tmp_path):
+    bench = Benchmark(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8), np.array([0, 1, 0, 1]),
+                      np.array(["v1", "v1", "v2", "v2"], dtype=object), pd.DataFrame({"family": ["real", "x", "real", "x"], "strength": 0}))
+    manifest = write_manifest(bench, tmp_path / "faces")
+    back = load_manifest(manifest, 16)
+    np.testing.assert_array_equal(back.images, bench.images) and np.testing.assert_array_equal(back.label, bench.label)
+    rows = pd.read_csv(manifest)
+    rows.loc[1, "label"] = "morphed"; rows.to_csv(tmp_path / "faces" / "bad_label.csv", index=False)
+    with pytest.raises(ValueError, match="unknown label 'morphed'.*000001.png"):
+        read_manifest(tmp_path / "faces" / "bad_label.csv")
+    (tmp_path / "faces" / "images" / "000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match="000002.png"):
+        read_manifest(manifest)
+    Image.fromarray(bench.images[0][..., 0]).save(tmp_path / "grey.png")
+    with pytest.raises(ValueError, match="grey.png.*expected an RGB image"):
+        load_image(tmp_path / "grey.png", 16)
+    with pytest.raises(ValueError, match="000000.png is 16 x 16 px; expected 32 x 32"):
+        load_image(tmp_path / "faces" / "images" / "000000.png", 32)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(ValueError, match="broken.jpg cannot be decoded"):
+        load_image(tmp_path / "broken.jpg")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        (tmp_path / "nocols.csv").write_text("file,label\na.png,real\n"); read_manifest(tmp_path / "nocols.csv")
+
+
+def test_weights_path_loads_strictly(tmp_path):
+    config = ModelConfig("filter", "mobilenetv4_conv_small", px=32)
+    torch.save({"model": build_model(ModelConfig("effnet", "tf_efficientnetv2_b0", px=32)).state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt does not match the model"):
+        build_model(config, tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        build_model(config, tmp_path / "absent.pt")
+
+
+def test_detector_input_must_be_rgb_of_the_configured_size(splits, tmp_path):
+    config = ModelConfig("filter", "mobilenetv4_conv_small", px=64, epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match="expects 64 px images"):
+        train_detector(config, splits["train"], splits["val"], tmp_path, seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"images must be \(N, H, W, 3\) uint8"):
+        Benchmark(np.zeros((2, 8, 8), np.uint8), np.array([0, 1]), np.array(["a", "b"]), pd.DataFrame(index=range(2)))
