@@ -191,11 +191,16 @@ def train_forgers(crops: np.ndarray, # (N, px, px, 3) uint8 crops of the photogr
         model = Forger(up)
         run = fit(model, torch.optim.Adam(model.parameters(), lr=2e-3), lambda net, idx, gen: (net(train_x[idx]) - train_x[idx]).abs().mean(),
                   n_train=len(train_x), epochs=epochs, batch_size=32, seed=seed, lr_at=lambda e: 2e-3,
-                  evaluate=lambda m: {"neg_val_l1": -float((m.eval()(val_x) - val_x).abs().mean())}, select="neg_val_l1",
+                  evaluate=lambda m: {"neg_val_l1": -_l1(m, val_x)}, select="neg_val_l1",
                   out_dir=Path(out_dir) / up, identity={"config": {"up": up, "epochs": epochs, "seed": seed}, "data": _array_hash(crops)},
                   progress=progress)
         forgers[up] = load_weights(Forger(up), run.best_checkpoint).eval()
     return forgers
+
+def _l1(model: nn.Module, x: torch.Tensor) -> float:
+    "Mean absolute reconstruction error of `model` on x (eval mode, no gradients)."
+    model.eval()
+    with torch.no_grad(): return float((model(x) - x).abs().mean())
 
 def _array_hash(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a)

@@ -161,7 +161,7 @@ def group_oof(make_model: Callable[[], object], X: np.ndarray, y, groups, k: int
 
 def _lgbm(seed: int, n_estimators: int):
     from lightgbm import LGBMClassifier
-    return LGBMClassifier(n_estimators=n_estimators, learning_rate=0.05, num_leaves=15, min_child_samples=10, subsample=0.8, subsample_freq=1,
+    return LGBMClassifier(n_estimators=n_estimators, learning_rate=0.1, num_leaves=15, min_child_samples=10, subsample=0.8, subsample_freq=1,
                           colsample_bytree=0.5, reg_lambda=1.0, random_state=seed, n_jobs=2, verbose=-1, deterministic=True, force_row_wise=True)
 
 def _logistic(c: float):
