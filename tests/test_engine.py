@@ -26,7 +26,7 @@ def _noisy_quadratic(out_dir, epochs, target=3.0):
         noise = torch.randn(len(idx), 1, generator=gen)
         return ((net(data[idx]) - target * data[idx] - 0.5 * noise) ** 2).mean()
     return fit(model, torch.optim.SGD(model.parameters(), lr=0.5), batch_loss, n_train=16, epochs=epochs, batch_size=4, seed=1,
-               lr_at=lambda e: 0.5 * 0.5 ** e, evaluate=lambda m: {"score": -float((m.weight - 3) ** 2)}, select="score",
+               lr_at=lambda e: 0.5 * 0.5 ** e, evaluate=lambda m: {"score": -float((m.weight.detach() - 3) ** 2)}, select="score",
                out_dir=out_dir, identity={"config": {"target": target}}, progress=False)
 
 
