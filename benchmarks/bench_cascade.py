@@ -71,7 +71,7 @@ def cascade_table(rows, fractions, chosen):
     print(f"| always experts | 1.00 | {experts_gmac:.4f} | {1 / experts_s:.0f} | 1.0x |")
     for f in fractions:
         s = filter_s + f * experts_s
-        tag = " (band chosen by the cpu profile)" if chosen is not None and np.isclose(f, chosen) else ""
+        tag = " (band chosen by the cpu profile)" if chosen is not None and np.isclose(f, round(chosen, 3)) else ""
         print(f"| cascade{tag} | {f:.2f} | {rows['filter']['gmac'] + f * experts_gmac:.4f} | {1 / s:.0f} | {experts_s / s:.1f}x |")
 
 
