@@ -16,9 +16,9 @@ from ..core import atomic_write_bytes, atomic_write_text
 
 # %% auto #0
 __all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'real_photographs', 'crop_resize', 'jpeg', 'finish', 'soft_ellipse',
-           'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger', 'render',
-           'train_forgers', 'Benchmark', 'make_benchmark', 'pipeline_cue_auc', 'group_split', 'read_manifest',
-           'load_image', 'load_manifest', 'write_manifest']
+           'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger', 'to_input',
+           'to_uint8', 'render', 'train_forgers', 'Benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc',
+           'group_split', 'read_manifest', 'load_image', 'load_manifest', 'write_manifest']
 
 # %% ../../nbs/40_cascade_data.ipynb #c005
 PHOTOS = {   # name: (loader, package, licence)
@@ -164,25 +164,28 @@ class Forger(nn.Module):
         self.decoder = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, 1, 1))
     def forward(self, x): return self.decoder(self.encoder(x))
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    "uint8 (N, H, W, 3) to float (N, 3, H, W) in [-1, 1]."
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+def to_input(images: np.ndarray, device="cpu") -> torch.Tensor:
+    "uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] on `device` (the input of every network here)."
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, H, W, 3) uint8 RGB, got {images.shape} {images.dtype}")
+    return (torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return np.clip(np.round((x.detach().permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    "The inverse of `to_input`: float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), clipped."
+    return np.clip(np.round((x.detach().float().cpu().permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
 
 def render(forger: Forger, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     "The forger's rendering of uint8 images (N, px, px, 3)."
     forger.eval()
     with torch.no_grad():
-        return np.concatenate([_to_uint8(forger(_to_tensor(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)])
+        return np.concatenate([to_uint8(forger(to_input(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)])
 
 def train_forgers(crops: np.ndarray, # (N, px, px, 3) uint8 crops of the photographs
                   out_dir: str | Path, epochs: int = 8, seed: int = 0, progress: bool = False) -> dict[str, Forger]:
     "Train the swapper (bilinear) and the generator (transposed convolutions) to reconstruct the crops (L1), best epoch on a held-out tenth."
     from project_lib.core import seed_everything
     from project_lib.engine import fit, load_weights
-    x = _to_tensor(crops)
+    x = to_input(crops)
     n_val = max(len(x) // 10, 1)
     train_x, val_x = x[n_val:], x[:n_val]
     forgers = {}
@@ -276,15 +279,17 @@ def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int 
     meta = pd.DataFrame(rows)
     return Benchmark(np.stack(images), np.array([s["label"] for s in plan]), meta.photo.to_numpy(dtype=object), meta), forgers
 
-def pipeline_cue_auc(bench: Benchmark, columns=("crop_side", "flip", "quality")) -> pd.Series:
-    "ROC-AUC of each processing parameter alone as a score for the label (0.5: no cue; computed by rank counting)."
+def roc_auc(y, score) -> float:
+    "ROC-AUC from scores (ties averaged), by the rank-sum formula."
     from scipy.stats import rankdata
-    y = bench.label.astype(bool)
-    out = {}
-    for c in columns:
-        r = rankdata(bench.meta[c].to_numpy(float))
-        out[c] = (r[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum())
-    return pd.Series(out, name="auc")
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any(): raise ValueError("roc_auc needs both classes")
+    r = rankdata(np.asarray(score, np.float64))
+    return float((r[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
+
+def pipeline_cue_auc(bench: Benchmark, columns=("crop_side", "flip", "quality")) -> pd.Series:
+    "ROC-AUC of each processing parameter alone as a score for the label (0.5: no cue)."
+    return pd.Series({c: roc_auc(bench.label, bench.meta[c].to_numpy(float)) for c in columns}, name="auc")
 
 # %% ../../nbs/40_cascade_data.ipynb #c020
 def group_split(groups: Sequence, fractions: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,32 +13,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import Benchmark
+from .data import Benchmark, roc_auc, to_input
 from .models import ModelConfig, build_model, detector_loss, make_optimizer
 from ..core import seed_everything, select_device
 from ..engine import autocast, distributed, fit, load_weights
 
 # %% auto #0
-__all__ = ['to_input', 'roc_auc', 'predict', 'Trained', 'train_detector', 'fit_temperature', 'calibrated', 'cascade_decision',
-           'choose_band', 'stage3_features', 'feature_family', 'group_oof', 'Stacker', 'fit_lightgbm', 'fit_logistic',
-           'averaging', 'importance_by_family', 'expected_calibration_error', 'best_threshold', 'binary_metrics',
-           'risk_coverage', 'paired_bootstrap', 'gmac_per_image', 'seconds_per_image']
+__all__ = ['predict', 'Trained', 'train_detector', 'fit_temperature', 'calibrated', 'cascade_decision', 'choose_band',
+           'stage3_features', 'feature_family', 'group_oof', 'Stacker', 'fit_lightgbm', 'fit_logistic', 'averaging',
+           'importance_by_family', 'expected_calibration_error', 'best_threshold', 'binary_metrics', 'risk_coverage',
+           'paired_bootstrap', 'gmac_per_image', 'seconds_per_image']
 
 # %% ../../nbs/42_cascade_stack.ipynb #c005
-def to_input(images: np.ndarray, device="cpu") -> torch.Tensor:
-    "uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] on `device`."
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be (N, H, W, 3) uint8 RGB, got {images.shape} {images.dtype}")
-    return (torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
-
-def roc_auc(y, score) -> float:
-    "ROC-AUC from scores (ties averaged), by the rank-sum formula."
-    from scipy.stats import rankdata
-    y = np.asarray(y).astype(bool)
-    if y.all() or not y.any(): raise ValueError("roc_auc needs both classes")
-    r = rankdata(np.asarray(score, np.float64))
-    return float((r[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
-
 def predict(model: nn.Module, bench: Benchmark, device="cpu", batch_size: int = 128) -> dict[str, np.ndarray]:
     "The model's outputs on a benchmark: prob, logit, embedding, and (GenConViT) recon_error, (VAE) mu and kl per image."
     model.eval()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import FAMILIES, Benchmark, group_split, load_manifest, make_benchmark, radial_profile
+from .data import FAMILIES, Benchmark, group_split, load_manifest, make_benchmark, radial_profile, to_uint8
 from .models import ModelConfig, branch_effects, build_model
 from .stack import (averaging, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, paired_bootstrap, predict,
@@ -271,7 +271,7 @@ def plot_reconstructions(results: list[dict], test: Benchmark, n: int = 6):
     for role in ("genconvit_ed", "genconvit_vae"):
         m = r0["trained"][role].model.cpu().eval()
         with torch.no_grad(): rec = m(x)["recon"]
-        rows.append((role, np.clip(np.round((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)))
+        rows.append((role, to_uint8(rec)))
     for i, (name, imgs) in enumerate(rows):
         for j in range(n):
             axes[i, j].imshow(imgs[j]); axes[i, j].axis("off")
