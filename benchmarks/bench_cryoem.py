@@ -8,49 +8,38 @@ Run: `.venv/bin/python benchmarks/bench_cryoem.py [--quick] [--sections ...]`. S
 """
 import argparse
 import dataclasses
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from timing import best_of
+from timing import best_of, peak_rss_mb, reset_peak_rss
 from project_lib.core import load_study_params
 from project_lib.cryoem.baselines import micrograph_ctf, oracle_probability_map, template_bank, template_match_map
 from project_lib.cryoem.data import Micrograph, load_structure, simulate_micrograph
 from project_lib.cryoem.metrics import extract_picks
 from project_lib.cryoem.study import ARMS, CryoEMStudyParams, train_arms
-from project_lib.cryoem.train import (TrainConfig, _read_rows, _train_step, build_model, cache_micrographs, focal_dice_loss, predict,
+from project_lib.engine import train_step
+from project_lib.cryoem.train import (TrainConfig, _read_rows, build_model, cache_micrographs, focal_dice_loss, predict,
                                       select_threshold, simulate_dataset, train)
 
 PAPER_TRAIN, PAPER_VAL, PAPER_PX = 5172, 534, 768
 
 
+
+def _train_step(model, opt, scaler, x, y, tc):
+    """One optimiser step of the cryo-EM training loss, through the shared engine (as `cryoem.train.train` does)."""
+    return train_step(model, opt, scaler, lambda n: focal_dice_loss(n(x.contiguous(memory_format=torch.channels_last)), y, tc), "cpu")
+
 def stack(mics):
     """The whole set as image and float-mask tensors in memory (the engine's route before the on-disk cache)."""
     return (torch.from_numpy(np.stack([m.image for m in mics]))[:, None],
             torch.from_numpy(np.stack([m.mask for m in mics]).astype(np.float32))[:, None])
-
-
-def _status_mb(field):
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def reset_peak_rss():
-    """Reset this process's peak RSS (VmHWM, Linux) to its current RSS and return that (MB): the peak read later is then
-    not masked by earlier transient peaks (imports: torch alone is ~0.5 GB)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb():
-    return _status_mb("VmHWM")
 
 
 def timed(fn):
@@ -177,7 +166,7 @@ def peak_rss_of_short_training(mode, n_train, profile):
             (x, y), held_val = stack(train_set), stack(val_set)
             model = build_model(tc)
             opt, scaler = torch.optim.Adam(model.parameters(), tc.lr), torch.amp.GradScaler("cuda", enabled=False)
-            for i in range(0, n_train, tc.batch_size): _train_step(model, opt, scaler, x[i:i + tc.batch_size], y[i:i + tc.batch_size], tc, "cpu")
+            for i in range(0, n_train, tc.batch_size): _train_step(model, opt, scaler, x[i:i + tc.batch_size], y[i:i + tc.batch_size], tc)
             select_threshold(predict(model, val_set), val_set)
     print(before, peak_rss_mb())
 
@@ -217,7 +206,7 @@ def bench_flops(p, repeats):
         with FlopCounterMode(display=False) as counter:
             focal_dice_loss(model(x.contiguous(memory_format=torch.channels_last)), y, tc).backward()
         flops = counter.get_total_flops()
-        t = best_of(lambda: _train_step(model, opt, scaler, x, y, tc, "cpu"), repeats)
+        t = best_of(lambda: _train_step(model, opt, scaler, x, y, tc), repeats)
         print(f"| {model_name} | {flops / 1e9:.2f} | {t * 1e3:.0f} | {flops / t / 1e9:.1f} |")
 
 

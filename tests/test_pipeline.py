@@ -74,13 +74,15 @@ def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
 def test_synapse_study_runs_end_to_end_in_tiny_profile(tmp_path):
     out, html = _run_study("synapse", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["ari_class"]) >= {"standard (trained)", "stage-specific layer 20 (trained)", "hand-crafted"}
-    assert metrics["best_layer_trained_head"] in (0, 13, 20, 27)
-    clustered = (out / "standard" / "clustered_features.csv").read_text().splitlines()
-    assert "cluster" in clustered[0] and len(clustered) == 1 + 12
-    assert (out / "vgg3d_proxy.pt").is_file()
+    assert set(metrics["ari_class"]) >= {"contrastive · standard", "contrastive · layer 20", "hand-crafted", "trait oracle"}
+    assert metrics["ari_class"]["trait oracle"] == 1.0                  # the ceiling is a ceiling
+    assert metrics["chosen_layer"] in (0, 13, 20, 27) and 0 < metrics["permutation_p"]["hand-crafted"] <= 1
+    for seed in (0, 1): assert (out / "networks" / f"contrastive_seed{seed}" / "best.pt").is_file()
+    assert (out / "networks" / "vgg3d_proxy.pt").is_file()
+    assert {f.name for f in (out / "tables").iterdir()} >= {"paired-comparisons.csv", "difficulty-sweep.csv", "proxy-held-out-r2-per-trait.csv",
+                                                            "layer-choice-against-the-centre-prior.csv", "axon-level-permutation-test-of-the-mean-ari.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 6
-    assert "What the original pipeline" in html and "Profile tiny" in html
+    assert "What the original pipeline" in html and "Profile tiny" in html and "Answer" in html
 
 
 def test_cascade_study_runs_end_to_end_in_tiny_profile(tmp_path):

@@ -4,10 +4,11 @@ import pandas as pd
 import pytest
 import tifffile
 
-from project_lib.synapse.data import (CLASS_NAMES, POST, PRE, SEGMENTATION_TYPES, SEMANTIC_LABELS, SYNAPSE_TABLE_COLUMNS,
-                                      GeneratorConfig, SynapseCube, SyntheticSynapses, assemble_bbox, blend_outside_mask,
-                                      crop_cube, cubes_from_bbox, generate_cube, load_bbox, normalise_cube, prepare_cube,
-                                      read_synapse_table, read_tiff_stack, segmentation_mask, write_original_layout)
+from project_lib.synapse.data import (CLASS_NAMES, ORIGINAL_MASK_LABELS, POST, PRE, SEGMENTATION_TYPES, SEMANTIC_LABELS,
+                                      SYNAPSE_TABLE_COLUMNS, GeneratorConfig, SynapseCube, SyntheticSynapses, assemble_bbox,
+                                      blend_outside_mask, check_mask_labels, crop_cube, cubes_from_bbox, generate_cube, load_bbox,
+                                      normalise_cube, original_mask_labels, prepare_cube, read_synapse_table, read_tiff_stack,
+                                      segmentation_mask, write_original_layout)
 
 TINY = GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=2, axons_per_bbox=3, synapses_per_axon=2, n_classes=3)
 SMALL = GeneratorConfig(cube_size=32, voxel_nm=20.0, n_classes=5)
@@ -345,3 +346,196 @@ def test_cubes_from_bbox_with_per_bbox_label_ids_and_bad_sides(tmp_path, tiles):
                                                                          side_2_coord_3=table.side_1_coord_3))
     with pytest.raises(ValueError, match="two different neurites"):
         cubes_from_bbox(tmp_path, "same", 16)
+
+
+# ---------------------------------------------------------------- loader fidelity and bad input (issue #10)
+
+ORIGINAL_MASKS = "vesicle_cloud__syn_interface__mitochondria_annotation"
+
+
+def write_slices(folder, numbers, fmt="slice_{}.tif"):
+    """One 2 x 3 slice per number, every voxel holding the number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        tifffile.imwrite(folder / fmt.format(n), np.full((2, 3), n, np.uint16))
+
+
+def test_slices_in_natural_order(tmp_path):
+    write_slices(tmp_path / "s", range(12))                   # slice_0 .. slice_11, not zero-padded
+    assert sorted(p.name for p in (tmp_path / "s").iterdir())[:4] == ["slice_0.tif", "slice_1.tif", "slice_10.tif", "slice_11.tif"]
+    assert read_tiff_stack(tmp_path / "s")[:, 0, 0].tolist() == list(range(12))
+
+
+def test_slice_gaps_and_repeats_are_refused(tmp_path):
+    write_slices(tmp_path / "gap", [0, 1, 3])
+    with pytest.raises(ValueError, match=r"gap lacks slice number\(s\) \[2\]"):
+        read_tiff_stack(tmp_path / "gap")
+    write_slices(tmp_path / "twice", [0, 1])
+    write_slices(tmp_path / "twice", [1], "slice_{:04d}.tif")
+    with pytest.raises(ValueError, match=r"slice numbers \[1\] occur in more than one file"):
+        read_tiff_stack(tmp_path / "twice")
+
+
+def test_stacks_with_different_slice_numbers_are_refused(tmp_path, tiles):
+    write_original_layout(tmp_path, "b", *assemble_bbox(tiles))
+    seg = tmp_path / "seg" / "b"
+    for z in reversed(range(16)):                             # seg renumbered 1..16: same shape, shifted by one slice
+        (seg / f"slice_{z:04d}.tif").rename(seg / f"slice_{z + 1:04d}.tif")
+    with pytest.raises(ValueError, match=r"slice numbers of seg .* differ: missing from seg: \[0\]; missing from raw: \[16\]"):
+        load_bbox(tmp_path, "b")
+    write_original_layout(tmp_path, "c", *assemble_bbox(tiles))
+    (tmp_path / "add_mask" / "c" / "slice_0015.tif").unlink()
+    with pytest.raises(ValueError, match=r"add_mask .*add_mask/c\) and raw .* missing from add_mask: \[15\]"):
+        load_bbox(tmp_path, "c")
+
+
+def test_tables_without_rows_or_with_repeated_names_are_refused(tmp_path, tiles):
+    table = assemble_bbox(tiles)[3]
+    table.iloc[:0].to_excel(tmp_path / "empty.xlsx", index=False)
+    with pytest.raises(ValueError, match="has no rows"):
+        read_synapse_table(tmp_path / "empty.xlsx")
+    table.assign(Var1=["a", "b", "a"]).to_excel(tmp_path / "twice.xlsx", index=False)
+    with pytest.raises(ValueError, match=r"repeated: \['a'\]"):
+        read_synapse_table(tmp_path / "twice.xlsx")
+
+
+def test_original_mask_folder_round_trip(tmp_path, tiles):
+    raw, seg, mask, table = assemble_bbox(tiles)
+    root = tmp_path / "data" / "7_bboxes_plus_seg"
+    write_original_layout(root, "bbox1", raw, seg, mask, table, original_naming=True)
+    assert not (root / "add_mask").exists()
+    assert len(list((tmp_path / "data" / ORIGINAL_MASKS / "bbox_1").glob("slice_*.tif"))) == 16
+    assert np.array_equal(load_bbox(root, "bbox1")[2], mask)
+    assert np.array_equal(cubes_from_bbox(root, "bbox1", 16)[1].semantic, tiles[1].semantic)
+    # an explicit mask folder anywhere
+    moved = (tmp_path / "data" / ORIGINAL_MASKS / "bbox_1").rename(tmp_path / "my_masks")
+    assert np.array_equal(load_bbox(root, "bbox1", mask_dir=moved)[2], mask)
+    with pytest.raises(FileNotFoundError) as err:
+        load_bbox(root, "bbox1")
+    assert str(root / "add_mask" / "bbox1") in str(err.value) and str(tmp_path / "data" / ORIGINAL_MASKS / "bbox_1") in str(err.value)
+    with pytest.raises(FileNotFoundError, match="tried .*elsewhere"):
+        load_bbox(root, "bbox1", mask_dir=tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="original_naming needs a bbox name ending in its number"):
+        write_original_layout(root, "b", raw, seg, mask, table, original_naming=True)
+
+
+def test_original_mask_label_table():
+    # SynapseClusterEM's synapse/dl/mask_labels.py: (mito, vesicle, cleft, cleft2)
+    rows = {1: (5, 6, [7]), 2: (1, 3, [2, 4]), 3: (6, 7, [9, 8]), 4: (3, 2, [1, 4]), 5: (1, 3, [2, 4]), 6: (5, 6, [7]), 7: (1, 2, [4, 3])}
+    assert ORIGINAL_MASK_LABELS == {f"bbox{n}": {"mitochondrion": m, "vesicle_cloud": v, "cleft": c} for n, (m, v, c) in rows.items()}
+    assert original_mask_labels("bbox_4") == original_mask_labels(4) == {"mitochondrion": 3, "vesicle_cloud": 2, "cleft": [1, 4]}
+    original_mask_labels("bbox1")["cleft"].append(99)         # a copy: the table stays
+    assert ORIGINAL_MASK_LABELS["bbox1"]["cleft"] == [7]
+    for bad in ("bbox8", "bbox", "b1x"):
+        with pytest.raises(ValueError, match="unknown original bbox"):
+            original_mask_labels(bad)
+
+
+def hand_bbox(root, cloud_neurite=10, cloud_z=(3, 6), mito_z=(9, 11), sides_swapped=False):
+    """A 12³ bbox: neurite 10 below the cleft plane z = 6, neurite 20 above, neurite 30 at x >= 10; ids as in bbox 1
+    (mitochondrion 5, vesicle cloud 6, cleft 7). The cloud (in `cloud_neurite`, z in cloud_z) sits under the cleft,
+    the mitochondrion in neurite 20 above it."""
+    seg = np.full((12, 12, 12), 10, np.uint32)
+    seg[7:], seg[6] = 20, 0
+    seg[:, :, 10:] = 30
+    mask = np.zeros_like(seg, dtype=np.uint8)
+    mask[6, 4:8, 4:8] = 7
+    x = slice(4, 8) if cloud_neurite != 30 else slice(10, 12)
+    mask[cloud_z[0]:cloud_z[1], 4:8, x] = 6
+    mask[mito_z[0]:mito_z[1], 4:8, 4:8] = 5
+    side_1, side_2 = ((6, 6, 9), (6, 6, 3)) if sides_swapped else ((6, 6, 3), (6, 6, 9))
+    table = pd.DataFrame([["s1", 6, 6, 6, *side_1, *side_2]], columns=list(SYNAPSE_TABLE_COLUMNS))
+    write_original_layout(root, "bbox1", np.zeros(seg.shape, np.uint8), seg, mask, table)
+    return root
+
+
+BBOX1 = {"mitochondrion": 5, "vesicle_cloud": 6, "cleft": 7}
+SWAPPED = {"mitochondrion": 6, "vesicle_cloud": 5, "cleft": 7}
+
+
+def test_right_ids_pass_and_decide_the_presynaptic_side(tmp_path):
+    cube, = cubes_from_bbox(hand_bbox(tmp_path), "bbox1", 12, labels=BBOX1)
+    assert cube.metadata["pre_side"] == 1 and (cube.instance[:6, :, :10] == PRE).all() and (cube.instance[7:, :, :10] == POST).all()
+    assert (cube.semantic[3:6, 4:8, 4:8] == SEMANTIC_LABELS["vesicle_cloud"]).all()
+    cube, = cubes_from_bbox(hand_bbox(tmp_path / "s", sides_swapped=True), "bbox1", 12, labels=original_mask_labels("bbox1"))
+    assert cube.metadata["pre_side"] == 2 and (cube.instance[:6, :, :10] == PRE).all()
+
+
+def test_swapped_ids_are_refused_on_a_hand_built_bbox(tmp_path):
+    root = hand_bbox(tmp_path)
+    # the "cloud" is the mitochondrion at 3 voxels, the real cloud at 1: the original would call neurite 20 presynaptic
+    with pytest.raises(ValueError, match=r"mitochondrion lies nearer the cleft \(1.0 voxels\) than the vesicle cloud \(3.0\)"):
+        cubes_from_bbox(root, "bbox1", 12, labels=SWAPPED)
+    with pytest.raises(ValueError, match=r"lies 3.0 voxels from the cleft \(max_cloud_gap_vox = 2\); the vesicle-cloud id is "
+                                         r"probably wrong for this bbox \(the original's ids for bbox1: \{'mitochondrion': 5"):
+        cubes_from_bbox(root, "bbox1", 12, labels=SWAPPED, max_cloud_gap_vox=2)
+    with pytest.raises(ValueError, match=r"lies 5.0 voxels from the cleft \(max_cloud_gap_vox = 4\)"):
+        cubes_from_bbox(hand_bbox(tmp_path / "far", cloud_z=(0, 2)), "bbox1", 12, labels=BBOX1, max_cloud_gap_vox=4)
+    with pytest.raises(ValueError, match=r"overlaps neither side neurite \(ids \[10, 20\]\)"):
+        cubes_from_bbox(hand_bbox(tmp_path / "other", cloud_neurite=30), "bbox1", 12, labels=BBOX1)
+    with pytest.raises(ValueError, match="max_cloud_gap_vox must be a number >= 0"):
+        cubes_from_bbox(root, "bbox1", 12, labels=BBOX1, max_cloud_gap_vox=-1)
+
+
+def test_label_ids_absent_or_shared_are_refused(tmp_path):
+    root = hand_bbox(tmp_path)
+    with pytest.raises(ValueError, match=r"bbox1: cleft id\(s\) \[8\] do not occur in its mask volume \(ids present: \[0, 5, 6, 7\]\)"):
+        cubes_from_bbox(root, "bbox1", 12, labels={**BBOX1, "cleft": [7, 8]})
+    with pytest.raises(ValueError, match="labels give id 6 to both"):
+        cubes_from_bbox(root, "bbox1", 12, labels={**BBOX1, "cleft": [7, 6]})
+    assert check_mask_labels({"vesicle_cloud": 6, "cleft": (7, 7), "mitochondrion": 5})["cleft"] == [7]   # cleft2 = cleft
+    for bad in (0, [], "6", 6.0, True):
+        with pytest.raises(ValueError, match="labels\\['vesicle_cloud'\\] must be a positive integer id"):
+            check_mask_labels({**BBOX1, "vesicle_cloud": bad})
+
+
+@pytest.fixture(scope="module")
+def three_kinds():
+    """24³ cubes at 25 nm: no mitochondrion (spine), a mitochondrion in the postsynaptic shaft, one in the presynaptic bouton."""
+    ds = SyntheticSynapses(GeneratorConfig(cube_size=24, voxel_nm=25.0, n_bboxes=1, axons_per_bbox=3, synapses_per_axon=1,
+                                           n_classes=3, jitter_nm=0.0), seed=3)
+    return [ds[i] for i in range(3)]
+
+
+def test_swapped_ids_are_refused_on_generated_synapses(tmp_path, three_kinds):
+    mito = lambda cube, side: int(((cube.semantic == SEMANTIC_LABELS["mitochondrion"]) & (cube.instance == side)).sum())
+    assert [c.metadata["mitochondrion"] for c in three_kinds] == [False, True, True]
+    assert mito(three_kinds[1], POST) > 0 == mito(three_kinds[1], PRE)     # read as the cloud, it would make POST presynaptic
+    assert mito(three_kinds[2], PRE) > 0 == mito(three_kinds[2], POST)
+    raw, seg, mask, table = assemble_bbox(three_kinds)
+    swapped = {"vesicle_cloud": SEMANTIC_LABELS["mitochondrion"], "cleft": SEMANTIC_LABELS["cleft"],
+               "mitochondrion": SEMANTIC_LABELS["vesicle_cloud"]}
+    expected = ["the cube holds no vesicle cloud", "a mitochondrion lies nearer the cleft", "a mitochondrion lies nearer the cleft"]
+    for i, reason in enumerate(expected):                     # one synapse at a time, all in the same volume
+        write_original_layout(tmp_path, "bbox1", raw, seg, mask, table.iloc[[i]])
+        with pytest.raises(ValueError, match=f"bbox1, synapse {table.Var1[i]}: {reason}.*vesicle-cloud id is probably wrong"):
+            cubes_from_bbox(tmp_path, "bbox1", 24, labels=swapped)
+        assert cubes_from_bbox(tmp_path, "bbox1", 24)[0].metadata["pre_side"] == 1
+    # 100 nm at 25 nm voxels: the shaft mitochondrion is also too far from the cleft to be its vesicle cloud
+    write_original_layout(tmp_path, "bbox1", raw, seg, mask, table.iloc[[1]])
+    with pytest.raises(ValueError, match="voxels from the cleft \\(max_cloud_gap_vox = 4\\)"):
+        cubes_from_bbox(tmp_path, "bbox1", 24, labels=swapped, max_cloud_gap_vox=4)
+
+
+def test_cli_mask_label_options(tmp_path, capsys):
+    from project_lib.synapse.__main__ import main, parse_mask_labels
+    assert parse_mask_labels(["cleft=7,7", "mitochondrion=5", "vesicle_cloud=6"]) == {"cleft": [7], "mitochondrion": [5], "vesicle_cloud": [6]}
+    for items, message in [(["cleft=7;8", "mitochondrion=5", "vesicle_cloud=6"], "--mask_labels: expected NAME=ID"),
+                           (["cleft", "mitochondrion=5", "vesicle_cloud=6"], "--mask_labels: expected NAME=ID"),
+                           (["cleft=7", "cleft=8", "vesicle_cloud=6"], "--mask_labels: cleft is given twice"),
+                           (["cleft=7", "vesicle_cloud=6"], "--mask_labels: labels must map exactly"),
+                           (["cleft=7", "mitochondrion=6", "vesicle_cloud=6"], "--mask_labels: labels give id 6 to both")]:
+        with pytest.raises(ValueError, match=message):
+            parse_mask_labels(items)
+    base = ["--random_init", "--cube_size", "16", "--classifier_hidden", "8", "--output_dir", str(tmp_path / "out"), "--quiet"]
+    for extra, message in [(["--data_root", str(tmp_path), "--mask_labels", "cleft=x"], "--mask_labels: expected NAME=ID"),
+                           (["--data_root", str(tmp_path), "--bboxes", "bbox9", "--original_labels"], "--original_labels: unknown original bbox 'bbox9'"),
+                           (["--original_labels"], "apply to --data_root"),
+                           (["--data_root", str(tmp_path), "--original_labels", "--mask_labels", "cleft=7"], "not allowed with argument")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(base + extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    # the per-bbox table reaches the loader: bbox 2's ids (1, 3, 2/4) on a bbox written with bbox 1's ids are refused
+    hand_bbox(tmp_path)
+    with pytest.raises(ValueError, match=r"bbox1: vesicle_cloud id\(s\) \[3\] do not occur"):
+        main(base + ["--data_root", str(tmp_path), "--mask_labels", "vesicle_cloud=3", "cleft=2,4", "mitochondrion=1"])

@@ -4,19 +4,20 @@
 
 # %% ../../nbs/33_synapse_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json
+import argparse, json, re
 from pathlib import Path
 
 import pandas as pd
 
 from ..core import atomic_write_text
 from .analysis import run_clustering_analysis
-from .data import GeneratorConfig, SEGMENTATION_TYPES, SyntheticSynapses, cubes_from_bbox
+from .data import (GeneratorConfig, SEGMENTATION_TYPES, SyntheticSynapses, check_mask_labels, cubes_from_bbox,
+                                      original_mask_labels)
 from .model import (VGG3D, ExtractionConfig, extract_features, extract_stage_specific_features,
                                        load_checkpoint)
 
 # %% auto #0
-__all__ = ['build_parser', 'main']
+__all__ = ['build_parser', 'parse_mask_labels', 'main']
 
 # %% ../../nbs/33_synapse_cli.ipynb #c005
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoint", type=Path, help="VGG3D state dict (torch.save); any mismatch is an error")
     weights.add_argument("--random_init", action="store_true", help="use an untrained network (a baseline, never a fallback)")
     p.add_argument("--data_root", type=Path, default=None,
-                   help="folder in the original layout (raw/, seg/, add_mask/, <bbox>.xlsx); default: generated cubes")
+                   help="folder in the original layout (raw/, seg/, <bbox>.xlsx, masks in add_mask/ or in the original's "
+                        "../vesicle_cloud__syn_interface__mitochondria_annotation/bbox_<n>/); default: generated cubes")
     p.add_argument("--bboxes", nargs="+", default=["bbox1"], help="bounding boxes to read from --data_root")
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--mask_labels", nargs="+", metavar="NAME=ID[,ID]",
+                     help="semantic-mask ids of every bbox in --data_root, one per structure, e.g. vesicle_cloud=6 cleft=7,7 "
+                          "mitochondrion=5 (default: 1, 2, 3 as generated data writes)")
+    ids.add_argument("--original_labels", action="store_true",
+                     help="take each bbox's mask ids from the original's table (ORIGINAL_MASK_LABELS, bbox1..bbox7)")
+    p.add_argument("--max_cloud_gap_vox", type=float, default=None,
+                   help="largest distance (voxels) from a vesicle cloud to its cleft before its id is refused (default: 12)")
     p.add_argument("--cube_size", type=int, default=80, help="cube side in voxels (80 in the original)")
     p.add_argument("--voxel_nm", type=float, default=8.0, help="voxel size of generated cubes")
     p.add_argument("--classifier_hidden", type=int, default=4096, help="hidden width of the head, as in the checkpoint")
@@ -44,13 +54,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
+def parse_mask_labels(items: list[str], # NAME=ID[,ID...], one item per SEMANTIC_LABELS name
+                     ) -> dict[str, list[int]]: # a labels dict for cubes_from_bbox
+    "The values of --mask_labels as a checked labels dict; errors name the option."
+    labels = {}
+    for item in items:
+        name, sep, ids = item.partition("=")
+        if not sep or not re.fullmatch(r"\d+(,\d+)*", ids):
+            raise ValueError(f"--mask_labels: expected NAME=ID[,ID...] such as cleft=7,8, got {item!r}")
+        if name in labels: raise ValueError(f"--mask_labels: {name} is given twice")
+        labels[name] = [int(i) for i in ids.split(",")]
+    try: return check_mask_labels(labels)
+    except ValueError as e: raise ValueError(f"--mask_labels: {e}") from None
+
+def _bbox_options(args: argparse.Namespace) -> dict[str, dict]:
+    "cubes_from_bbox keywords per bbox from --mask_labels / --original_labels / --max_cloud_gap_vox."
+    if (args.mask_labels or args.original_labels or args.max_cloud_gap_vox is not None) and not args.data_root:
+        raise ValueError("--mask_labels, --original_labels and --max_cloud_gap_vox apply to --data_root, which is not given")
+    common = {} if args.max_cloud_gap_vox is None else {"max_cloud_gap_vox": args.max_cloud_gap_vox}
+    if args.mask_labels: common["labels"] = parse_mask_labels(args.mask_labels)
+    if not args.original_labels: return {b: common for b in args.bboxes}
+    try: return {b: {**common, "labels": original_mask_labels(b)} for b in args.bboxes}
+    except ValueError as e: raise ValueError(f"--original_labels: {e}") from None
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     "Run the CLI; returns the clustered feature table (also written to --output_dir)."
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try: options = _bbox_options(args)
+    except ValueError as e: parser.error(str(e))
     model = VGG3D(input_size=args.cube_size, classifier_hidden=args.classifier_hidden)
     if args.checkpoint: load_checkpoint(model, args.checkpoint)
     if args.data_root:
-        dataset = [c for b in args.bboxes for c in cubes_from_bbox(args.data_root, b, args.cube_size)]
+        dataset = [c for b in args.bboxes for c in cubes_from_bbox(args.data_root, b, args.cube_size, **options[b])]
     else:
         dataset = SyntheticSynapses(GeneratorConfig(cube_size=args.cube_size, voxel_nm=args.voxel_nm), args.seed)
     config = ExtractionConfig(seg_type=args.seg_type, alpha=args.alpha, batch_size=args.batch_size, progress=not args.quiet)

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/30_synapse_data.ipynb #c002
 from __future__ import annotations
-import dataclasses, io, math, re
+import copy, dataclasses, io, math, os, re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ from scipy.spatial.transform import Rotation
 from ..core import atomic_write_bytes
 
 # %% auto #0
-__all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'SYNAPSE_TABLE_COLUMNS', 'SEGMENTATION_TYPES', 'GeneratorConfig',
-           'SynapseCube', 'generate_cube', 'SyntheticSynapses', 'read_tiff_stack', 'read_synapse_table',
-           'write_original_layout', 'load_bbox', 'assemble_bbox', 'crop_cube', 'normalise_cube', 'segmentation_mask',
-           'blend_outside_mask', 'prepare_cube', 'cubes_from_bbox']
+__all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'SYNAPSE_TABLE_COLUMNS', 'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS',
+           'GeneratorConfig', 'SynapseCube', 'generate_cube', 'SyntheticSynapses', 'read_tiff_stack',
+           'read_synapse_table', 'write_original_layout', 'load_bbox', 'assemble_bbox', 'crop_cube', 'normalise_cube',
+           'segmentation_mask', 'blend_outside_mask', 'prepare_cube', 'original_mask_labels', 'check_mask_labels',
+           'cubes_from_bbox']
 
 # %% ../../nbs/30_synapse_data.ipynb #c005
 CLASS_NAMES = ("asymmetric_spine", "symmetric_shaft", "large_bouton", "dense_core", "perforated")
@@ -446,14 +448,33 @@ SYNAPSE_TABLE_COLUMNS = ("Var1", "central_coord_1", "central_coord_2", "central_
                          "side_1_coord_2", "side_1_coord_3", "side_2_coord_1", "side_2_coord_2", "side_2_coord_3")
 _LUMINANCE = np.array([0.299, 0.587, 0.114])
 
+def _natural_key(name: str) -> list:
+    "Sort key reading the digit runs of a name as numbers: slice_2 sorts before slice_10."
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+def _slice_files(folder: Path) -> tuple[list[Path], list[int] | None]:
+    "A folder's TIFF slices in natural order and their numbers (None unless every name ends in one); repeated or missing numbers are errors."
+    if not folder.is_dir(): raise FileNotFoundError(f"slice folder {folder} does not exist")
+    files = sorted((f for f in folder.iterdir() if f.suffix.lower() in (".tif", ".tiff")), key=lambda f: _natural_key(f.name))
+    if not files: raise FileNotFoundError(f"slice folder {folder} holds no .tif slices")
+    found = [re.search(r"(\d+)$", f.stem) for f in files]
+    if not all(found): return files, None
+    numbers = [int(m.group(1)) for m in found]
+    repeated = sorted(n for n, k in Counter(numbers).items() if k > 1)
+    if repeated:
+        raise ValueError(f"slice folder {folder}: slice numbers {repeated} occur in more than one file "
+                         f"({[f.name for f, n in zip(files, numbers) if n in repeated]})")
+    missing = sorted(set(range(min(numbers), max(numbers) + 1)) - set(numbers))
+    if missing:
+        raise ValueError(f"slice folder {folder} lacks slice number(s) {missing} (it has {min(numbers)}..{max(numbers)}); "
+                         "a missing slice would shift every later one in z")
+    return files, numbers
+
 def read_tiff_stack(folder: str | Path, # folder of per-slice TIFFs
                     labels: bool = False, # a label stack: colour slices are an error instead of converted
-                   ) -> np.ndarray: # (Z, Y, X), slices sorted by file name
-    "A volume from a folder of per-slice TIFF files."
-    folder = Path(folder)
-    if not folder.is_dir(): raise FileNotFoundError(f"slice folder {folder} does not exist")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".tif", ".tiff"))
-    if not files: raise FileNotFoundError(f"slice folder {folder} holds no .tif slices")
+                   ) -> np.ndarray: # (Z, Y, X), slices in natural order of file name
+    "A volume from a folder of per-slice TIFF files; a gap in the slice numbering is an error."
+    files, _ = _slice_files(Path(folder))
     slices = []
     for f in files:
         s = tifffile.imread(f)
@@ -466,18 +487,22 @@ def read_tiff_stack(folder: str | Path, # folder of per-slice TIFFs
     return np.stack(slices)
 
 def read_synapse_table(path: str | Path) -> pd.DataFrame: # SYNAPSE_TABLE_COLUMNS (and any others), one row per synapse
-    "The per-bbox synapse spreadsheet (xlsx)."
+    "The per-bbox synapse spreadsheet (xlsx); at least one row, unique Var1."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"synapse table {path} does not exist")
     table = pd.read_excel(path, engine="openpyxl")
     missing = [c for c in SYNAPSE_TABLE_COLUMNS if c not in table.columns]
     if missing: raise ValueError(f"synapse table {path} lacks the columns {missing}; has {list(table.columns)}")
+    if table.empty: raise ValueError(f"synapse table {path} has no rows; expected one row per synapse")
+    if table["Var1"].isna().any(): raise ValueError(f"synapse table {path}: Var1 is blank in spreadsheet rows {(table.index[table['Var1'].isna()] + 2).tolist()}")
+    table["Var1"] = table["Var1"].astype(str)
+    repeated = table["Var1"][table["Var1"].duplicated()].unique().tolist()
+    if repeated: raise ValueError(f"synapse table {path}: Var1 must name each synapse once, repeated: {repeated}")
     coords = list(SYNAPSE_TABLE_COLUMNS[1:])
     values = table[coords].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     if not np.isfinite(values).all() or (values != np.round(values)).any():
         raise ValueError(f"synapse table {path}: coordinate columns must hold whole voxel numbers (no blanks)")
     table[coords] = values.astype(np.int64)          # Excel stores numbers as floats
-    table["Var1"] = table["Var1"].astype(str)
     return table
 
 def _check_coordinates(table: pd.DataFrame, shape: tuple[int, int, int], where: str):
@@ -490,10 +515,35 @@ def _check_coordinates(table: pd.DataFrame, shape: tuple[int, int, int], where: 
                              f"(x < {shape[2]}, y < {shape[1]}, z < {shape[0]})")
 
 # %% ../../nbs/30_synapse_data.ipynb #c034
+_ORIGINAL_MASK_FOLDER = "vesicle_cloud__syn_interface__mitochondria_annotation"
+
 def _tiff_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     tifffile.imwrite(buf, image)
     return buf.getvalue()
+
+def _original_mask_dir(root: Path, bbox: str) -> Path | None:
+    "The original's mask folder of a bbox, <root>/../vesicle_cloud__syn_interface__mitochondria_annotation/bbox_<n>; None without a number."
+    n = re.search(r"(\d+)$", bbox)
+    return Path(os.path.abspath(root)).parent / _ORIGINAL_MASK_FOLDER / f"bbox_{n.group(1)}" if n else None
+
+def _mask_dir(root: Path, bbox: str, mask_dir: str | Path | None) -> Path:
+    "The semantic-mask folder of a bbox: `mask_dir` if given, else <root>/add_mask/<bbox>, else the original's folder."
+    tried = [Path(mask_dir)] if mask_dir is not None else [root / "add_mask" / bbox, _original_mask_dir(root, bbox)]
+    tried = [p for p in tried if p is not None]
+    for folder in tried:
+        if folder.is_dir(): return folder
+    raise FileNotFoundError(f"bbox {bbox}: the semantic-mask folder does not exist; tried {', '.join(map(str, tried))}")
+
+def _check_same_slices(bbox: str, folders: dict[str, Path]):
+    "Refuse raw, seg and add_mask stacks whose slice numbers differ."
+    numbers = {name: _slice_files(folder)[1] for name, folder in folders.items()}
+    for name in ("seg", "add_mask"):
+        if numbers["raw"] is None or numbers[name] is None: continue
+        lacks, extra = sorted(set(numbers["raw"]) - set(numbers[name])), sorted(set(numbers[name]) - set(numbers["raw"]))
+        if lacks or extra:
+            raise ValueError(f"bbox {bbox}: the slice numbers of {name} ({folders[name]}) and raw ({folders['raw']}) differ: "
+                             f"missing from {name}: {lacks}; missing from raw: {extra}")
 
 def write_original_layout(root: str | Path, # dataset folder
                           bbox: str, # bounding-box name, e.g. "bbox1"
@@ -501,11 +551,14 @@ def write_original_layout(root: str | Path, # dataset folder
                           seg: np.ndarray, # (Z, Y, X) non-negative integer instance ids (stored as uint32)
                           add_mask: np.ndarray, # (Z, Y, X) semantic labels 0..255 (stored as uint8)
                           table: pd.DataFrame, # SYNAPSE_TABLE_COLUMNS, coordinates (x, y, z) inside the volume
+                          original_naming: bool = False, # masks in <root>/../vesicle_cloud__syn_interface__mitochondria_annotation/bbox_<n>
                          ) -> Path: # root
     "Write one bounding box in the original layout (slice TIFFs and xlsx); stale slices of an earlier write are removed."
     root = Path(root)
     if not isinstance(bbox, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", bbox) or bbox in (".", ".."):
         raise ValueError(f"bbox must be a plain folder name (letters, digits, _ . -), got {bbox!r}")
+    mask_folder = _original_mask_dir(root, bbox) if original_naming else root / "add_mask" / bbox
+    if mask_folder is None: raise ValueError(f"original_naming needs a bbox name ending in its number (bbox1 -> bbox_1), got {bbox!r}")
     raw, seg, add_mask = np.asarray(raw), np.asarray(seg), np.asarray(add_mask)
     if raw.ndim != 3 or seg.shape != raw.shape or add_mask.shape != raw.shape:
         raise ValueError(f"raw, seg and add_mask must be 3-D volumes of one shape, got {raw.shape}, {seg.shape}, {add_mask.shape}")
@@ -519,8 +572,7 @@ def write_original_layout(root: str | Path, # dataset folder
     missing = [c for c in SYNAPSE_TABLE_COLUMNS if c not in table.columns]
     if missing: raise ValueError(f"table lacks the columns {missing}")
     _check_coordinates(table, raw.shape, "table")
-    for sub, vol in (("raw", raw), ("seg", seg.astype(np.uint32)), ("add_mask", add_mask.astype(np.uint8))):
-        folder = root / sub / bbox
+    for folder, vol in ((root / "raw" / bbox, raw), (root / "seg" / bbox, seg.astype(np.uint32)), (mask_folder, add_mask.astype(np.uint8))):
         names = [f"slice_{z:04d}.tif" for z in range(len(vol))]
         for z, name in enumerate(names): atomic_write_bytes(folder / name, _tiff_bytes(vol[z]))
         for stale in set(f.name for f in folder.glob("slice_*.tif")) - set(names): (folder / stale).unlink()
@@ -531,12 +583,15 @@ def write_original_layout(root: str | Path, # dataset folder
 
 def load_bbox(root: str | Path, # dataset folder in the original layout
               bbox: str, # bounding-box name, e.g. "bbox1"
+              mask_dir: str | Path | None = None, # the bbox's mask slices; default <root>/add_mask/<bbox>, else the original's folder
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]: # raw, seg, add_mask (Z, Y, X), table
-    "Read one bounding box of the original layout, checking shapes and that the annotation points lie inside."
+    "Read one bounding box of the original layout, checking slice numbers, shapes and that the annotation points lie inside."
     root = Path(root)
-    raw = read_tiff_stack(root / "raw" / bbox)
-    seg = read_tiff_stack(root / "seg" / bbox, labels=True)
-    add_mask = read_tiff_stack(root / "add_mask" / bbox, labels=True)
+    folders = {"raw": root / "raw" / bbox, "seg": root / "seg" / bbox, "add_mask": _mask_dir(root, bbox, mask_dir)}
+    _check_same_slices(bbox, folders)
+    raw = read_tiff_stack(folders["raw"])
+    seg = read_tiff_stack(folders["seg"], labels=True)
+    add_mask = read_tiff_stack(folders["add_mask"], labels=True)
     if not raw.shape == seg.shape == add_mask.shape:
         raise ValueError(f"bbox {bbox}: raw {raw.shape}, seg {seg.shape} and add_mask {add_mask.shape} differ in shape")
     table = read_synapse_table(root / f"{bbox}.xlsx")
@@ -653,38 +708,105 @@ def prepare_cube(cube: SynapseCube, # raw, instance and semantic of one shape (S
         raise ValueError(f"cube.instance {np.shape(cube.instance)} and cube.semantic {np.shape(cube.semantic)} must match cube.raw {shape}")
     return blend_outside_mask(normalise_cube(cube.raw), segmentation_mask(cube.instance, cube.semantic, seg_type), alpha)
 
+# %% ../../nbs/30_synapse_data.ipynb #c043a
+ORIGINAL_MASK_LABELS = { # SynapseClusterEM's per-bbox ids: (mitochondrion, vesicle cloud, cleft, cleft2)
+    f"bbox{n}": {"mitochondrion": mito, "vesicle_cloud": vesicle, "cleft": list(dict.fromkeys((cleft, cleft2)))}
+    for n, (mito, vesicle, cleft, cleft2) in {1: (5, 6, 7, 7), 2: (1, 3, 2, 4), 3: (6, 7, 9, 8), 4: (3, 2, 1, 4),
+                                              5: (1, 3, 2, 4), 6: (5, 6, 7, 7), 7: (1, 2, 4, 3)}.items()}
+
+def original_mask_labels(bbox: str | int, # "bbox1".."bbox7" (also "bbox_1" or 1)
+                        ) -> dict: # a labels dict for cubes_from_bbox
+    "The semantic-mask ids of one of the original's bounding boxes."
+    m = re.fullmatch(r"(?:bbox_?)?(\d+)", str(bbox))
+    key = f"bbox{int(m.group(1))}" if m else None
+    if key not in ORIGINAL_MASK_LABELS:
+        raise ValueError(f"unknown original bbox {bbox!r}: mask label ids are known for {', '.join(ORIGINAL_MASK_LABELS)}")
+    return copy.deepcopy(ORIGINAL_MASK_LABELS[key])
+
+def check_mask_labels(labels: dict, # {SEMANTIC_LABELS name: positive id or list of ids}
+                     ) -> dict[str, list[int]]: # the same, every value a sorted list
+    "Validate a labels dict: exactly the SEMANTIC_LABELS names, positive integer ids, no id shared by two structures."
+    if not isinstance(labels, dict) or set(labels) != set(SEMANTIC_LABELS):
+        raise ValueError(f"labels must map exactly {sorted(SEMANTIC_LABELS)} to add_mask ids, got {labels!r}")
+    out, owner = {}, {}
+    for name, ids in labels.items():
+        ids = np.asarray(ids).tolist() if isinstance(ids, (list, tuple, np.ndarray)) else [ids]
+        if not ids or not all(_is_int(i) and i > 0 for i in ids):
+            raise ValueError(f"labels[{name!r}] must be a positive integer id or a non-empty list of them (0 is background), got {labels[name]!r}")
+        for i in ids:
+            if owner.setdefault(i, name) != name: raise ValueError(f"labels give id {i} to both {owner[i]} and {name}; an id marks one structure")
+        out[name] = sorted(set(int(i) for i in ids))
+    return out
+
 # %% ../../nbs/30_synapse_data.ipynb #c044
+def _ids_hint(bbox: str) -> str:
+    "The original's mask ids of a bbox (all of them for an unknown name), for error messages."
+    try: return f"the original's ids for {bbox}: {original_mask_labels(bbox)}"
+    except ValueError: return f"the original's ids per bbox: {ORIGINAL_MASK_LABELS}"
+
+def _check_ids_present(add_mask: np.ndarray, ids: dict[str, list[int]], bbox: str):
+    "Refuse label ids that occur nowhere in the bbox's mask volume."
+    present = np.unique(add_mask).tolist()
+    for name, values in ids.items():
+        absent = [i for i in values if i not in present]
+        if absent:
+            raise ValueError(f"{bbox}: {name} id(s) {absent} do not occur in its mask volume (ids present: {present}); {_ids_hint(bbox)}")
+
+def _check_vesicle_cloud(semantic: np.ndarray, instance: np.ndarray, sides: list[int], centre, max_gap: float, where: str, hint: str):
+    "Refuse a cube whose vesicle cloud cannot be the synapse's: absent, far from the cleft, outside both sides, or behind a mitochondrion."
+    cloud, cleft = semantic == SEMANTIC_LABELS["vesicle_cloud"], semantic == SEMANTIC_LABELS["cleft"]
+    if not cloud.any(): problem = "the cube holds no vesicle cloud"
+    else:
+        near = _closest_component(cloud, centre)
+        reference = _closest_component(cleft, centre) if cleft.any() else np.zeros(cleft.shape, bool)
+        reference[tuple(centre)] = True
+        distance = ndimage.distance_transform_edt(~reference)       # voxels to the synapse's cleft
+        gap = float(distance[near].min())
+        mito = semantic == SEMANTIC_LABELS["mitochondrion"]
+        mito_gap = float(distance[mito].min()) if mito.any() else math.inf
+        if gap > max_gap: problem = f"the vesicle cloud nearest the cleft centre lies {gap:.1f} voxels from the cleft (max_cloud_gap_vox = {max_gap:g})"
+        elif not np.isin(instance[near], sides).any(): problem = f"the vesicle cloud nearest the cleft centre overlaps neither side neurite (ids {sides})"
+        elif mito_gap < gap: problem = f"a mitochondrion lies nearer the cleft ({mito_gap:.1f} voxels) than the vesicle cloud ({gap:.1f})"
+        else: return
+    raise ValueError(f"{where}: {problem}; the vesicle-cloud id is probably wrong for this bbox ({hint})")
+
+def _synapse_cube(raw, seg, add_mask, row: pd.Series, size: int, ids: dict[str, list[int]], bbox: str, max_gap: float) -> SynapseCube:
+    "The cube of one synapse table row, its vesicle cloud checked before it decides the presynaptic side."
+    point = lambda name: [int(row[f"{name}_coord_{k}"]) for k in (3, 2, 1)]        # z, y, x
+    centre = point("central")
+    crop = lambda vol: crop_cube(vol, centre, size)
+    inst_in, sem_in = crop(seg), crop(add_mask)
+    semantic = np.zeros(inst_in.shape, np.uint8)
+    for name, values in ids.items(): semantic[np.isin(sem_in, values)] = SEMANTIC_LABELS[name]
+    sides = [int(seg[tuple(point(s))]) for s in ("side_1", "side_2")]
+    where = f"{bbox}, synapse {row['Var1']}"
+    if 0 in sides or sides[0] == sides[1]:
+        raise ValueError(f"{where}: side_1 and side_2 must lie in two different neurites, got ids {sides}")
+    _check_vesicle_cloud(semantic, inst_in, sides, [size // 2] * 3, max_gap, where, _ids_hint(bbox))
+    cloud = semantic == SEMANTIC_LABELS["vesicle_cloud"]
+    pre_side = 0 if (cloud & (inst_in == sides[0])).sum() >= (cloud & (inst_in == sides[1])).sum() else 1
+    values, inverse = np.unique(inst_in, return_inverse=True)
+    new = np.zeros(len(values), np.int32)
+    new[values > 0] = np.arange((values > 0).sum()) + 3
+    new[values == sides[pre_side]], new[values == sides[1 - pre_side]] = PRE, POST
+    meta = {"synapse_id": row["Var1"], "bbox": bbox, "pre_side": pre_side + 1}
+    shift = np.array(centre[::-1]) - size // 2                                       # x, y, z of the cube's corner
+    for name in ("central", "side_1", "side_2"):
+        meta.update({f"{name}_coord_{k + 1}": int(v) for k, v in enumerate(np.array(point(name)[::-1]) - shift)})
+    scale = np.iinfo(raw.dtype).max if np.issubdtype(raw.dtype, np.integer) else 1.0
+    return SynapseCube(crop(raw).astype(np.float32) / scale, new[inverse].reshape(inst_in.shape), semantic, meta)
+
 def cubes_from_bbox(root: str | Path, # dataset folder in the original layout
                     bbox: str, # bounding-box name
                     size: int = 80, # cube side in voxels
                     labels: dict | None = None, # {SEMANTIC_LABELS name: id or ids in add_mask}; default SEMANTIC_LABELS
+                    mask_dir: str | Path | None = None, # the bbox's mask slices (see load_bbox)
+                    max_cloud_gap_vox: float = 12.0, # largest distance (voxels) from a synapse's vesicle cloud to its cleft
                    ) -> list[SynapseCube]:
-    "The synapse cubes of one bounding box, one per row of its table."
-    labels = dict(SEMANTIC_LABELS) if labels is None else labels
-    if not isinstance(labels, dict) or set(labels) != set(SEMANTIC_LABELS):
-        raise ValueError(f"labels must map exactly {sorted(SEMANTIC_LABELS)} to add_mask ids, got {labels!r}")
-    raw, seg, add_mask, table = load_bbox(root, bbox)
-    cubes = []
-    for _, row in table.iterrows():
-        point = lambda name: [int(row[f"{name}_coord_{k}"]) for k in (3, 2, 1)]        # z, y, x
-        centre = point("central")
-        crop = lambda vol: crop_cube(vol, centre, size)
-        inst_in, sem_in = crop(seg), crop(add_mask)
-        semantic = np.zeros(inst_in.shape, np.uint8)
-        for name, ids in labels.items(): semantic[np.isin(sem_in, np.atleast_1d(ids))] = SEMANTIC_LABELS[name]
-        sides = [int(seg[tuple(point(s))]) for s in ("side_1", "side_2")]
-        if 0 in sides or sides[0] == sides[1]:
-            raise ValueError(f"{bbox}, synapse {row['Var1']}: side_1 and side_2 must lie in two different neurites, got ids {sides}")
-        cloud = semantic == SEMANTIC_LABELS["vesicle_cloud"]
-        pre_side = 0 if (cloud & (inst_in == sides[0])).sum() >= (cloud & (inst_in == sides[1])).sum() else 1
-        ids, inverse = np.unique(inst_in, return_inverse=True)
-        new = np.zeros(len(ids), np.int32)
-        new[ids > 0] = np.arange((ids > 0).sum()) + 3
-        new[ids == sides[pre_side]], new[ids == sides[1 - pre_side]] = PRE, POST
-        meta = {"synapse_id": row["Var1"], "bbox": bbox, "pre_side": pre_side + 1}
-        shift = np.array(centre[::-1]) - size // 2                                       # x, y, z of the cube's corner
-        for name in ("central", "side_1", "side_2"):
-            meta.update({f"{name}_coord_{k + 1}": int(v) for k, v in enumerate(np.array(point(name)[::-1]) - shift)})
-        scale = np.iinfo(raw.dtype).max if np.issubdtype(raw.dtype, np.integer) else 1.0
-        cubes.append(SynapseCube(crop(raw).astype(np.float32) / scale, new[inverse].reshape(inst_in.shape), semantic, meta))
-    return cubes
+    "The synapse cubes of one bounding box, one per row of its table; label ids that cannot be right are refused."
+    ids = check_mask_labels(dict(SEMANTIC_LABELS) if labels is None else labels)
+    if isinstance(max_cloud_gap_vox, bool) or not isinstance(max_cloud_gap_vox, (int, float)) or not max_cloud_gap_vox >= 0:
+        raise ValueError(f"max_cloud_gap_vox must be a number >= 0, got {max_cloud_gap_vox!r}")
+    raw, seg, add_mask, table = load_bbox(root, bbox, mask_dir=mask_dir)
+    _check_ids_present(add_mask, ids, bbox)
+    return [_synapse_cube(raw, seg, add_mask, row, size, ids, bbox, max_cloud_gap_vox) for _, row in table.iterrows()]
