@@ -5,10 +5,10 @@
 # %% ../../nbs/35_synapse_stats.ipynb #c002
 from __future__ import annotations
 import numpy as np
+import pandas as pd
 from scipy import stats
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -16,7 +16,8 @@ from ..core import mean_ci
 
 # %% auto #0
 __all__ = ['adjusted_rand_many', 'adjusted_rand', 'permute_within', 'ari_permutation_test', 'kmeans_labels',
-           'grouped_probe_accuracy', 'same_axon_retrieval', 'paired_comparison', 'holm', 'affine_r2', 'effective_rank']
+           'balanced_axon_folds', 'grouped_probe_accuracy', 'same_axon_retrieval', 'paired_comparison', 'holm',
+           'affine_r2', 'effective_rank']
 
 # %% ../../nbs/35_synapse_stats.ipynb #c005
 def _codes(labels) -> tuple[np.ndarray, int]:
@@ -85,14 +86,24 @@ def kmeans_labels(x: np.ndarray, k: int, seed: int = 0, scale: bool = True) -> n
     if len(x) <= k: raise ValueError(f"k={k} needs more than {len(x)} rows")
     return KMeans(k, n_init=10, random_state=seed).fit_predict(StandardScaler().fit_transform(x) if scale else x)
 
-def grouped_probe_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int = 4, C: float = 1.0) -> float:
-    "Balanced accuracy of out-of-fold predictions of a standardised L2 logistic regression, folds grouped (e.g. by axon)."
-    x, y, groups = np.asarray(x, np.float64), np.asarray(y), np.asarray(groups)
-    if len(np.unique(groups)) < n_splits: raise ValueError(f"need at least {n_splits} groups, got {len(np.unique(groups))}")
+def balanced_axon_folds(axon: np.ndarray, label: np.ndarray, stratum: np.ndarray, n_splits: int = 2) -> np.ndarray:
+    "Fold id per synapse: whole axons, and in every stratum (bbox) x class cell the axons dealt round-robin to the folds."
+    axon, label, stratum = (np.asarray(a) for a in (axon, label, stratum))
+    cells = pd.DataFrame({"axon": axon, "label": label, "stratum": stratum}).drop_duplicates("axon")
+    if cells.groupby(["stratum", "label"]).size().min() < n_splits:
+        raise ValueError(f"every stratum x class cell needs at least n_splits={n_splits} axons")
+    cells["fold"] = cells.groupby(["stratum", "label"]).cumcount() % n_splits
+    return cells.set_index("axon").fold.loc[axon].to_numpy()
+
+def grouped_probe_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, C: float = 1.0) -> float:
+    "Balanced accuracy of out-of-fold predictions of a standardised L2 logistic regression, for given folds (e.g. whole axons)."
+    x, y, folds = np.asarray(x, np.float64), np.asarray(y), np.asarray(folds)
+    if len(np.unique(folds)) < 2: raise ValueError("need at least 2 folds")
     pred = np.empty_like(y)
-    for train, test in GroupKFold(n_splits).split(x, y, groups):
+    for f in np.unique(folds):
+        test = folds == f
         model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-        pred[test] = model.fit(x[train], y[train]).predict(x[test])
+        pred[test] = model.fit(x[~test], y[~test]).predict(x[test])
     return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
 
 def same_axon_retrieval(x: np.ndarray, axon: np.ndarray, within: np.ndarray) -> dict:

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from .analysis import centre_prior, grad_cam, handcrafted_features, localisation_auc, localisation_masks
 from .data import SEGMENTATION_TYPES, GeneratorConfig, SynapseCube, prepare_cube
 from .model import VGG3D, VGG3DStageExtractor, cubes_to_input
-from .stats import (adjusted_rand, ari_permutation_test, grouped_probe_accuracy, holm, kmeans_labels,
+from .stats import (adjusted_rand, ari_permutation_test, balanced_axon_folds, grouped_probe_accuracy, holm, kmeans_labels,
                                        paired_comparison, same_axon_retrieval)
 from .train import predict
 
@@ -82,9 +82,9 @@ class SynapseStudyParams:
                                axons_per_bbox=self.axons_per_bbox, synapses_per_axon=self.synapses_per_axon)
 
     def check_config(self, n_bboxes: int | None = None) -> GeneratorConfig:
-        "The evaluation generator at the check's resolution (same field of view, classes and hierarchy)."
+        "The evaluation generator at the check's resolution with one synapse per axon (same field of view, classes, boxes and axons)."
         return dataclasses.replace(self.generator_config(), cube_size=self.check_cube_size, voxel_nm=self.check_voxel_nm,
-                                   n_bboxes=n_bboxes or self.n_bboxes)
+                                   n_bboxes=n_bboxes or self.n_bboxes, synapses_per_axon=1)
 
     def train_seed_of(self, set_index: int) -> int:
         "The training seed whose networks score evaluation set `set_index`."
@@ -131,7 +131,7 @@ def score_set(x: np.ndarray, metadata: pd.DataFrame, n_clusters: int, seed: int)
     in_bbox = same_axon_retrieval(z, axon, bbox)
     in_bbox_class = same_axon_retrieval(z, axon, bbox * 1000 + cls)
     return {"ari_class": adjusted_rand(cls, pred), "ari_bbox": adjusted_rand(bbox, pred),
-            "probe_accuracy": grouped_probe_accuracy(z, cls, axon),
+            "probe_accuracy": grouped_probe_accuracy(z, cls, balanced_axon_folds(axon, cls, bbox)),
             "axon_retrieval_in_bbox": in_bbox["rate"], "axon_retrieval_in_bbox_chance": in_bbox["chance"],
             "axon_retrieval_in_bbox_class": in_bbox_class["rate"], "axon_retrieval_in_bbox_class_chance": in_bbox_class["chance"]}, pred
 
