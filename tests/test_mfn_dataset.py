@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from project_lib.mfn.dataset import PARQUET_SCHEMA, generate_dataset, read_dataset, sweep
+from project_lib.mfn.dataset import PARQUET_SCHEMA, generate_dataset, read_dataset, sweep, thread_budget
 from project_lib.mfn.features import FEATURE_NAMES
 
 CONFIGS = sweep([16, 24], [0.1, 0.2], [0, 1], steps=[30])
@@ -35,6 +35,27 @@ def test_dask_backend_gives_the_same_dataset(tmp_path):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         generate_dataset(CONFIGS, tmp_path / "dask.parquet", n_jobs=2, scheduler_address=cluster.scheduler_address, progress=False)
     assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
+
+
+def test_dask_backend_with_worker_processes_gives_the_same_dataset(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    generate_dataset(CONFIGS, tmp_path / "local.parquet", progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        generate_dataset(CONFIGS, tmp_path / "dask.parquet", n_jobs=2, scheduler_address=cluster.scheduler_address, progress=False)
+    assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("n_jobs, cpus, expected", [(-1, 8, (8, 1)), (-2, 8, (7, 1)), (1, 8, (1, 8)), (2, 8, (2, 4)), (3, 8, (3, 2)),
+                                                     (16, 8, (16, 1))])
+def test_thread_budget_never_oversubscribes_the_cores(n_jobs, cpus, expected):
+    # -1 used to give every one of cpu_count workers cpu_count numba threads
+    workers, threads = thread_budget(n_jobs, cpus)
+    assert (workers, threads) == expected and (workers * threads <= cpus or threads == 1)
+
+
+def test_zero_jobs_is_refused():
+    with pytest.raises(ValueError, match="n_jobs must be a non-zero integer"):
+        thread_budget(0)
 
 
 def test_failed_generation_leaves_the_old_file(tmp_path):
@@ -68,5 +89,11 @@ def test_cli_help_and_run(tmp_path):
     ok = run("--output", str(out), "--grid-sizes", "16", "--alphas", "0.1", "0.2", "--seeds", "0", "--steps", "20", "--quiet")
     assert ok.returncode == 0, ok.stderr
     assert len(read_dataset(out)[0]) == 4
-    bad = run("--output", str(out), "--alphas", "0.5", "--quiet")
-    assert bad.returncode != 0 and "alpha=0.5 > 0.25" in bad.stderr
+    for args, message in ((("--alphas", "0.5"), "alpha=0.5 > 0.25"), (("--grid-sizes", "-16"), "grid_size must be an integer >= 4"),
+                          (("--n-jobs", "0"), "n_jobs must be a non-zero integer"), (("--seeds", "0", "0"), "seeds has duplicate values"),
+                          (("--grid-sizes", "97"), "fewer than two divisors")):
+        bad = run("--output", str(out), *args, "--quiet")
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    for target, message in ((tmp_path, "is a directory"), (tmp_path / "missing" / "x.parquet", "does not exist")):
+        bad = run("--output", str(target), "--quiet")
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from project_lib.mfn.features import compute_temporal_features
-from project_lib.mfn.sim import (DYNAMICS, SimulationConfig, _initial_state, jacobian, max_growth_rate,
+from project_lib.mfn.sim import (DYNAMICS, SimulationConfig, _initial_state, jacobian, kinetics, max_growth_rate,
                                  reference_step, simulate)
 
 
@@ -47,6 +47,16 @@ def test_bad_configuration_is_refused(kwargs, message):
         SimulationConfig(**kwargs)
 
 
+def test_numpy_scalar_alphas_are_accepted_and_bad_types_refused_clearly():
+    assert SimulationConfig(alpha=np.float32(0.1)).alpha == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="dynamics must be one of .* \\(a string\\)"):
+        SimulationConfig(dynamics=["default"])
+    with pytest.raises(TypeError, match="config must be a SimulationConfig, got dict"):
+        simulate({"grid_size": 16})
+    with pytest.raises(TypeError, match="feature_config must be a FeatureConfig, got dict"):
+        simulate(SimulationConfig(grid_size=16, steps=2), {"connectivity": 8})
+
+
 def test_unknown_simulation_parameter():
     with pytest.raises(TypeError, match="colour"):
         SimulationConfig(colour="red")
@@ -60,6 +70,34 @@ def test_default_dynamics_satisfy_the_turing_conditions():
     assert np.trace(J) < 0 and det > 0                        # stable without diffusion
     assert d.d_inhibitor * fa + d.d_activator * gh > 2 * np.sqrt(d.d_activator * d.d_inhibitor * det)   # Murray's condition
     assert max_growth_rate(d)[1] > 0                          # and a lattice mode really grows
+
+
+def _finite_difference_jacobian(d, eps=1e-6):
+    "Jacobian of the kinetics at the steady state by central differences of `kinetics` itself (not the analytic `jacobian`)."
+    args = (True if d.kinetics == "cubic" else None, d.r_activator, d.r_inhibitor, d.inhibitor_gain, d.cubic, d.steady_state)
+    s = d.steady_state
+    f = lambda a, h: np.array(kinetics(a, h, *args))
+    return np.column_stack([(f(s + eps, s) - f(s - eps, s)) / (2 * eps), (f(s, s + eps) - f(s, s - eps)) / (2 * eps)])
+
+
+def test_turing_instability_and_wavelength_from_finite_differences_and_a_simulation():
+    d = DYNAMICS["default"]
+    J, D = _finite_difference_jacobian(d), np.diag([d.d_activator, d.d_inhibitor])
+    assert np.trace(J) < 0 and np.linalg.det(J) > 0                                   # stable without diffusion
+    assert d.d_inhibitor * J[0, 0] + d.d_activator * J[1, 1] > 2 * np.sqrt(d.d_activator * d.d_inhibitor * np.linalg.det(J))
+    # linear prediction on the lattice: the wavenumber whose mode grows fastest (1-D lattice Laplacian 2 - 2 cos k)
+    k = np.linspace(1e-3, np.pi, 4000)
+    rates = np.array([np.linalg.eigvals(J - D * (2 - 2 * np.cos(q))).real.max() for q in k])
+    predicted = 2 * np.pi / k[rates.argmax()]
+    # the pattern a simulation grows: the peak of the activator's radially averaged power spectrum
+    n = 64
+    a = simulate(SimulationConfig(grid_size=n, steps=300, alpha=0.1, turing_enabled=True, seed=0)).activator
+    power = np.abs(np.fft.fft2(a - a.mean())) ** 2
+    m = np.fft.fftfreq(n) * n
+    ring = np.rint(np.hypot(m[:, None], m[None, :])).astype(int).ravel()
+    radial = np.bincount(ring, power.ravel()) / np.bincount(ring)
+    measured = n / (radial[1:].argmax() + 1)
+    assert rates.max() > 0 and measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
 
 
 def test_v41_dynamics_cannot_pattern():

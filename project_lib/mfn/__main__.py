@@ -4,11 +4,11 @@
 
 # %% ../../nbs/14_mfn_cli.ipynb #c002
 from __future__ import annotations
-import argparse
+import argparse, os
 from pathlib import Path
 
-from .dataset import generate_dataset, sweep
-from .features import FeatureConfig
+from .dataset import generate_dataset, sweep, thread_budget
+from .features import FeatureConfig, box_sizes
 from .sim import DYNAMICS
 
 # %% auto #0
@@ -34,12 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
+def _check_output(parser: argparse.ArgumentParser, path: Path):
+    "Refuse an output that is a directory or sits in a missing or read-only folder, before any simulation runs."
+    if path.is_dir(): parser.error(f"--output {path} is a directory; give a .parquet file path")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir(): parser.error(f"--output {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK): parser.error(f"--output {path}: folder {folder} is not writable")
+
 def main(argv: list[str] | None = None) -> Path:
-    "Run the CLI; returns the written path."
-    args = build_parser().parse_args(argv)
+    "Run the CLI; returns the written path. Bad arguments end in argparse's one-line error (exit status 2)."
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_output(parser, args.output)
     turing = {"both": (True, False), "on": (True,), "off": (False,)}[args.turing]
-    configs = sweep(args.grid_sizes, args.alphas, args.seeds, args.steps, turing, args.dynamics, args.spike_probability)
     features = FeatureConfig() if args.feature_config == "schema" else FeatureConfig.upstream_v41()
+    try:
+        configs = sweep(args.grid_sizes, args.alphas, args.seeds, args.steps, turing, args.dynamics, args.spike_probability)
+        thread_budget(args.n_jobs)
+        for n in args.grid_sizes: box_sizes(n, features)
+    except (ValueError, TypeError) as e: parser.error(str(e))
     df = generate_dataset(configs, args.output, features, args.n_jobs, args.scheduler_address, progress=not args.quiet)
     print(f"wrote {len(df)} simulations to {args.output}")
     return args.output

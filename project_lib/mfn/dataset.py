@@ -20,7 +20,8 @@ from .features import FEATURE_NAMES, FeatureConfig
 from .sim import SimulationConfig, simulate
 
 # %% auto #0
-__all__ = ['RUN_COLUMNS', 'PARQUET_SCHEMA', 'sweep', 'simulate_row', 'rows_to_table', 'generate_dataset', 'read_dataset']
+__all__ = ['RUN_COLUMNS', 'PARQUET_SCHEMA', 'sweep', 'simulate_row', 'thread_budget', 'rows_to_table', 'generate_dataset',
+           'read_dataset']
 
 # %% ../../nbs/12_mfn_dataset.ipynb #c005
 RUN_COLUMNS = (("sim_id", pa.int64()), ("random_seed", pa.int64()), ("grid_size", pa.int64()),
@@ -54,8 +55,16 @@ def simulate_row(sim_id: int, config: SimulationConfig, feature_config: FeatureC
     return {"sim_id": sim_id, "random_seed": config.seed, "grid_size": config.grid_size, "steps": config.steps,
             "alpha": config.alpha, "turing_enabled": config.turing_enabled, **features.to_dict()}
 
+def thread_budget(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
+    "(workers, numba threads per worker) for joblib's `n_jobs` (-1: all cores), so that workers x threads <= cores."
+    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
+        raise ValueError(f"n_jobs must be a non-zero integer (-1: all cores), got {n_jobs!r}")
+    cpus = cpus or os.cpu_count() or 1
+    workers = max(1, cpus + 1 + n_jobs if n_jobs < 0 else n_jobs)        # joblib: -1 all cores, -2 all but one, ...
+    return workers, max(1, cpus // workers)
+
 def _run_rows(configs, feature_config, n_jobs, scheduler_address, progress) -> list[dict]:
-    threads = max(1, (os.cpu_count() or 1) // max(n_jobs, 1))
+    n_jobs, threads = thread_budget(n_jobs)
     tasks = (joblib.delayed(simulate_row)(i, c, feature_config, threads) for i, c in enumerate(configs))
     bar = dict(total=len(configs), desc="simulations", disable=not progress)
     if scheduler_address is None:

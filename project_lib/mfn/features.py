@@ -4,7 +4,7 @@
 
 # %% ../../nbs/10_mfn_features.ipynb #c002
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, math, numbers
 from typing import Literal
 
 import numba
@@ -29,13 +29,22 @@ class FeatureConfig:
     stability_threshold_mv: float = 0.001 # std of |dV| below this counts as stable, mV/step
     stability_window: int = 10 # consecutive stable steps required
     connectivity: int = 4 # 4 (von Neumann) or 8 (Moore) neighbours, non-periodic
-    box_rounding: Literal["round", "truncate"] = "round"
+    box_rounding: Literal["round", "truncate"] = "round" # with box_tiling="drop_partial"
+    box_tiling: Literal["divisors", "drop_partial"] = "divisors"
     max_box_rule: Literal["half_grid", "upstream_cap"] = "half_grid"
     t_stable_convention: Literal["window_start", "window_end"] = "window_start"
     entropy_bins: int = 64 # experimental H_entropy: bins over the clamp range [-95, 40] mV
     correlation_max_points: int = 2000 # experimental D_correlation: sampled active cells
 
     def __post_init__(self):
+        is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        is_real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        for name in ("min_box_size", "num_scales", "stability_window", "connectivity", "entropy_bins", "correlation_max_points"):
+            if not is_int(getattr(self, name)): raise ValueError(f"FeatureConfig: {name} must be an integer, got {getattr(self, name)!r}")
+        if self.max_box_size is not None and not is_int(self.max_box_size):
+            raise ValueError(f"FeatureConfig: max_box_size must be an integer or None, got {self.max_box_size!r}")
+        for name in ("threshold_low_mv", "threshold_med_mv", "threshold_high_mv", "stability_threshold_mv"):
+            if not is_real(getattr(self, name)): raise ValueError(f"FeatureConfig: {name} must be a finite number, got {getattr(self, name)!r}")
         checks = [(self.min_box_size >= 1, "min_box_size must be >= 1"),
                   (self.max_box_size is None or self.max_box_size >= self.min_box_size, "max_box_size must be >= min_box_size"),
                   (self.num_scales >= 2, "num_scales must be >= 2 (a regression needs two scales)"),
@@ -44,6 +53,7 @@ class FeatureConfig:
                   (self.stability_window >= 1, "stability_window must be >= 1"),
                   (self.connectivity in (4, 8), "connectivity must be 4 or 8"),
                   (self.box_rounding in ("round", "truncate"), "box_rounding must be 'round' or 'truncate'"),
+                  (self.box_tiling in ("divisors", "drop_partial"), "box_tiling must be 'divisors' or 'drop_partial'"),
                   (self.max_box_rule in ("half_grid", "upstream_cap"), "max_box_rule must be 'half_grid' or 'upstream_cap'"),
                   (self.t_stable_convention in ("window_start", "window_end"), "t_stable_convention must be 'window_start' or 'window_end'"),
                   (self.entropy_bins >= 2, "entropy_bins must be >= 2"),
@@ -54,7 +64,7 @@ class FeatureConfig:
     @classmethod
     def upstream_v41(cls, **overrides) -> FeatureConfig:
         "The choices of the upstream v4.1 code: truncated box sizes, boxes capped at 32."
-        return cls(**{"box_rounding": "truncate", "max_box_rule": "upstream_cap", **overrides})
+        return cls(**{"box_rounding": "truncate", "max_box_rule": "upstream_cap", "box_tiling": "drop_partial", **overrides})
 
 # %% ../../nbs/10_mfn_features.ipynb #c008
 FEATURE_NAMES = ("D_box", "D_r2", "V_min", "V_max", "V_mean", "V_std", "V_skew", "V_kurt",
@@ -92,12 +102,19 @@ class FeatureVector:
         return np.array([getattr(self, name) for name in FEATURE_NAMES], dtype=np.float64)
 
 # %% ../../nbs/10_mfn_features.ipynb #c011
-def _as_field_array(field_snapshots, name: str = "field_snapshots") -> np.ndarray:
-    "Checked float64 view of an (N, N) or (T, N, N) field in volts."
+def _check_config(config) -> FeatureConfig:
+    "`config`, or the default when None; anything else (a dict, say) is a TypeError."
+    if config is None: return FeatureConfig()
+    if not isinstance(config, FeatureConfig): raise TypeError(f"config must be a FeatureConfig, got {type(config).__name__}")
+    return config
+
+def _as_field_array(field_snapshots, name: str = "field_snapshots", ndim: int | None = None) -> np.ndarray:
+    "Checked float64 view of an (N, N) or (T, N, N) field in volts (of `ndim` dimensions when given)."
     x = np.asarray(field_snapshots)
     if x.dtype == bool or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"{name} must hold real numbers (volts), got dtype {x.dtype}")
     if x.ndim not in (2, 3): raise ValueError(f"{name} must have shape (N, N) or (T, N, N), got ndim={x.ndim} shape {x.shape}")
+    if ndim == 2 and x.ndim != 2: raise ValueError(f"{name} must be 2-D (N, N), got shape {x.shape}")
     if x.shape[-1] != x.shape[-2]: raise ValueError(f"{name} must be square (N, N), got {x.shape[-2]} x {x.shape[-1]}")
     if x.shape[-1] < 2 or (x.ndim == 3 and x.shape[0] < 1): raise ValueError(f"{name} is empty or smaller than 2 x 2: shape {x.shape}")
     x = np.ascontiguousarray(x, dtype=np.float64)
@@ -111,13 +128,20 @@ def box_sizes(grid_size: int, # N of the N x N field
               config: FeatureConfig | None = None,
              ) -> np.ndarray:
     "The box sizes used for counting, in cells."
-    config = config or FeatureConfig()
+    config = _check_config(config)
     n = int(grid_size)
+    if config.min_box_size > n: raise ValueError(f"min_box_size {config.min_box_size} exceeds the grid size {n}")
     if config.max_box_size is not None: largest = config.max_box_size
     elif config.max_box_rule == "half_grid": largest = max(n // 2, config.min_box_size)
     else: largest = min(config.min_box_size * 2 ** (config.num_scales - 1), n // 2 if n >= 4 else n)
     if largest > n: raise ValueError(f"max_box_size {largest} exceeds the grid size {n}")
     scales = np.geomspace(config.min_box_size, largest, config.num_scales)
+    if config.box_tiling == "divisors":
+        divisors = np.array([d for d in range(config.min_box_size, largest + 1) if n % d == 0], np.int64)
+        if len(divisors) < 2 and len(np.unique(np.rint(scales))) >= 2:       # tiny grids keep the schema's "fewer than two sizes: 0"
+            raise ValueError(f"grid size {n} has fewer than two divisors in [{config.min_box_size}, {largest}], so whole-box counting "
+                             "needs another grid size (or FeatureConfig(box_tiling='drop_partial'), which is biased)")
+        return np.unique(divisors[np.abs(np.log(divisors)[None, :] - np.log(scales)[:, None]).argmin(1)])
     sizes = np.rint(scales) if config.box_rounding == "round" else scales.astype(int)
     return np.unique(sizes.astype(np.int64))
 
@@ -152,9 +176,9 @@ def compute_fractal_features(field: np.ndarray, # (N, N) field in volts
                              config: FeatureConfig | None = None,
                             ) -> tuple[float, float]: # (D_box, D_r2)
     "Box-counting dimension of the active set and the R² of its log-log fit."
-    config = config or FeatureConfig()
-    field = _as_field_array(field, "field")
-    if field.ndim != 2: raise ValueError(f"field must be 2-D (N, N), got shape {field.shape}")
+    return _fractal(_as_field_array(field, "field", ndim=2), _check_config(config))
+
+def _fractal(field: np.ndarray, config: FeatureConfig) -> tuple[float, float]:
     sizes = box_sizes(field.shape[0], config)
     counts = np.array([_occupied_boxes(field, config.threshold_low_mv / 1000, int(s)) for s in sizes])
     keep = counts > 0
@@ -190,8 +214,9 @@ def _row_central_moments(field, scale, mean):
 def compute_basic_stats(field: np.ndarray, # (N, N) field in volts
                        ) -> tuple[float, float, float, float, float, float]: # V_min, V_max, V_mean, V_std, V_skew, V_kurt (mV)
     "Field statistics in mV."
-    field = _as_field_array(field, "field")
-    if field.ndim != 2: raise ValueError(f"field must be 2-D (N, N), got shape {field.shape}")
+    return _basic_stats(_as_field_array(field, "field", ndim=2))
+
+def _basic_stats(field: np.ndarray) -> tuple[float, float, float, float, float, float]:
     rows = _row_sums(field, 1000.0)
     size = field.size
     mean = rows[:, 0].sum() / size
@@ -242,9 +267,10 @@ def compute_temporal_features(history: np.ndarray, # (T, N, N) field history in 
                               config: FeatureConfig | None = None,
                              ) -> tuple[float, float, int, float]: # dV_mean, dV_max, T_stable, E_trend
     "Temporal features of an in-memory history (see `TemporalAccumulator`)."
-    config = config or FeatureConfig()
     history = _as_field_array(history, "history")
-    if history.ndim == 2: history = history[None]
+    return _temporal(history if history.ndim == 3 else history[None], _check_config(config))
+
+def _temporal(history: np.ndarray, config: FeatureConfig) -> tuple[float, float, int, float]:
     acc = TemporalAccumulator(config, len(history))
     for t, frame in enumerate(history):
         mv = frame * 1000.0
@@ -262,9 +288,9 @@ def compute_structural_features(field: np.ndarray, # (N, N) field in volts
                                 config: FeatureConfig | None = None,
                                ) -> tuple[float, int, int, int, int, float]: # f_active, N_low, N_med, N_high, max size, size std
     "Active fraction and connected-cluster statistics at the three thresholds."
-    config = config or FeatureConfig()
-    field = _as_field_array(field, "field")
-    if field.ndim != 2: raise ValueError(f"field must be 2-D (N, N), got shape {field.shape}")
+    return _structural(_as_field_array(field, "field", ndim=2), _check_config(config))
+
+def _structural(field: np.ndarray, config: FeatureConfig) -> tuple[float, int, int, int, int, float]:
     structure = _STRUCTURES[config.connectivity]
     low = field > config.threshold_low_mv / 1000
     labels, n_low = ndimage.label(low, structure=structure)
@@ -281,18 +307,19 @@ def features_from_parts(field: np.ndarray, # final (N, N) field in volts
                         config: FeatureConfig | None = None,
                        ) -> FeatureVector:
     "Feature vector from a final field and already-computed temporal features."
-    config = config or FeatureConfig()
-    return FeatureVector(*compute_fractal_features(field, config), *compute_basic_stats(field), *temporal,
-                         *compute_structural_features(field, config))
+    return _vector(_as_field_array(field, "field", ndim=2), temporal, _check_config(config))
+
+def _vector(field: np.ndarray, temporal: tuple, config: FeatureConfig) -> FeatureVector:
+    "The 18 features of a checked field (validated once by the caller)."
+    return FeatureVector(*_fractal(field, config), *_basic_stats(field), *temporal, *_structural(field, config))
 
 def compute_features(field_snapshots: np.ndarray, # (N, N) or (T, N, N), volts
                      config: FeatureConfig | None = None,
                     ) -> FeatureVector:
-    "All 18 features of a field or a field history (schema section 7)."
-    config = config or FeatureConfig()
-    x = _as_field_array(field_snapshots)
+    "All 18 features of a field or a field history (schema section 7); the input is validated once."
+    config, x = _check_config(config), _as_field_array(field_snapshots)
     history = x if x.ndim == 3 else x[None]
-    return features_from_parts(history[-1], compute_temporal_features(history, config), config)
+    return _vector(history[-1], _temporal(history, config), config)
 
 # %% ../../nbs/10_mfn_features.ipynb #c029
 EXPERIMENTAL_FEATURE_NAMES = ("H_entropy", "L_perimeter", "compactness", "D_information", "D_correlation")
@@ -323,9 +350,7 @@ def compute_experimental_features(field: np.ndarray, # (N, N) field in volts
                                   config: FeatureConfig | None = None,
                                  ) -> dict[str, float]:
     "The experimental features of schema section 8 (not validated; not in the 18-feature vector)."
-    config = config or FeatureConfig()
-    field = _as_field_array(field, "field")
-    if field.ndim != 2: raise ValueError(f"field must be 2-D (N, N), got shape {field.shape}")
+    config, field = _check_config(config), _as_field_array(field, "field", ndim=2)
     hist, _ = np.histogram(np.clip(field * 1000, -95, 40), bins=config.entropy_bins, range=(-95, 40))
     p = hist[hist > 0] / field.size
     active = field > config.threshold_low_mv / 1000

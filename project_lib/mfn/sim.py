@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_mfn_sim.ipynb #c002
 from __future__ import annotations
-import dataclasses
+import dataclasses, numbers
 from typing import Callable, Literal
 
 import numba
@@ -63,13 +63,14 @@ class SimulationConfig:
         is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
         need(is_int(self.grid_size) and self.grid_size >= 4, f"grid_size must be an integer >= 4, got {self.grid_size!r}")
         need(is_int(self.steps) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
-        need(isinstance(self.alpha, (int, float)) and 0 < self.alpha, f"alpha must be a positive number, got {self.alpha!r}")
+        need(isinstance(self.alpha, numbers.Real) and not isinstance(self.alpha, bool) and 0 < self.alpha,
+             f"alpha must be a positive number, got {self.alpha!r}")
         need(self.alpha <= 0.25, f"alpha={self.alpha} > 0.25: the explicit diffusion scheme is unstable there "
                                  "(amplification factor 1 - 8 alpha < -1 for the checkerboard mode)")
         need(isinstance(self.spike_probability, (int, float)) and 0 <= self.spike_probability <= 1,
              f"spike_probability must be in [0, 1], got {self.spike_probability!r}")
         need(isinstance(self.turing_enabled, (bool, np.bool_)), f"turing_enabled must be a bool, got {self.turing_enabled!r}")
-        need(self.dynamics in DYNAMICS, f"dynamics must be one of {sorted(DYNAMICS)}, got {self.dynamics!r}")
+        need(isinstance(self.dynamics, str) and self.dynamics in DYNAMICS, f"dynamics must be one of {sorted(DYNAMICS)} (a string), got {self.dynamics!r}")
         need(is_int(self.seed) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
 
 # %% ../../nbs/11_mfn_sim.ipynb #c010
@@ -209,6 +210,8 @@ def simulate(config: SimulationConfig, # what to run
     v, a, h = _initial_state(config, rng, d)
     v2, a2, h2 = np.empty_like(v), a.copy(), h.copy()
     p, rows = _pack(config.alpha, d), np.empty((config.grid_size, 4))
+    if feature_config is not None and not isinstance(feature_config, FeatureConfig):
+        raise TypeError(f"feature_config must be a FeatureConfig, got {type(feature_config).__name__}")
     acc = TemporalAccumulator(feature_config or FeatureConfig(), config.steps)
     switches = (_switch(config.turing_enabled), _switch(d.kinetics == "cubic"), _switch(d.coupling == "threshold"))
     spikes = 0
