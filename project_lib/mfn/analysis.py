@@ -14,8 +14,10 @@ from ..core import mean_ci
 from .features import FEATURE_NAMES
 
 # %% auto #0
-__all__ = ['EXPECTED_RANGES', 'MFNStudyParams', 'out_of_range_fractions', 'constant_features', 'turing_effect', 'alpha_effect',
-           'plot_fields', 'plot_feature_ranges', 'plot_correlation', 'plot_effects']
+__all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'FEATURE_GROUPS', 'TARGETS', 'MFNStudyParams',
+           'out_of_range_fractions', 'constant_features', 'turing_effect', 'alpha_effect', 'plot_fields',
+           'plot_feature_ranges', 'plot_correlation', 'plot_effects', 'per_cell', 'degenerate_features', 'out_of_fold',
+           'seed_bootstrap_ci', 'predictability']
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c005
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +73,13 @@ def turing_effect(df: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> p
     off = df[~df.turing_enabled].set_index(_PAIR_KEYS).sort_index()
     if len(on) < 2 or not on.index.equals(off.index):
         raise ValueError("turing_effect needs at least 2 pairs and a Turing-off twin for every Turing-on run")
+    if on.index.get_level_values("random_seed").nunique() < 2: raise ValueError("turing_effect needs at least 2 seeds")
     rows = []
     for name in FEATURE_NAMES:
-        diff = on[name].to_numpy() - off[name].to_numpy()
-        mean, low, high = mean_ci(diff, n_resamples=n_resamples, seed=seed)
+        per_seed = (on[name] - off[name]).groupby(level="random_seed").mean().to_numpy()
+        mean, low, high = mean_ci(per_seed, n_resamples=n_resamples, seed=seed)
         scale = float(pd.concat([on[name], off[name]]).std()) or 1.0
-        rows.append({"feature": name, "effect": mean, "ci_low": low, "ci_high": high, "n_units": len(diff),
+        rows.append({"feature": name, "effect": mean, "ci_low": low, "ci_high": high, "n_units": len(per_seed),
                      "std_effect": mean / scale, "std_ci_low": low / scale, "std_ci_high": high / scale})
     return pd.DataFrame(rows)
 
@@ -155,3 +158,76 @@ def plot_effects(effects: dict[str, pd.DataFrame]):
         ax.set_title(title, fontsize=10); ax.set_xlabel("effect in feature standard deviations")
     fig.tight_layout()
     return fig
+
+# %% ../../nbs/13_mfn_analysis.ipynb #c019
+EXTENSIVE_FEATURES = ("N_clusters_low", "N_clusters_med", "N_clusters_high", "max_cluster_size", "E_trend")
+CLAMP_MV = -95.0
+
+def per_cell(df: pd.DataFrame) -> pd.DataFrame:
+    "A copy with the extensive features divided by the number of cells N²."
+    out = df.copy()
+    for name in EXTENSIVE_FEATURES: out[name] = df[name] / df.grid_size.astype(float) ** 2
+    return out
+
+def degenerate_features(df: pd.DataFrame) -> dict[str, float]:
+    "Fractions of runs with T_stable equal to the step count and with V_min at the clamp."
+    return {"T_stable never stable": float((df.T_stable >= df.steps).mean()),
+            "V_min at the clamp": float((df.V_min <= CLAMP_MV + 1e-9).mean())}
+
+# %% ../../nbs/13_mfn_analysis.ipynb #c022
+FEATURE_GROUPS = {"fractal": ("D_box", "D_r2"), "statistics": ("V_min", "V_max", "V_mean", "V_std", "V_skew", "V_kurt"),
+                  "temporal": ("dV_mean", "dV_max", "T_stable", "E_trend"),
+                  "clusters": ("f_active", "N_clusters_low", "N_clusters_med", "N_clusters_high", "max_cluster_size", "cluster_size_std"),
+                  "all 18": FEATURE_NAMES}
+TARGETS = {"alpha": ("R²", "regression"), "turing_enabled": ("ROC-AUC", "classification")}
+
+def _model(kind: str, seed: int):
+    import lightgbm
+    common = dict(n_estimators=100, learning_rate=0.1, num_leaves=15, min_child_samples=10, subsample=1.0,
+                  random_state=seed, n_jobs=1, deterministic=True, force_row_wise=True, verbose=-1)
+    return lightgbm.LGBMRegressor(**common) if kind == "regression" else lightgbm.LGBMClassifier(**common)
+
+def _score(kind: str, y: np.ndarray, pred: np.ndarray) -> float:
+    from sklearn.metrics import r2_score, roc_auc_score
+    if kind == "regression": return float(r2_score(y, pred))
+    return float(roc_auc_score(y, pred)) if len(np.unique(y)) == 2 else float("nan")
+
+def out_of_fold(df: pd.DataFrame, features, target: str, n_splits: int = 5, seed: int = 0, importance: bool = False):
+    "(out-of-fold predictions, permutation importances per feature or None) of LightGBM, folds = whole seeds."
+    from sklearn.inspection import permutation_importance
+    from sklearn.model_selection import GroupKFold
+    kind = TARGETS[target][1]
+    x, y, groups = df[list(features)].to_numpy(np.float64), df[target].astype(float).to_numpy(), df.random_seed.to_numpy()
+    if len(np.unique(groups)) < n_splits: raise ValueError(f"need at least {n_splits} seeds for {n_splits} seed-grouped folds, got {len(np.unique(groups))}")
+    pred, drops = np.empty(len(y)), []
+    for train, test in GroupKFold(n_splits).split(x, y, groups):
+        model = _model(kind, seed).fit(x[train], y[train])
+        pred[test] = model.predict(x[test]) if kind == "regression" else model.predict_proba(x[test])[:, 1]
+        if importance:
+            scoring = "r2" if kind == "regression" else "roc_auc"
+            drops.append(permutation_importance(model, x[test], y[test], scoring=scoring, n_repeats=5, random_state=seed).importances_mean)
+    return pred, (pd.Series(np.mean(drops, 0), index=list(features)) if importance else None)
+
+def seed_bootstrap_ci(df: pd.DataFrame, target: str, pred: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    "95% percentile CI of the score, resampling seeds with replacement (all runs of a drawn seed come along)."
+    kind, rng = TARGETS[target][1], np.random.default_rng(seed)
+    y, groups = df[target].astype(float).to_numpy(), df.random_seed.to_numpy()
+    members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
+    keys = np.array(list(members))
+    scores = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([members[g] for g in rng.choice(keys, len(keys))])
+        scores.append(_score(kind, y[idx], pred[idx]))
+    return tuple(float(v) for v in np.nanquantile(scores, [0.025, 0.975]))
+
+def predictability(df: pd.DataFrame, n_splits: int = 5, n_resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(score table per target and feature group with seed-bootstrap CIs, permutation importance per target and feature)."
+    data, rows, importances = per_cell(df), [], {}
+    for target, (metric, kind) in TARGETS.items():
+        for group, features in FEATURE_GROUPS.items():
+            pred, drop = out_of_fold(data, features, target, n_splits, seed, importance=group == "all 18")
+            low, high = seed_bootstrap_ci(data, target, pred, n_resamples, seed)
+            rows.append({"target": target, "metric": metric, "features": group, "score": _score(kind, data[target].astype(float).to_numpy(), pred),
+                         "ci_low": low, "ci_high": high})
+            if drop is not None: importances[target] = drop
+    return pd.DataFrame(rows), pd.DataFrame(importances).rename_axis("feature").reset_index()
