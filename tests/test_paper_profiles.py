@@ -1,0 +1,76 @@
+"""Every study's paper profile is meant for a GPU box and must not crash after hours of GPU time: its parameters
+validate here (fast), and one step of each stage at paper sizes runs when RUN_SLOW=1 (slow on a CPU:
+`RUN_SLOW=1 .venv/bin/python -m pytest -q tests/test_paper_profiles.py`)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from project_lib.cascade.models import build_model as build_detector, detector_loss
+from project_lib.cascade.study import CascadeParams
+from project_lib.core import load_study_params
+from project_lib.cryoem.al import ALStudyParams
+from project_lib.cryoem.study import ARMS, CryoEMStudyParams
+from project_lib.cryoem.train import build_model as build_picker, focal_dice_loss
+from project_lib.mfn.analysis import MFNStudyParams
+from project_lib.mfn.sim import SimulationConfig, simulate
+from project_lib.synapse.data import SyntheticSynapses
+from project_lib.synapse.model import VGG3D
+from project_lib.synapse.study import SynapseStudyParams, prepared_inputs
+from project_lib.synapse.train import ContrastiveConfig, ContrastiveVGG, augment, nt_xent
+
+SCHEMAS = {"mfn": MFNStudyParams, "cryoem": CryoEMStudyParams, "cryoem_al": ALStudyParams, "cascade": CascadeParams,
+           "synapse": SynapseStudyParams}
+slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="paper-size smoke step: set RUN_SLOW=1 (minutes on a CPU)")
+
+
+@pytest.mark.parametrize("study", sorted(SCHEMAS))
+def test_every_paper_profile_validates(study):
+    assert load_study_params(study, SCHEMAS[study], "paper") is not None
+
+
+@slow
+def test_mfn_paper_step_at_1024():
+    p = load_study_params("mfn", MFNStudyParams, "paper")
+    n = max(p.grid_sizes)
+    features = simulate(SimulationConfig(grid_size=n, steps=5, alpha=max(p.alphas), seed=0)).features()
+    assert np.isfinite(features.to_array()).all()
+
+
+@slow
+@pytest.mark.parametrize("arm", ARMS)
+def test_cryoem_paper_training_step_on_one_full_micrograph(arm):
+    p = load_study_params("cryoem", CryoEMStudyParams, "paper")
+    config = p.train_config(arm, 0)
+    model = build_picker(config)
+    x, y = torch.randn(1, 1, p.size_px, p.size_px), (torch.rand(1, 1, p.size_px, p.size_px) > 0.99).float()
+    loss = focal_dice_loss(model(x), y, config)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@slow
+@pytest.mark.parametrize("role", ["filter", "effnet", "genconvit_ed", "genconvit_vae"])
+def test_cascade_paper_training_step_on_one_batch(role):
+    p = load_study_params("cascade", CascadeParams, "paper")
+    config = p.model_config(role)
+    model = build_detector(config).train()
+    x, y = torch.rand(config.batch_size, 3, config.px, config.px), torch.randint(0, 2, (config.batch_size,))
+    loss = detector_loss(model(x), x, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@slow
+def test_synapse_paper_extraction_and_contrastive_step_at_80():
+    p = load_study_params("synapse", SynapseStudyParams, "paper")
+    x = prepared_inputs([SyntheticSynapses(p.generator_config(), 0)[0]] * 2, p.seg_types[0], p.alpha)
+    model = VGG3D(input_size=p.cube_size, classifier_hidden=p.classifier_hidden, dropout=p.dropout)
+    with torch.no_grad(): assert model(x).shape == (2, 7)
+    net = ContrastiveVGG(model, ContrastiveConfig().proj_dim)
+    gen = torch.Generator().manual_seed(0)
+    z = net(torch.cat([augment(x, gen), augment(x, gen)]))
+    loss = nt_xent(z[:2], z[2:], p.ssl_temperature)
+    loss.backward()
+    assert torch.isfinite(loss)
