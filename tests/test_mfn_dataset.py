@@ -29,18 +29,12 @@ def test_same_seed_gives_identical_parquet_bytes(tmp_path):
     assert (tmp_path / "a.parquet").read_bytes() != (tmp_path / "c.parquet").read_bytes()
 
 
-def test_dask_backend_gives_the_same_dataset(tmp_path):
+@pytest.mark.parametrize("workers, threads, processes", [(1, 2, False), (2, 1, True)])
+def test_dask_backend_gives_the_same_dataset(tmp_path, workers, threads, processes):
+    # in-process threads, and real worker processes (a pickled task, numba threads set in another process)
     distributed = pytest.importorskip("distributed")
     generate_dataset(CONFIGS, tmp_path / "local.parquet", progress=False)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        generate_dataset(CONFIGS, tmp_path / "dask.parquet", n_jobs=2, scheduler_address=cluster.scheduler_address, progress=False)
-    assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
-
-
-def test_dask_backend_with_worker_processes_gives_the_same_dataset(tmp_path):
-    distributed = pytest.importorskip("distributed")
-    generate_dataset(CONFIGS, tmp_path / "local.parquet", progress=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=processes, dashboard_address=None) as cluster:
         generate_dataset(CONFIGS, tmp_path / "dask.parquet", n_jobs=2, scheduler_address=cluster.scheduler_address, progress=False)
     assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
 

@@ -116,15 +116,21 @@ def test_bad_network_inputs_are_refused(bad):
         VGG3D(input_size=16, classifier_hidden=8)(bad)
 
 
-def test_grad_cam_localises_what_the_head_reads():
-    # every convolution copies channel 0 forward, so the pooled output the head reads is the bright blob of the input:
-    # the map at layer 0 must sit on the blob (hand-made network, dummy head)
+def _copying_network():
+    "Every convolution copies channel 0 forward through identity BatchNorms: the pooled output is the input's mean."
     model = VGG3D(input_size=16, fmaps=2, n_convolutions=(1, 1, 1, 1), classifier_hidden=4).eval()
     with torch.no_grad():
         for prm in model.parameters(): prm.zero_()
         for m in model.features:
             if isinstance(m, nn.BatchNorm3d): m.weight.fill_(1.0); m.running_var.fill_(1.0 - m.eps); m.running_mean.zero_()
             if isinstance(m, nn.Conv3d): m.weight[0, 0, 1, 1, 1] = 1.0
+    return model
+
+
+def test_grad_cam_localises_what_the_head_reads():
+    # every convolution copies channel 0 forward, so the pooled output the head reads is the bright blob of the input:
+    # the map at layer 0 must sit on the blob (hand-made network, dummy head)
+    model = _copying_network()
     x = torch.zeros(1, 1, 16, 16, 16); x[0, 0, 2:6, 2:6, 2:6] = 1.0
     cams = grad_cam(model, x, [0, 4], target=dummy_head_target)
     mask = x[0, 0].numpy() > 0
@@ -229,17 +235,6 @@ def test_nan_inputs_empty_datasets_and_zero_batches_are_refused():
         ExtractionConfig(batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         extract_features(VGG3D(input_size=16, classifier_hidden=8), [], QUIET)
-
-
-def _copying_network():
-    "Every convolution copies channel 0 forward through identity BatchNorms: the pooled output is the input's mean."
-    model = VGG3D(input_size=16, fmaps=2, n_convolutions=(1, 1, 1, 1), classifier_hidden=4).eval()
-    with torch.no_grad():
-        for prm in model.parameters(): prm.zero_()
-        for m in model.features:
-            if isinstance(m, nn.BatchNorm3d): m.weight.fill_(1.0); m.running_var.fill_(1.0 - m.eps); m.running_mean.zero_()
-            if isinstance(m, nn.Conv3d): m.weight[0, 0, 1, 1, 1] = 1.0
-    return model
 
 
 def test_grad_cam_of_a_trained_probe_finds_the_blob_it_was_trained_on():

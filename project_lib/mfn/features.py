@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage, spatial
 
 # %% auto #0
-__all__ = ['FEATURE_NAMES', 'EXPERIMENTAL_FEATURE_NAMES', 'FeatureConfig', 'FeatureVector', 'box_sizes',
+__all__ = ['FEATURE_NAMES', 'EXPERIMENTAL_FEATURE_NAMES', 'FeatureConfig', 'FeatureVector', 'as_feature_config', 'box_sizes',
            'compute_fractal_features', 'compute_basic_stats', 'TemporalAccumulator', 'compute_temporal_features',
            'compute_structural_features', 'features_from_parts', 'compute_features', 'compute_experimental_features']
 
@@ -102,10 +102,10 @@ class FeatureVector:
         return np.array([getattr(self, name) for name in FEATURE_NAMES], dtype=np.float64)
 
 # %% ../../nbs/10_mfn_features.ipynb #c011
-def _check_config(config) -> FeatureConfig:
-    "`config`, or the default when None; anything else (a dict, say) is a TypeError."
+def as_feature_config(config, name: str = "config") -> FeatureConfig:
+    "`config`, or the default when None; anything else (a dict, say) is a TypeError naming the argument `name`."
     if config is None: return FeatureConfig()
-    if not isinstance(config, FeatureConfig): raise TypeError(f"config must be a FeatureConfig, got {type(config).__name__}")
+    if not isinstance(config, FeatureConfig): raise TypeError(f"{name} must be a FeatureConfig, got {type(config).__name__}")
     return config
 
 def _as_field_array(field_snapshots, name: str = "field_snapshots", ndim: int | None = None) -> np.ndarray:
@@ -128,7 +128,7 @@ def box_sizes(grid_size: int, # N of the N x N field
               config: FeatureConfig | None = None,
              ) -> np.ndarray:
     "The box sizes used for counting, in cells."
-    config = _check_config(config)
+    config = as_feature_config(config)
     n = int(grid_size)
     if config.min_box_size > n: raise ValueError(f"min_box_size {config.min_box_size} exceeds the grid size {n}")
     if config.max_box_size is not None: largest = config.max_box_size
@@ -176,7 +176,7 @@ def compute_fractal_features(field: np.ndarray, # (N, N) field in volts
                              config: FeatureConfig | None = None,
                             ) -> tuple[float, float]: # (D_box, D_r2)
     "Box-counting dimension of the active set and the R² of its log-log fit."
-    return _fractal(_as_field_array(field, "field", ndim=2), _check_config(config))
+    return _fractal(_as_field_array(field, "field", ndim=2), as_feature_config(config))
 
 def _fractal(field: np.ndarray, config: FeatureConfig) -> tuple[float, float]:
     sizes = box_sizes(field.shape[0], config)
@@ -268,7 +268,7 @@ def compute_temporal_features(history: np.ndarray, # (T, N, N) field history in 
                              ) -> tuple[float, float, int, float]: # dV_mean, dV_max, T_stable, E_trend
     "Temporal features of an in-memory history (see `TemporalAccumulator`)."
     history = _as_field_array(history, "history")
-    return _temporal(history if history.ndim == 3 else history[None], _check_config(config))
+    return _temporal(history if history.ndim == 3 else history[None], as_feature_config(config))
 
 def _temporal(history: np.ndarray, config: FeatureConfig) -> tuple[float, float, int, float]:
     acc = TemporalAccumulator(config, len(history))
@@ -288,7 +288,7 @@ def compute_structural_features(field: np.ndarray, # (N, N) field in volts
                                 config: FeatureConfig | None = None,
                                ) -> tuple[float, int, int, int, int, float]: # f_active, N_low, N_med, N_high, max size, size std
     "Active fraction and connected-cluster statistics at the three thresholds."
-    return _structural(_as_field_array(field, "field", ndim=2), _check_config(config))
+    return _structural(_as_field_array(field, "field", ndim=2), as_feature_config(config))
 
 def _structural(field: np.ndarray, config: FeatureConfig) -> tuple[float, int, int, int, int, float]:
     structure = _STRUCTURES[config.connectivity]
@@ -307,7 +307,7 @@ def features_from_parts(field: np.ndarray, # final (N, N) field in volts
                         config: FeatureConfig | None = None,
                        ) -> FeatureVector:
     "Feature vector from a final field and already-computed temporal features."
-    return _vector(_as_field_array(field, "field", ndim=2), temporal, _check_config(config))
+    return _vector(_as_field_array(field, "field", ndim=2), temporal, as_feature_config(config))
 
 def _vector(field: np.ndarray, temporal: tuple, config: FeatureConfig) -> FeatureVector:
     "The 18 features of a checked field (validated once by the caller)."
@@ -317,7 +317,7 @@ def compute_features(field_snapshots: np.ndarray, # (N, N) or (T, N, N), volts
                      config: FeatureConfig | None = None,
                     ) -> FeatureVector:
     "All 18 features of a field or a field history (schema section 7); the input is validated once."
-    config, x = _check_config(config), _as_field_array(field_snapshots)
+    config, x = as_feature_config(config), _as_field_array(field_snapshots)
     history = x if x.ndim == 3 else x[None]
     return _vector(history[-1], _temporal(history, config), config)
 
@@ -350,7 +350,7 @@ def compute_experimental_features(field: np.ndarray, # (N, N) field in volts
                                   config: FeatureConfig | None = None,
                                  ) -> dict[str, float]:
     "The experimental features of schema section 8 (not validated; not in the 18-feature vector)."
-    config, field = _check_config(config), _as_field_array(field, "field", ndim=2)
+    config, field = as_feature_config(config), _as_field_array(field, "field", ndim=2)
     hist, _ = np.histogram(np.clip(field * 1000, -95, 40), bins=config.entropy_bins, range=(-95, 40))
     p = hist[hist > 0] / field.size
     active = field > config.threshold_low_mv / 1000

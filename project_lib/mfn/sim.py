@@ -10,7 +10,7 @@ from typing import Callable, Literal
 import numba
 import numpy as np
 
-from .features import FeatureConfig, FeatureVector, TemporalAccumulator, features_from_parts
+from .features import FeatureConfig, FeatureVector, TemporalAccumulator, as_feature_config, features_from_parts
 
 # %% auto #0
 __all__ = ['DYNAMICS', 'V_MIN_V', 'V_MAX_V', 'Dynamics', 'SimulationConfig', 'kinetics', 'jacobian', 'max_growth_rate',
@@ -210,9 +210,7 @@ def simulate(config: SimulationConfig, # what to run
     v, a, h = _initial_state(config, rng, d)
     v2, a2, h2 = np.empty_like(v), a.copy(), h.copy()
     p, rows = _pack(config.alpha, d), np.empty((config.grid_size, 4))
-    if feature_config is not None and not isinstance(feature_config, FeatureConfig):
-        raise TypeError(f"feature_config must be a FeatureConfig, got {type(feature_config).__name__}")
-    acc = TemporalAccumulator(feature_config or FeatureConfig(), config.steps)
+    acc = TemporalAccumulator(as_feature_config(feature_config, "feature_config"), config.steps)
     switches = (_switch(config.turing_enabled), _switch(d.kinetics == "cubic"), _switch(d.coupling == "threshold"))
     spikes = 0
     for t in range(config.steps):

@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from ..core import atomic_write_text
 from .data import _GAP_NM, SEMANTIC_LABELS, SynapseCube, prepare_cube
 from .model import VGG3D, check_input, cubes_to_input
+from .stats import same_axon_retrieval
 
 # %% auto #0
 __all__ = ['HANDCRAFTED_SIGMAS_NM', 'head_target', 'dummy_head_target', 'grad_cam', 'localisation_auc', 'centre_prior',
@@ -147,9 +148,8 @@ def presynapse_consistency(x: np.ndarray, # (n, d) features
     off = ~np.eye(len(x), dtype=bool)
     if not (same & off).any(): raise ValueError("no axon has two synapses: presynapse consistency is undefined")
     within, between = d[same & off].mean(), d[~same].mean()
-    nn_idx = np.where(off, d, np.inf).argmin(1)
-    return {"within_axon_distance": float(within), "between_axon_distance": float(between),
-            "within_between_ratio": float(within / between), "axon_retrieval_at_1": float((axon[nn_idx] == axon).mean())}
+    return {"within_axon_distance": float(within), "between_axon_distance": float(between), "within_between_ratio": float(within / between),
+            "axon_retrieval_at_1": same_axon_retrieval(x, axon, np.zeros(len(x)))["rate"]}
 
 # %% ../../nbs/32_synapse_analysis.ipynb #c021
 def choose_k_by_silhouette(x: np.ndarray, k_range: Sequence[int] = range(2, 11), seed: int = 0) -> tuple[int, dict[int, float]]:
