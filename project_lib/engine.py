@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_engine.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, os, pickle, time
+import dataclasses, hashlib, os, pickle, re, time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from .core import to_jsonable
 
 # %% auto #0
-__all__ = ['is_cuda', 'autocast', 'distributed', 'rank_shard', 'epoch_order', 'wrap_ddp', 'mean_over_ranks', 'from_rank0',
-           'file_hash', 'save_checkpoint', 'load_checkpoint_state', 'load_weights', 'FitResult', 'train_step', 'fit']
+__all__ = ['STATE_DICT_KEYS', 'is_cuda', 'autocast', 'distributed', 'rank_shard', 'epoch_order', 'wrap_ddp', 'mean_over_ranks',
+           'from_rank0', 'file_hash', 'save_checkpoint', 'load_checkpoint_state', 'load_weights', 'FitResult',
+           'train_step', 'fit']
 
 # %% ../nbs/02_engine.ipynb #c005
 def is_cuda(device) -> bool:
@@ -84,25 +85,38 @@ def load_checkpoint_state(path: str | Path, device="cpu") -> dict:
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     try: state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise ValueError(f"checkpoint {path} holds more than tensors, numbers and strings: refusing to unpickle it") from e
-        raise ValueError(f"checkpoint {path} is not a readable torch checkpoint (corrupt or another format)") from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"checkpoint {path} is not a readable torch checkpoint ({e})") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found: raise ValueError(f"checkpoint {path} holds a pickled {found.group(1)}, not only tensors, numbers and strings (a whole model "
+                                   "saved with torch.save(model)?): refusing to unpickle it; save model.state_dict() instead") from e
+        raise ValueError(f"checkpoint {path} cannot be read as a torch checkpoint (corrupt or another format): {e}") from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read as a torch checkpoint: {e}") from e
     if not isinstance(state, dict): raise ValueError(f"checkpoint {path} must hold a dict, got {type(state).__name__}")
     return state
 
-def load_weights(model: nn.Module, path: str | Path, device="cpu",
-                 key: str | None = "model", # the entry holding the state dict; None: the file is the state dict
-                ) -> nn.Module:
-    "Load a checkpoint's weights into `model` strictly: any missing, unexpected or differently shaped tensor is an error naming the file."
-    state = load_checkpoint_state(path, device)
-    if key is not None:
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model") # where other tools nest a state dict
+
+def _state_dict_of(state: dict, key, path: Path) -> dict:
+    "The state dict in `state`: under `key` (a name), under the first of several names holding a dict, or `state` itself (None)."
+    if isinstance(key, str):
         if key not in state: raise ValueError(f"checkpoint {path} has no {key!r} entry (entries: {sorted(state)[:10]})")
         state = state[key]
+    elif key is not None:
+        state = next((state[k] for k in key if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict): raise ValueError(f"checkpoint {path} holds no state dict under {key!r}")
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd: raise ValueError(f"checkpoint {path}: entries {odd[:5]} are not tensors; a state dict maps names to tensors")
+    return state
+
+def load_weights(model: nn.Module, path: str | Path, device="cpu",
+                 key: str | tuple[str, ...] | None = "model", # entry holding the state dict; several: the first present; None: the file itself
+                ) -> nn.Module:
+    "Load a checkpoint's weights into `model` strictly: any missing, unexpected or differently shaped tensor is an error naming the file."
+    path = Path(path)
+    state = _state_dict_of(load_checkpoint_state(path, device), key, path)
     own = model.state_dict()
     shapes = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model" for k, v in state.items()
-              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if shapes or missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "

@@ -13,8 +13,8 @@ import pandas as pd
 from .core import atomic_write_bytes, atomic_write_text
 
 # %% auto #0
-__all__ = ['slug', 'save_figure', 'save_table', 'write_metrics', 'normalise_notebook', 'external_references', 'render_report',
-           'render_index', 'main']
+__all__ = ['slug', 'save_figure', 'save_table', 'write_metrics', 'fill_answer', 'answer_values', 'write_headline',
+           'normalise_notebook', 'external_references', 'render_report', 'render_index', 'main']
 
 # %% ../nbs/01_report.ipynb #c005
 def slug(name: str) -> str:
@@ -60,6 +60,73 @@ def write_metrics(metrics: dict, # nested mapping of names to finite numbers (or
     return atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 # %% ../nbs/01_report.ipynb #c008
+_PLACEHOLDER = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
+
+def _metric(metrics: dict, path: str):
+    if not isinstance(metrics.get(path, {}), dict): return metrics[path]     # a flat {path: value} mapping
+    value = metrics
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"the answer names metric {path!r}, which the metrics do not have (no {part!r})")
+        value = value[part]
+    if isinstance(value, dict): raise ValueError(f"the answer names metric {path!r}, a group, not one value")
+    return value
+
+def fill_answer(template: str, # text with `{path/to/metric:format}` or `{path:if true|if false}` placeholders
+                metrics: dict, # nested metrics, as in metrics.json
+               ) -> str:
+    "`template` with every placeholder replaced by its metric: formatted numbers, or the text a bool picks."
+    def one(match):
+        path, spec = match.group(1).strip(), match.group(2) or ""
+        value = _metric(metrics, path)
+        if isinstance(value, bool):
+            if spec.count("|") != 1: raise ValueError(f"metric {path!r} is a bool: its placeholder needs 'text if true|text if false', got {spec!r}")
+            return spec.split("|")[0 if value else 1]
+        if "|" in spec: raise ValueError(f"metric {path!r} = {value!r} is not a bool, so it cannot pick between {spec!r}")
+        return format(value, spec)
+    if not isinstance(template, str): raise TypeError(f"template must be a string, got {type(template).__name__}")
+    return _PLACEHOLDER.sub(one, template)
+
+def answer_values(template: str, metrics: dict) -> dict:
+    "The metrics `template` uses, as a flat {path: value} mapping (enough to fill it again)."
+    return {m.group(1).strip(): _metric(metrics, m.group(1).strip()) for m in _PLACEHOLDER.finditer(template)}
+
+def _run_id(provenance) -> str:
+    "What ties a headline to its report: the parameters hash and start time of the run."
+    prov = provenance if isinstance(provenance, dict) else provenance.to_dict()
+    return f'{prov["params_hash"]} {prov["start_time"]}'
+
+def _thumbnail(png: Path, width: int = 320) -> str:
+    "Base64 PNG of `png` scaled to `width` pixels (same bytes for the same figure)."
+    from PIL import Image
+    import base64
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        im = im.resize((width, max(1, round(im.height * width / im.width))), Image.LANCZOS)
+        buf = io.BytesIO(); im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+def write_headline(out_dir: str | Path, # the study's output folder, holding metrics.json and figures/
+                   question: str, # the study's question, in one sentence
+                   answer: str, # template of the one-line answer, filled from metrics.json
+                   key_figure: str, # human name of the figure saved with `save_figure`
+                   provenance, # the run's `Provenance` (or its dict)
+                  ) -> Path:
+    "Write `out_dir/headline.json` for the front page: question, answer from the metrics, thumbnail, run."
+    out_dir = Path(out_dir)
+    for name, text in (("question", question), ("answer", answer)):
+        if not isinstance(text, str) or not text.strip(): raise ValueError(f"{name} must be a non-empty string, got {text!r}")
+    metrics_path = out_dir / "metrics.json"
+    if not metrics_path.is_file(): raise FileNotFoundError(f"{metrics_path} does not exist: call write_metrics before write_headline")
+    figure = out_dir / "figures" / f"{slug(key_figure)}.png"
+    if not figure.is_file(): raise FileNotFoundError(f"key_figure {key_figure!r}: {figure} does not exist (save it with save_figure first)")
+    metrics, template = json.loads(metrics_path.read_text()), answer.strip()
+    record = {"question": question.strip(), "answer": fill_answer(template, metrics), "answer_template": template,
+              "values": answer_values(template, metrics), "key_figure": figure.name, "thumbnail_png": _thumbnail(figure),
+              "run": _run_id(provenance)}
+    return atomic_write_text(out_dir / "headline.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+# %% ../nbs/01_report.ipynb #c011
 _VOLATILE_CELL_KEYS = ("execution", "papermill", "collapsed", "scrolled")
 
 def normalise_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -71,7 +138,7 @@ def normalise_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         for key in _VOLATILE_CELL_KEYS: cell.metadata.pop(key, None)
     return nb
 
-# %% ../nbs/01_report.ipynb #c011
+# %% ../nbs/01_report.ipynb #c014
 _DROP_CELL_TAGS = {"remove-cell", "parameters", "injected-parameters"}
 _EXTERNAL = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//"""
                        r"""|["'](?:https?:)?//[^"'\s]+\.(?:m?js|css)(?:\?[^"']*)?["']""", re.I)
@@ -101,13 +168,14 @@ def external_references(page: str) -> list[str]:
     "Tags of `page` that would load something from the network (should be empty)."
     return [m.group(0) for m in _EXTERNAL.finditer(page)]
 
-# %% ../nbs/01_report.ipynb #c012
+# %% ../nbs/01_report.ipynb #c015
 def _provenance_html(prov: dict, title: str) -> tuple[str, str]:
     "(meta tags for <head>, provenance block for the top of <body>)."
     esc = lambda v: html.escape(str(v), quote=True)
     commit = prov.get("git_commit", "unknown")
     meta = {"study": prov["study"], "profile": prov["profile"], "date": prov["start_time"][:10],
-            "commit": commit, "dirty": str(prov.get("git_dirty")).lower(), "data": prov["data_source"], "title": title}
+            "commit": commit, "dirty": str(prov.get("git_dirty")).lower(), "data": prov["data_source"], "title": title,
+            "run": _run_id(prov)}
     head = "".join(f'<meta name="compendium-{k}" content="{esc(v)}">\n' for k, v in meta.items())
     rows = [("Study", prov["study"]), ("Profile", prov["profile"]), ("Data", prov["data_source"]),
             ("Git commit", commit + (" (with uncommitted changes)" if prov.get("git_dirty") else "")),
@@ -152,37 +220,59 @@ def render_report(notebook: str | Path, # executed study notebook
     if leaks: raise RuntimeError(f"report {out_html} would load from the network: {leaks[:3]}")
     return atomic_write_text(out_html, page)
 
-# %% ../nbs/01_report.ipynb #c014
+# %% ../nbs/01_report.ipynb #c017
 def _report_meta(page: str) -> dict:
     return {m.group(1): html.unescape(m.group(2))
             for m in re.finditer(r'<meta name="compendium-([a-z]+)" content="([^"]*)">', page)}
 
+def _read_headline(path: Path, meta: dict, report: Path) -> dict:
+    if not path.is_file(): raise FileNotFoundError(f"report {report} has no headline: {path} does not exist (run the study's stage)")
+    try: headline = json.loads(path.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"headline {path} is not valid JSON: {e}") from e
+    missing = sorted({"question", "answer", "answer_template", "values", "key_figure", "thumbnail_png", "run"} - set(headline))
+    if missing: raise ValueError(f"headline {path} lacks {missing}")
+    if headline["run"] != meta.get("run"):
+        raise ValueError(f"headline {path} is from run {headline['run']!r} but report {report} from run {meta.get('run')!r}: "
+                         "re-run `dvc repro` so both come from the same run")
+    return headline
+
+_INDEX_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+                "article{display:flex;gap:1.2em;border-bottom:1px solid #ddd;padding:1em 0}"
+                "article img{width:320px;flex:none;border:1px solid #eee}h2{margin:0 0 0.4em;font-size:1.15em}"
+                "p{margin:0.3em 0}.meta{color:#555;font-size:0.85em}")
+
+def _study_card(link: str, meta: dict, headline: dict) -> str:
+    esc = html.escape
+    dirty = " (with uncommitted changes)" if meta.get("dirty") == "true" else ""
+    return (f'<article id="{esc(meta["study"])}"><a href="{esc(link)}"><img alt="key figure: {esc(headline["key_figure"])}" '
+            f'src="data:image/png;base64,{headline["thumbnail_png"]}"></a>\n<div><h2><a href="{esc(link)}">{esc(meta.get("title", meta["study"]))}</a></h2>\n'
+            f'<p><b>Question.</b> {esc(headline["question"])}</p>\n'
+            f'<p class="answer" data-template="{esc(headline["answer_template"])}" data-values="{esc(json.dumps(headline["values"], sort_keys=True))}">'
+            f'<b>Answer.</b> <span>{esc(headline["answer"])}</span></p>\n'
+            f'<p class="meta">Study <code>{esc(meta["study"])}</code> &middot; profile <b>{esc(meta["profile"])}</b> &middot; '
+            f'run {esc(meta.get("date", ""))} &middot; commit <code>{esc(meta.get("commit", "")[:10])}</code>{dirty} &middot; '
+            f'data: {esc(meta.get("data", ""))}</p></div></article>\n')
+
 def render_index(reports_dir: str | Path = "reports", # folder holding the reports
+                 outputs_dir: str | Path = "outputs", # folder holding each run's outputs/<profile>/<study>/headline.json
                 ) -> Path:
-    "Write `reports_dir/index.html` linking every report with its date, profile and commit."
-    reports_dir = Path(reports_dir)
+    "Write `reports_dir/index.html`: each study's question, answer from its metrics, key figure, profile, date, commit and link."
+    reports_dir, outputs_dir = Path(reports_dir), Path(outputs_dir)
     if not reports_dir.is_dir(): raise FileNotFoundError(f"reports folder {reports_dir} does not exist")
-    rows = []
+    cards = []
     for page in sorted(reports_dir.rglob("*.html")):
         if page.name == "index.html": continue
         meta = _report_meta(page.read_text(encoding="utf-8"))
         if "study" not in meta: continue
-        rows.append((meta["study"], meta["profile"], page.relative_to(reports_dir).as_posix(), meta))
-    esc = html.escape
-    body = "".join(
-        f'<tr><td><a href="{esc(link)}">{esc(m.get("title", study))}</a></td><td>{esc(study)}</td><td>{esc(profile)}</td>'
-        f'<td>{esc(m.get("date", ""))}</td><td><code>{esc(m.get("commit", "")[:10])}</code>'
-        f'{" (modified)" if m.get("dirty") == "true" else ""}</td><td>{esc(m.get("data", ""))}</td></tr>\n'
-        for study, profile, link, m in sorted(rows))
+        headline = _read_headline(outputs_dir / meta["profile"] / meta["study"] / "headline.json", meta, page)
+        cards.append(((meta["study"], meta["profile"]), _study_card(page.relative_to(reports_dir).as_posix(), meta, headline)))
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Compendium reports</title>\n'
-            '<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{padding:0.3em 0.8em;'
-            'border-bottom:1px solid #ddd;text-align:left}</style></head><body>\n<h1>Compendium reports</h1>\n'
-            '<p>Each report is regenerated by <code>dvc repro</code>; its header gives the full provenance.</p>\n'
-            '<table><tr><th>Report</th><th>Study</th><th>Profile</th><th>Run date</th><th>Commit</th><th>Data</th></tr>\n'
-            f'{body}</table>\n</body></html>\n')
+            f'<style>{_INDEX_STYLE}</style></head><body>\n<h1>Compendium reports</h1>\n'
+            '<p>Every answer below is filled from its run\'s metrics; every report is regenerated by <code>dvc repro</code> '
+            'and its header gives the full provenance.</p>\n' + "".join(card for _, card in sorted(cards)) + '</body></html>\n')
     return atomic_write_text(reports_dir / "index.html", page)
 
-# %% ../nbs/01_report.ipynb #c017
+# %% ../nbs/01_report.ipynb #c020
 def main(argv: list[str] | None = None):
     "Command-line entry point: `render` one report or rebuild the `index`."
     parser = argparse.ArgumentParser(prog="python -m project_lib.report", description=main.__doc__)
@@ -192,10 +282,11 @@ def main(argv: list[str] | None = None):
     r.add_argument("--out", type=Path, required=True); r.add_argument("--title", required=True)
     i = sub.add_parser("index", help="rebuild reports/index.html")
     i.add_argument("reports_dir", type=Path, nargs="?", default=Path("reports"))
+    i.add_argument("--outputs", type=Path, default=Path("outputs"), help="folder of the runs' outputs (headline.json)")
     args = parser.parse_args(argv)
     if args.command == "render": print(render_report(args.notebook, args.provenance, args.out, args.title))
-    else: print(render_index(args.reports_dir))
+    else: print(render_index(args.reports_dir, args.outputs))
 
-# %% ../nbs/01_report.ipynb #c018
+# %% ../nbs/01_report.ipynb #c021
 #| eval: false
 if __name__ == "__main__": main()

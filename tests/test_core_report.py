@@ -1,5 +1,7 @@
 """core and report: parameters, provenance, metrics, offline and byte-stable rendering, the index."""
+import html as html_lib
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -8,7 +10,8 @@ import pytest
 from project_lib.core import (PROFILES, load_study_params, output_dir, params_hash, read_params, select_device,
                               start_provenance, validate_section)
 from project_lib.mfn.analysis import MFNStudyParams
-from project_lib.report import external_references, render_index, render_report, write_metrics
+from project_lib.report import (answer_values, external_references, fill_answer, render_index, render_report, save_figure, write_headline,
+                                write_metrics)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -64,7 +67,8 @@ def _executed_notebook(path: Path):
 
 def test_render_is_offline_stable_and_indexed(tmp_path):
     _executed_notebook(tmp_path / "run.ipynb")
-    start_provenance("demo", "tiny", {}, "generated: fixture").finish().write(tmp_path / "prov.json")
+    prov = start_provenance("demo", "tiny", {}, "generated: fixture").finish()
+    prov.write(tmp_path / "prov.json")
     page = render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", tmp_path / "r" / "demo.html", "Demo")
     first = page.read_bytes()
     render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", page, "Demo")
@@ -73,8 +77,68 @@ def test_render_is_offline_stable_and_indexed(tmp_path):
     assert external_references(html) == [] and "cdnjs" not in html
     assert 'class="jp-CodeMirrorEditor' not in html and "42" in html           # code hidden, its result shown
     assert "generated: fixture" in html and "Profile tiny" in html
-    index = render_index(tmp_path / "r").read_text()
-    assert 'href="demo.html"' in index
+    with pytest.raises(FileNotFoundError, match="has no headline"):
+        render_index(tmp_path / "r", tmp_path / "out")
+    run = tmp_path / "out" / "tiny" / "demo"
+    write_metrics({"auc": {"stack": 0.7217}, "helps": False}, run)
+    _key_figure(run)
+    write_headline(run, "Does stacking help?", "Stacking {helps:helps|does not help}: AUC {auc/stack:.3f}.", "Key", prov)
+    index = render_index(tmp_path / "r", tmp_path / "out")
+    html = index.read_text()
+    assert 'href="demo.html"' in html and "Does stacking help?" in html and "Stacking does not help: AUC 0.722." in html
+    assert html.count("data:image/png;base64,") == 1 and external_references(html) == []
+    first = index.read_bytes()
+    assert render_index(tmp_path / "r", tmp_path / "out").read_bytes() == first     # byte-stable
+
+
+def _key_figure(run: Path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([0, 1, 2], [2, 0, 1])
+    save_figure(fig, "Key", run)
+    plt.close(fig)
+
+
+def test_answer_template_is_filled_from_metrics_with_clear_errors():
+    metrics = {"auc": {"null (shuffled)": 0.48549, "stack": 0.72}, "shows_difference": True, "n_sets": 18}
+    assert fill_answer("null {auc/null (shuffled):.2f}, {n_sets} sets, {shows_difference:a difference|none}", metrics) == \
+        "null 0.49, 18 sets, a difference"
+    assert fill_answer("{shows_difference:yes|no}", {"shows_difference": False}) == "no"
+    with pytest.raises(ValueError, match="'auc/stak'"):
+        fill_answer("{auc/stak:.3f}", metrics)
+    with pytest.raises(ValueError, match="a group"):
+        fill_answer("{auc}", metrics)
+    with pytest.raises(ValueError, match="is a bool"):
+        fill_answer("{shows_difference:.3f}", metrics)
+    with pytest.raises(ValueError, match="not a bool"):
+        fill_answer("{n_sets:yes|no}", metrics)
+
+
+def test_headline_checks_its_inputs_and_belongs_to_one_run(tmp_path):
+    import base64, io
+    from PIL import Image
+    prov = start_provenance("demo", "tiny", {}, "generated: fixture").finish()
+    run = tmp_path / "out" / "tiny" / "demo"
+    with pytest.raises(FileNotFoundError, match="call write_metrics before"):
+        write_headline(run, "Q?", "A.", "Key", prov)
+    write_metrics({"x": 1.0}, run)
+    with pytest.raises(FileNotFoundError, match="key_figure 'Key'"):
+        write_headline(run, "Q?", "A.", "Key", prov)
+    _key_figure(run)
+    with pytest.raises(ValueError, match="question must be a non-empty string"):
+        write_headline(run, " ", "A.", "Key", prov)
+    record = json.loads(write_headline(run, "Q?", "x = {x:.2f}", "Key", prov).read_text())
+    assert record["answer"] == "x = 1.00" and record["answer_template"] == "x = {x:.2f}"
+    thumb = Image.open(io.BytesIO(base64.b64decode(record["thumbnail_png"])))
+    full = Image.open(run / "figures" / "key.png")
+    assert thumb.width == 320 and abs(thumb.height - full.height * 320 / full.width) <= 1
+    # a report from another run (another parameters hash) must not be paired with this headline
+    _executed_notebook(tmp_path / "run.ipynb")
+    other = start_provenance("demo", "tiny", {"changed": 1}, "generated: fixture").finish()
+    other.write(tmp_path / "prov.json")
+    render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", tmp_path / "r" / "demo.html", "Demo")
+    with pytest.raises(ValueError, match="re-run `dvc repro`"):
+        render_index(tmp_path / "r", tmp_path / "out")
 
 
 def test_render_refuses_a_corrupt_notebook(tmp_path):
@@ -93,3 +157,22 @@ def test_committed_reports_are_offline_and_indexed():
         if page.name != "index.html":
             assert 'name="compendium-profile"' in html and f'href="{page.relative_to("reports").as_posix()}"' in index
             assert 'class="jp-CodeMirrorEditor' not in html and "data:image/png;base64" in html
+
+
+def test_front_page_answers_are_filled_from_metrics():
+    """Every answer on the committed front page is its template filled from the metric values beside it, and those values
+    are the run's metrics.json where the run's outputs are here (after `make repro`)."""
+    index = Path("reports/index.html").read_text()
+    answers = re.findall(r'<p class="answer" data-template="([^"]*)" data-values="([^"]*)"><b>Answer.</b> <span>([^<]*)</span>', index)
+    studies = [p for p in Path("reports").glob("*.html") if p.name != "index.html"]
+    assert len(answers) == len(studies) and index.count("data:image/png;base64,") == len(studies)
+    for template, values, answer in answers:
+        values = json.loads(html_lib.unescape(values))
+        assert fill_answer(html_lib.unescape(template), values) == html_lib.unescape(answer)
+    for page in studies:
+        meta = dict(re.findall(r'<meta name="compendium-([a-z]+)" content="([^"]*)">', page.read_text()))
+        run = Path("outputs") / meta["profile"] / meta["study"]
+        if not (run / "headline.json").is_file(): continue              # a fresh clone before `make repro`
+        headline = json.loads((run / "headline.json").read_text())
+        assert headline["values"] == answer_values(headline["answer_template"], json.loads((run / "metrics.json").read_text()))
+        assert headline["run"] == html_lib.unescape(meta["run"]) and html_lib.escape(headline["answer"]) in index

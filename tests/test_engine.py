@@ -50,5 +50,5 @@ def test_strict_loading_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_weights(nn.Conv2d(3, 8, 3), tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(np.arange(10).tobytes())
-    with pytest.raises(ValueError, match=r"bad\.pt is not a readable"):
+    with pytest.raises(ValueError, match=r"bad\.pt cannot be read"):
         load_weights(nn.Conv2d(3, 8, 3), tmp_path / "bad.pt")

@@ -1,12 +1,14 @@
 """MFN simulator: analytic properties of the scheme, Turing instability, online features, determinism."""
+import dataclasses
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from project_lib.mfn.features import compute_temporal_features
-from project_lib.mfn.sim import (DYNAMICS, SimulationConfig, _initial_state, jacobian, kinetics, max_growth_rate,
-                                 reference_step, simulate)
+from project_lib.mfn.analysis import clamp_effect
+from project_lib.mfn.features import FEATURE_NAMES, compute_temporal_features
+from project_lib.mfn.sim import (DYNAMICS, SimulationConfig, SimulationResult, _initial_state, jacobian, kinetics,
+                                 max_growth_rate, reference_step, simulate)
 
 
 def _pure_diffusion(alpha, steps=200, n=48, seed=0):
@@ -167,3 +169,35 @@ def test_v41_turing_mode_changes_nothing():
 def test_clamp_bounds_hold():
     r = simulate(SimulationConfig(grid_size=32, steps=300, alpha=0.05, spike_probability=1.0, seed=3))
     assert -0.095 <= r.field.min() and r.field.max() <= 0.040
+
+
+def test_clamped_fraction_counts_cells_at_the_schema_clamp():
+    field = np.full((4, 4), -0.070)
+    field[0, :3] = -0.095                                               # 3 of 16 cells at the clamp
+    result = SimulationResult(SimulationConfig(grid_size=4), field, field, field, (0.0, 0.0, 1, 0.0), 0)
+    assert result.clamped_fraction == 3 / 16
+
+
+def test_kernel_matches_reference_with_a_binding_floor():
+    low = dataclasses.replace(DYNAMICS["default"], v_floor_v=-0.072)     # just below rest: it binds within a few steps
+    cfg = SimulationConfig(grid_size=20, steps=1, alpha=0.2, spike_probability=0.0, seed=5)
+    v, a, h = _initial_state(cfg, np.random.default_rng(5), low)
+    want = reference_step(v, a, h, 0.2, low, True)[0]
+    got = simulate(cfg, dynamics=low).field
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+    assert got.min() == -0.072
+    with pytest.raises(TypeError, match="dynamics must be a Dynamics"):
+        simulate(cfg, dynamics="default")
+
+
+def test_clamp_counterfactual_changes_only_what_the_clamp_touched():
+    configs = [SimulationConfig(grid_size=32, steps=300, alpha=0.05, seed=2, turing_enabled=t) for t in (True, False)]
+    same = clamp_effect(configs, floor_v=-0.095)                        # the schema's own clamp: nothing may change
+    for name in FEATURE_NAMES:
+        np.testing.assert_array_equal(same[name], same[f"{name} unclamped"])
+    runs = clamp_effect(configs).set_index("turing_enabled")
+    on, off = runs.loc[True], runs.loc[False]
+    assert on.clamped_fraction > 0 and on.V_min == -95.0 and on["V_min unclamped"] < -95.0
+    assert off.clamped_fraction == 0 and all(off[n] == off[f"{n} unclamped"] for n in FEATURE_NAMES)
+    with pytest.raises(ValueError, match="floor_v"):
+        clamp_effect(configs, floor_v=float("nan"))

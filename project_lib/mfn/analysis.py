@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 
 from ..core import mean_ci
-from .features import FEATURE_NAMES
+from .features import FEATURE_NAMES, FeatureConfig
+from .sim import DYNAMICS, simulate
 
 # %% auto #0
 __all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'FEATURE_GROUPS', 'TARGETS', 'MFNStudyParams',
            'out_of_range_fractions', 'constant_features', 'turing_effect', 'alpha_effect', 'plot_fields',
-           'plot_feature_ranges', 'plot_correlation', 'plot_effects', 'per_cell', 'degenerate_features', 'out_of_fold',
-           'seed_bootstrap_ci', 'predictability']
+           'plot_feature_ranges', 'plot_correlation', 'plot_effects', 'per_cell', 'degenerate_features', 'clamp_effect',
+           'clamp_table', 'clamp_feature_shift', 'out_of_fold', 'seed_bootstrap_ci', 'predictability']
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c005
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,39 @@ def degenerate_features(df: pd.DataFrame) -> dict[str, float]:
     "Fractions of runs with T_stable equal to the step count and with V_min at the clamp."
     return {"T_stable never stable": float((df.T_stable >= df.steps).mean()),
             "V_min at the clamp": float((df.V_min <= CLAMP_MV + 1e-9).mean())}
+
+def clamp_effect(configs, # simulation configurations (e.g. a study's sweep)
+                 feature_config: FeatureConfig | None = None,
+                 floor_v: float = -1.0, # the counterfactual's lower clamp of V, in volts (the schema's is −0.095)
+                ) -> pd.DataFrame:
+    "Per run: the share of cells at the −95 mV clamp, and every feature with it and with the floor lowered to `floor_v`."
+    if not isinstance(floor_v, (int, float)) or not np.isfinite(floor_v) or floor_v > CLAMP_MV / 1000:
+        raise ValueError(f"floor_v must be a finite number of volts <= {CLAMP_MV / 1000} (the schema's clamp), got {floor_v!r}")
+    rows = []
+    for c in configs:
+        clamped = simulate(c, feature_config)
+        free = simulate(c, feature_config, dynamics=dataclasses.replace(DYNAMICS[c.dynamics], v_floor_v=float(floor_v)))
+        rows.append({"dynamics": c.dynamics, "turing_enabled": c.turing_enabled, "alpha": c.alpha, "grid_size": c.grid_size,
+                     "random_seed": c.seed, "clamped_fraction": clamped.clamped_fraction, **clamped.features(feature_config).to_dict(),
+                     **{f"{k} unclamped": v for k, v in free.features(feature_config).to_dict().items()}})
+    return pd.DataFrame(rows)
+
+def clamp_table(runs: pd.DataFrame) -> pd.DataFrame:
+    "Per Turing setting and alpha: share of runs touching the clamp, mean and largest share of clamped cells."
+    return (runs.groupby(["turing_enabled", "alpha"]).clamped_fraction
+            .agg(runs="size", touching=lambda f: float((f > 0).mean()), mean_clamped_cells="mean", max_clamped_cells="max").reset_index())
+
+def clamp_feature_shift(runs: pd.DataFrame) -> pd.DataFrame:
+    "Per feature and Turing setting: share of runs the clamp changes, and its mean |shift| in SDs of the unclamped feature."
+    rows = []
+    for turing, g in runs.groupby("turing_enabled"):
+        for name in FEATURE_NAMES:
+            with_clamp, without = g[name].to_numpy(float), g[f"{name} unclamped"].to_numpy(float)
+            sd = without.std(ddof=1) if len(g) > 1 else np.nan
+            shift = np.abs(with_clamp - without)
+            rows.append({"turing_enabled": turing, "feature": name, "runs changed": float((~np.isclose(with_clamp, without, rtol=1e-9, atol=1e-12)).mean()),
+                         "mean |shift|": float(shift.mean()), "mean |shift| / SD": float(shift.mean() / sd) if sd > 0 else 0.0})
+    return pd.DataFrame(rows)
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c022
 FEATURE_GROUPS = {"fractal": ("D_box", "D_r2"), "statistics": ("V_min", "V_max", "V_mean", "V_std", "V_skew", "V_kurt"),

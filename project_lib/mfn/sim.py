@@ -35,6 +35,7 @@ class Dynamics:
     turing_increment_v: float = 0.005 # added to V where a > θ (threshold coupling)
     coupling_v_per_step: float = 0.0 # κ (linear coupling)
     v_rest_v: float = -0.070
+    v_floor_v: float = -0.095 # lower clamp of V: the schema's −95 mV (lower only for a counterfactual without it)
 
 DYNAMICS = {
     "v41": Dynamics("v41", leak_per_step=0.0, d_activator=0.1, d_inhibitor=0.05, r_activator=0.01,
@@ -101,12 +102,12 @@ def max_growth_rate(dynamics: Dynamics, grid_size: int = 256) -> tuple[float, fl
     return float(rates[0]), float(rates[best]), (grid_size / m[best] if m[best] else np.inf)
 
 # %% ../../nbs/11_mfn_sim.ipynb #c013
-_P_ALPHA, _P_LEAK, _P_REST, _P_DA, _P_DH, _P_RA, _P_RH, _P_B, _P_C, _P_S, _P_THETA, _P_INC, _P_KAPPA = range(13)
+_P_ALPHA, _P_LEAK, _P_REST, _P_DA, _P_DH, _P_RA, _P_RH, _P_B, _P_C, _P_S, _P_THETA, _P_INC, _P_KAPPA, _P_FLOOR = range(14)
 
 def _pack(alpha: float, d: Dynamics) -> np.ndarray:
     return np.array([alpha, d.leak_per_step, d.v_rest_v, d.d_activator, d.d_inhibitor, d.r_activator, d.r_inhibitor,
                      d.inhibitor_gain, d.cubic, d.steady_state, d.turing_threshold, d.turing_increment_v,
-                     d.coupling_v_per_step])
+                     d.coupling_v_per_step, d.v_floor_v])
 
 def _switch(on: bool):
     "A compile-time switch for the kernel: True or None."
@@ -128,7 +129,7 @@ def _update_cell(v, a, h, a_out, h_out, p, i, j, im, ip, jm, jp, turing, cubic_k
             vn += p[_P_KAPPA] * (ac - p[_P_S])
         a_out[i, j] = min(max(an, 0.0), 1.0)
         h_out[i, j] = min(max(hn, 0.0), 1.0)
-    return min(max(vn, -0.095), 0.040)
+    return min(max(vn, p[_P_FLOOR]), 0.040)
 
 @numba.njit(parallel=True, cache=True)
 def _step_kernel(v, a, h, v_out, a_out, h_out, p, row_stats, turing, cubic_kinetics, threshold_coupling):
@@ -162,7 +163,7 @@ def reference_step(v: np.ndarray, a: np.ndarray, h: np.ndarray, # fields after t
         vn = vn + (np.where(an > d.turing_threshold, d.turing_increment_v, 0.0) if d.coupling == "threshold"
                    else d.coupling_v_per_step * (a - d.steady_state))
         a, h = np.clip(an, 0, 1), np.clip(hn, 0, 1)
-    return np.clip(vn, V_MIN_V, V_MAX_V), a, h
+    return np.clip(vn, d.v_floor_v, V_MAX_V), a, h
 
 # %% ../../nbs/11_mfn_sim.ipynb #c017
 @dataclasses.dataclass
@@ -175,6 +176,11 @@ class SimulationResult:
     temporal: tuple # (dV_mean, dV_max, T_stable, E_trend), accumulated online
     growth_events: int # number of spikes
 
+    @property
+    def clamped_fraction(self) -> float:
+        "Fraction of the final field's cells at or below the schema's −95 mV clamp."
+        return float((self.field <= V_MIN_V + 1e-12).mean())
+
     def features(self, config: FeatureConfig | None = None) -> FeatureVector:
         "The 18 features: static ones from the final field, temporal ones from the online accumulator."
         return features_from_parts(self.field, self.temporal, config)
@@ -184,7 +190,7 @@ def _initial_state(config: SimulationConfig, rng: np.random.Generator, d: Dynami
     v = rng.normal(-0.070, 0.005, size=(n, n))
     a = rng.uniform(0.0, 0.1, size=(n, n)) + (d.steady_state - 0.05 if d.kinetics == "cubic" else 0.0)
     h = rng.uniform(0.0, 0.1, size=(n, n)) + (d.steady_state - 0.05 if d.kinetics == "cubic" else 0.0)
-    return np.clip(v, V_MIN_V, V_MAX_V), a, h
+    return np.clip(v, d.v_floor_v, V_MAX_V), a, h
 
 def _draw_spike(config: SimulationConfig, rng: np.random.Generator) -> tuple[int, int, float]:
     "(row, col, amplitude in volts) of this step's spike, or (-1, -1, 0) for none."
@@ -202,10 +208,12 @@ def _row_change(new_row: np.ndarray, spiked_row: np.ndarray, col: int, amp: floa
 def simulate(config: SimulationConfig, # what to run
              feature_config: FeatureConfig | None = None, # stability threshold/window of the temporal features
              on_step: Callable[[int, np.ndarray], None] | None = None, # called with (step, V) after every step
+             dynamics: Dynamics | None = None, # replaces DYNAMICS[config.dynamics], e.g. a counterfactual without the clamp
             ) -> SimulationResult:
     "Run one simulation, accumulating the temporal features online."
     if not isinstance(config, SimulationConfig): raise TypeError(f"config must be a SimulationConfig, got {type(config).__name__}")
-    d = DYNAMICS[config.dynamics]
+    if dynamics is not None and not isinstance(dynamics, Dynamics): raise TypeError(f"dynamics must be a Dynamics, got {type(dynamics).__name__}")
+    d = dynamics or DYNAMICS[config.dynamics]
     rng = np.random.default_rng(config.seed)
     v, a, h = _initial_state(config, rng, d)
     v2, a2, h2 = np.empty_like(v), a.copy(), h.copy()

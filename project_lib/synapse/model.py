@@ -4,7 +4,7 @@
 
 # %% ../../nbs/31_synapse_model.ipynb #c002
 from __future__ import annotations
-import dataclasses, re
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine import STATE_DICT_KEYS, load_weights
 from .data import SEGMENTATION_TYPES, prepare_cube
 
 # %% auto #0
@@ -102,29 +103,8 @@ class VGG3DStageExtractor:
 # %% ../../nbs/31_synapse_model.ipynb #c014
 def load_checkpoint(model: nn.Module, path: str | Path, # checkpoint written by torch.save
                    ) -> nn.Module:
-    "Load `path` into `model` strictly; any mismatch is a ValueError listing it."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try: state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found: raise ValueError(f"checkpoint {path} holds a pickled {found.group(1)}, not a state dict of tensors (a whole model "
-                                   "saved with torch.save(model)?); save model.state_dict() instead") from e
-        raise ValueError(f"checkpoint {path} cannot be read as a torch file: {e}") from e
-    for key in ("model_state_dict", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict): state = state[key]; break
-    if not isinstance(state, dict): raise ValueError(f"checkpoint {path} holds no state dict")
-    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if odd: raise ValueError(f"checkpoint {path}: entries {odd[:5]} are not tensors; a state dict maps names to tensors")
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}")
-    model.load_state_dict(state)
-    return model
+    "Load `path` into `model` strictly (`engine.load_weights`): a bare state dict or one nested under a usual name."
+    return load_weights(model, path, key=STATE_DICT_KEYS)
 
 # %% ../../nbs/31_synapse_model.ipynb #c017
 @dataclasses.dataclass(frozen=True)
