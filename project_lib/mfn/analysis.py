@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..core import mean_ci
 from .features import FEATURE_NAMES, FeatureConfig
-from .sim import DYNAMICS, simulate
+from .sim import DYNAMICS, V_MIN_V, simulate
 
 # %% auto #0
 __all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'FEATURE_GROUPS', 'TARGETS', 'MFNStudyParams',
@@ -162,7 +162,7 @@ def plot_effects(effects: dict[str, pd.DataFrame]):
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c019
 EXTENSIVE_FEATURES = ("N_clusters_low", "N_clusters_med", "N_clusters_high", "max_cluster_size", "E_trend")
-CLAMP_MV = -95.0
+CLAMP_MV = V_MIN_V * 1000.0 # the schema's clamp, in the features' unit (mV)
 
 def per_cell(df: pd.DataFrame) -> pd.DataFrame:
     "A copy with the extensive features divided by the number of cells N²."
@@ -180,8 +180,8 @@ def clamp_effect(configs, # simulation configurations (e.g. a study's sweep)
                  floor_v: float = -1.0, # the counterfactual's lower clamp of V, in volts (the schema's is −0.095)
                 ) -> pd.DataFrame:
     "Per run: the share of cells at the −95 mV clamp, and every feature with it and with the floor lowered to `floor_v`."
-    if not isinstance(floor_v, (int, float)) or not np.isfinite(floor_v) or floor_v > CLAMP_MV / 1000:
-        raise ValueError(f"floor_v must be a finite number of volts <= {CLAMP_MV / 1000} (the schema's clamp), got {floor_v!r}")
+    if not isinstance(floor_v, (int, float)) or not np.isfinite(floor_v) or floor_v > V_MIN_V:
+        raise ValueError(f"floor_v must be a finite number of volts <= {V_MIN_V} (the schema's clamp), got {floor_v!r}")
     rows = []
     for c in configs:
         clamped = simulate(c, feature_config)
