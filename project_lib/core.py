@@ -114,12 +114,22 @@ def load_study_params(study: str, # study group in params.yaml, e.g. "mfn"
                       profile: str | None = None, # default: the `profile` key of params.yaml
                       path: str | Path | None = None, # params.yaml location
                      ):
-    "The validated parameters of `study` for `profile`."
+    """The validated parameters of `study` for `profile`: its group's section merged with the same profile's section of
+    `<study>_analysis` when params.yaml has that group (analysis-only parameters, which only evaluation stages depend on)."""
     params = read_params(path)
     profile = resolve_profile(params, profile)
-    if study not in params: raise ValueError(f"params.yaml has no group {study!r}; groups: {sorted(k for k in params if isinstance(params[k], dict))}")
-    if profile not in params[study]: raise ValueError(f"params.yaml group {study!r} has no {profile!r} profile section")
-    return validate_section(params[study][profile], schema, f"{study}.{profile}")
+    section, where = {}, []
+    for group in (study, f"{study}_analysis"):
+        if group not in params:
+            if group == study: raise ValueError(f"params.yaml has no group {study!r}; groups: {sorted(k for k in params if isinstance(params[k], dict))}")
+            continue
+        if not isinstance(params[group], dict) or profile not in params[group]: raise ValueError(f"params.yaml group {group!r} has no {profile!r} profile section")
+        part = params[group][profile]
+        if not isinstance(part, dict): raise ValueError(f"params section '{group}.{profile}' must be a mapping, got {type(part).__name__}")
+        twice = sorted(set(section) & set(part))
+        if twice: raise ValueError(f"parameter(s) {twice} appear in both {study!r} and {group!r} ({profile}); each belongs to one of them")
+        section.update(part); where.append(f"{group}.{profile}")
+    return validate_section(section, schema, " + ".join(where))
 
 # %% ../nbs/00_core.ipynb #c016
 def to_jsonable(obj):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_engine.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, os, pickle, re, time
+import dataclasses, hashlib, json, os, pickle, re, shutil, time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import to_jsonable
+from .core import atomic_write_text, params_hash, to_jsonable
 
 # %% auto #0
 __all__ = ['STATE_DICT_KEYS', 'is_cuda', 'autocast', 'distributed', 'rank_shard', 'epoch_order', 'wrap_ddp', 'mean_over_ranks',
            'from_rank0', 'file_hash', 'save_checkpoint', 'load_checkpoint_state', 'load_weights', 'FitResult',
-           'train_step', 'fit']
+           'train_step', 'fit', 'TrainingUnit', 'Executor', 'code_hash', 'plan_workers', 'finished_record', 'run_units',
+           'load_units']
 
 # %% ../nbs/02_engine.ipynb #c005
 def is_cuda(device) -> bool:
@@ -192,3 +193,104 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
     if world > 1: torch.distributed.barrier()   # every rank returns once the checkpoints are written
     hist = pd.DataFrame(history)
     return FitResult(hist, int(hist.loc[hist[select].idxmax(), "epoch"]), elapsed, best, last)
+
+# %% ../nbs/02_engine.ipynb #c021
+@dataclasses.dataclass(frozen=True)
+class TrainingUnit:
+    "One independent training of a stage: its folder, what identifies it, and the function that trains it."
+    key: str # folder under the stage's runs root, e.g. "dose-20/unet-s0" (a name only: the identity decides reuse)
+    identity: dict # JSON-able: configuration, data hashes and `code_hash` of the training code
+    fn: Callable # module-level fn(unit_dir: Path, device: str, **kwargs) -> JSON-able record
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def hash(self) -> str: return params_hash(self.identity)
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    "Where a stage's independent trainings run: local processes (GPUs or CPU cores), or an existing Dask cluster."
+    n_workers: int = 0 # local: 0 = one per GPU when there are GPUs, else one per core (never more than the units)
+    threads_per_worker: int = 0 # torch CPU threads per training; 0 = cores // workers
+    scheduler_address: str | None = None # e.g. "tcp://host:8786": run on that Dask cluster instead
+
+    def __post_init__(self):
+        if self.n_workers < 0 or self.threads_per_worker < 0:
+            raise ValueError(f"n_workers and threads_per_worker must be >= 0, got {self.n_workers} and {self.threads_per_worker}")
+
+def code_hash(*modules) -> str:
+    "Hash of the source files of `modules` (the training code a unit depends on): changed code retrains."
+    return params_hash([hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in modules])
+
+def plan_workers(n_units: int, n_gpus: int, cores: int, n_workers: int = 0, threads: int = 0) -> tuple[int, int, list[str]]:
+    "(workers, torch threads per worker, devices): one worker per GPU, else CPU workers with workers × threads <= cores."
+    if n_units < 1: raise ValueError("there must be at least one training unit")
+    if n_gpus:
+        workers = min(n_workers or n_gpus, n_gpus, n_units)
+        return workers, threads or max(1, cores // workers), [f"cuda:{i}" for i in range(workers)]
+    workers = min(n_workers or cores, cores, n_units)
+    if threads: workers = max(1, min(workers, cores // threads))
+    return workers, threads or max(1, cores // workers), ["cpu"] * workers
+
+_UNIT_RECORD, _UNIT_STARTED = "unit.json", "started.json"
+
+def _read_json(path: Path) -> dict | None:
+    try: return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError): return None
+
+def finished_record(unit: TrainingUnit, root: str | Path) -> dict | None:
+    "The record of a finished unit of this identity in `root`, or None."
+    saved = _read_json(Path(root) / unit.key / _UNIT_RECORD)
+    return saved["record"] if saved and saved.get("hash") == unit.hash else None
+
+def _unit_folder(unit: TrainingUnit, root: str | Path) -> Path:
+    "The unit's folder, emptied first if it belongs to another identity (kept, for resuming, if it is this one's)."
+    folder = Path(root) / unit.key
+    started = _read_json(folder / _UNIT_STARTED)
+    if folder.exists() and (started or {}).get("hash") != unit.hash: shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / _UNIT_STARTED, json.dumps({"hash": unit.hash, "identity": to_jsonable(unit.identity)}, sort_keys=True, indent=1))
+    return folder
+
+def _run_unit(unit: TrainingUnit, root: str, device: str | None, threads: int) -> dict:
+    "Train one unit (or return its finished record) and write `unit.json` last."
+    record = finished_record(unit, root)
+    if record is not None: return record
+    folder = _unit_folder(unit, root)
+    if threads: torch.set_num_threads(threads)
+    record = to_jsonable(unit.fn(folder, device or ("cuda" if torch.cuda.is_available() else "cpu"), **unit.kwargs))
+    atomic_write_text(folder / _UNIT_RECORD, json.dumps({"hash": unit.hash, "identity": to_jsonable(unit.identity), "record": record},
+                                                        sort_keys=True, indent=1))
+    return record
+
+def _run_list(units: list[TrainingUnit], root: str, device: str, threads: int) -> list[dict]:
+    return [_run_unit(u, root, device, threads) for u in units]
+
+def run_units(units: list[TrainingUnit], root: str | Path, executor: Executor = Executor()) -> dict[str, dict]:
+    "Train every unit not yet finished under `root` on `executor`; {key: record} in the units' order."
+    keys = [u.key for u in units]
+    if len(set(keys)) != len(keys): raise ValueError(f"training units must have distinct keys, got duplicates {sorted({k for k in keys if keys.count(k) > 1})}")
+    root = str(root)
+    if executor.scheduler_address:
+        from distributed import Client
+        with Client(executor.scheduler_address) as client:
+            threads = executor.threads_per_worker or min(client.nthreads().values())
+            records = client.gather(client.map(_run_unit, units, root=root, device=None, threads=threads, pure=False))
+        return dict(zip(keys, records))
+    workers, threads, devices = plan_workers(len(units), torch.cuda.device_count(), os.cpu_count() or 1,
+                                             executor.n_workers, executor.threads_per_worker)
+    if workers == 1: return dict(zip(keys, _run_list(units, root, devices[0], threads)))
+    from joblib import Parallel, delayed
+    if devices[0] == "cpu":   # dynamic: one task per unit
+        records = Parallel(n_jobs=workers, backend="loky")(delayed(_run_unit)(u, root, "cpu", threads) for u in units)
+        return dict(zip(keys, records))
+    shards = Parallel(n_jobs=workers, backend="loky")(delayed(_run_list)(units[i::workers], root, d, threads) for i, d in enumerate(devices))
+    by_key = {u.key: r for i in range(workers) for u, r in zip(units[i::workers], shards[i])}
+    return {k: by_key[k] for k in keys}
+
+def load_units(units: list[TrainingUnit], root: str | Path) -> dict[str, dict]:
+    "The records of finished units (evaluation never trains): refuses, naming them, when any is missing or of another identity."
+    records = {u.key: finished_record(u, root) for u in units}
+    missing = [k for k, r in records.items() if r is None]
+    if missing: raise FileNotFoundError(f"{len(missing)} training unit(s) under {root} are not trained with this configuration and data "
+                                        f"(first: {missing[:3]}): run the training stage (`dvc repro` runs it)")
+    return records

@@ -23,7 +23,8 @@ from .models import AttentionUNet, UNet
 # %% auto #0
 __all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'epoch_lr',
            'budget_hash', 'build_model', 'focal_dice_loss', 'probabilities', 'predict', 'select_threshold',
-           'select_pixel_threshold', 'RunResult', 'train', 'load_checkpoint', 'load_best', 'check_comparable']
+           'select_pixel_threshold', 'RunResult', 'train', 'load_checkpoint', 'load_best', 'check_comparable',
+           'run_record', 'run_from_record']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
@@ -303,3 +304,17 @@ def check_comparable(runs_a: list[RunResult], runs_b: list[RunResult]):
     seeds_a, seeds_b = [r.config.seed for r in runs_a], [r.config.seed for r in runs_b]
     if seeds_a != seeds_b: raise ValueError(f"refusing to compare: seeds differ ({seeds_a} vs {seeds_b})")
     if {r.config.model for r in runs_a} & {r.config.model for r in runs_b}: raise ValueError("the two arms use the same model")
+
+# %% ../../nbs/23_cryoem_train.ipynb #c019
+def run_record(run: RunResult, folder: str | Path) -> dict:
+    "A `RunResult` as plain JSON, its checkpoint relative to the unit `folder`."
+    return {"config": dataclasses.asdict(run.config), "history": run.history.to_dict(orient="list"), "best_epoch": run.best_epoch,
+            "threshold": run.threshold, "train_hash": run.train_hash, "val_hash": run.val_hash, "budget_hash": run.budget_hash,
+            "train_time_s": run.train_time_s, "best_checkpoint": Path(run.best_checkpoint).relative_to(folder).as_posix()}
+
+def run_from_record(record: dict, folder: str | Path) -> RunResult:
+    "The `RunResult` of a record written by `run_record` for the unit `folder`; refuses a record whose checkpoint is missing."
+    checkpoint = Path(folder) / record["best_checkpoint"]
+    if not checkpoint.is_file(): raise FileNotFoundError(f"the run's best checkpoint {checkpoint} does not exist")
+    return RunResult(TrainConfig(**record["config"]), pd.DataFrame(record["history"]), int(record["best_epoch"]), float(record["threshold"]),
+                     record["train_hash"], record["val_hash"], record["budget_hash"], float(record["train_time_s"]), checkpoint)
