@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_report.ipynb #c002
 from __future__ import annotations
-import argparse, copy, html, io, json, math, re, sys
+import argparse, copy, hashlib, html, io, json, math, re, sys
 from pathlib import Path
 
 import nbformat
@@ -13,8 +13,9 @@ import pandas as pd
 from .core import atomic_write_bytes, atomic_write_text
 
 # %% auto #0
-__all__ = ['slug', 'save_figure', 'save_table', 'write_metrics', 'fill_answer', 'answer_values', 'write_headline',
-           'normalise_notebook', 'external_references', 'render_report', 'render_index', 'main']
+__all__ = ['VERDICT_KEYS', 'slug', 'save_figure', 'save_table', 'write_metrics', 'fill_answer', 'answer_values', 'verdict_words',
+           'write_headline', 'normalise_notebook', 'external_references', 'render_report', 'index_page', 'render_index',
+           'check_index', 'main']
 
 # %% ../nbs/01_report.ipynb #c005
 def slug(name: str) -> str:
@@ -91,6 +92,23 @@ def answer_values(template: str, metrics: dict) -> dict:
     "The metrics `template` uses, as a flat {path: value} mapping (enough to fill it again)."
     return {m.group(1).strip(): _metric(metrics, m.group(1).strip()) for m in _PLACEHOLDER.finditer(template)}
 
+VERDICT_KEYS = ("estimate", "low", "high", "margin", "mde")
+
+def verdict_words(verdict: dict, # the metrics' "verdict" group: estimate, low, high (95 % interval), margin, mde; optional bools testable, simpler_does_as_well
+                 ) -> str:
+    "The headline comparison's verdict in plain words, chosen from its numbers (never typed by hand)."
+    if not isinstance(verdict, dict): raise ValueError(f"the verdict must be a group of numbers {VERDICT_KEYS}, got {verdict!r}")
+    missing = [k for k in VERDICT_KEYS if k not in verdict]
+    if missing: raise ValueError(f"the verdict group lacks {missing} (needs {VERDICT_KEYS}, optional testable and simpler_does_as_well)")
+    low, high, margin, mde = (float(verdict[k]) for k in ("low", "high", "margin", "mde"))
+    if not low <= float(verdict["estimate"]) <= high: raise ValueError(f"the verdict's estimate {verdict['estimate']} lies outside its interval [{low}, {high}]")
+    if margin <= 0 or mde < 0: raise ValueError(f"the verdict's margin must be > 0 and mde >= 0, got {margin} and {mde}")
+    if verdict.get("testable") is False: return "Not testable at this scale"
+    if low > 0 or high < 0:
+        return "A difference, but a simpler method does as well" if verdict.get("simpler_does_as_well") else "A difference"
+    if -margin <= low and high <= margin: return f"Equivalent within the declared margin (±{margin:g})"
+    return f"No difference detected (smallest detectable effect {mde:.3g})"
+
 def _run_id(provenance) -> str:
     "What ties a headline to its report: the parameters hash and start time of the run."
     prov = provenance if isinstance(provenance, dict) else provenance.to_dict()
@@ -112,7 +130,7 @@ def write_headline(out_dir: str | Path, # the study's output folder, holding met
                    key_figure: str, # human name of the figure saved with `save_figure`
                    provenance, # the run's `Provenance` (or its dict)
                   ) -> Path:
-    "Write `out_dir/headline.json` for the front page: question, answer from the metrics, thumbnail, run."
+    "Write `out_dir/headline.json` for the front page: verdict and answer from the metrics, question, thumbnail, run."
     out_dir = Path(out_dir)
     for name, text in (("question", question), ("answer", answer)):
         if not isinstance(text, str) or not text.strip(): raise ValueError(f"{name} must be a non-empty string, got {text!r}")
@@ -121,7 +139,8 @@ def write_headline(out_dir: str | Path, # the study's output folder, holding met
     figure = out_dir / "figures" / f"{slug(key_figure)}.png"
     if not figure.is_file(): raise FileNotFoundError(f"key_figure {key_figure!r}: {figure} does not exist (save it with save_figure first)")
     metrics, template = json.loads(metrics_path.read_text()), answer.strip()
-    record = {"question": question.strip(), "answer": fill_answer(template, metrics), "answer_template": template,
+    if "verdict" not in metrics: raise ValueError(f"{metrics_path} has no 'verdict' group {VERDICT_KEYS}: the front page starts with the verdict")
+    record = {"question": question.strip(), "verdict": verdict_words(metrics["verdict"]), "answer": fill_answer(template, metrics), "answer_template": template,
               "values": answer_values(template, metrics), "key_figure": figure.name, "thumbnail_png": _thumbnail(figure),
               "run": _run_id(provenance)}
     return atomic_write_text(out_dir / "headline.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -192,12 +211,26 @@ def _provenance_html(prov: dict, title: str) -> tuple[str, str]:
              f'<details><summary>Parameters</summary><pre>{params}</pre></details>\n</section>\n')
     return head, block
 
+def _embedded_run(headline: Path, metrics: Path) -> str:
+    "The run's headline and metrics as a JSON <script> block (what the front page is built and checked from), with the metrics' hash."
+    for p in (headline, metrics):
+        if not p.is_file(): raise FileNotFoundError(f"{p} does not exist: the evaluation stage writes it (write_metrics, write_headline)")
+    run = {"headline": json.loads(headline.read_text()), "metrics": json.loads(metrics.read_text())}
+    text = json.dumps(run, sort_keys=True, separators=(",", ":")).replace("</", "<\\/")
+    return (f'<meta name="compendium-metrics" content="{_metrics_hash(run["metrics"])}">\n'
+            f'<script type="application/json" id="compendium-run">{text}</script>\n')
+
+def _metrics_hash(metrics: dict) -> str:
+    return hashlib.sha256(json.dumps(metrics, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
 def render_report(notebook: str | Path, # executed study notebook
                   provenance: str | Path, # provenance.json written by the run
                   out_html: str | Path, # report to write
                   title: str, # page title
+                  headline: str | Path | None = None, # the run's headline.json; default: beside provenance (embedded when present)
+                  metrics: str | Path | None = None, # the run's metrics.json; default: beside provenance
                  ) -> Path:
-    "Render an executed notebook as a self-contained offline HTML report with its provenance on top."
+    "Render an executed notebook as a self-contained offline HTML report with its provenance on top and its headline and metrics embedded."
     from nbconvert import HTMLExporter
     from traitlets.config import Config
     notebook, provenance = Path(notebook), Path(provenance)
@@ -214,6 +247,8 @@ def render_report(notebook: str | Path, # executed study notebook
     page, _ = exporter.from_notebook_node(_prepare_for_html(nb), resources={"metadata": {"name": title}})
     page = _strip_cdn_scripts(page)
     head, block = _provenance_html(prov, title)
+    headline = Path(headline) if headline else provenance.parent / "headline.json"
+    if headline.is_file() or metrics: head += _embedded_run(headline, Path(metrics) if metrics else provenance.parent / "metrics.json")
     page = re.sub(r"<title>.*?</title>", lambda m: f"<title>{html.escape(title)}</title>\n{head}", page, count=1, flags=re.S)
     page = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + "\n" + block, page, count=1)
     leaks = external_references(page)
@@ -225,15 +260,18 @@ def _report_meta(page: str) -> dict:
     return {m.group(1): html.unescape(m.group(2))
             for m in re.finditer(r'<meta name="compendium-([a-z]+)" content="([^"]*)">', page)}
 
-def _read_headline(path: Path, meta: dict, report: Path) -> dict:
-    if not path.is_file(): raise FileNotFoundError(f"report {report} has no headline: {path} does not exist (run the study's stage)")
-    try: headline = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"headline {path} is not valid JSON: {e}") from e
-    missing = sorted({"question", "answer", "answer_template", "values", "key_figure", "thumbnail_png", "run"} - set(headline))
-    if missing: raise ValueError(f"headline {path} lacks {missing}")
-    if headline["run"] != meta.get("run"):
-        raise ValueError(f"headline {path} is from run {headline['run']!r} but report {report} from run {meta.get('run')!r}: "
+def _embedded(page: str, report: Path, meta: dict) -> dict:
+    "The headline and metrics a report carries, checked: same run, same metrics hash, answer and verdict re-derived from the metrics."
+    m = re.search(r'<script type="application/json" id="compendium-run">(.*?)</script>', page, re.S)
+    if not m: raise ValueError(f"report {report} carries no headline and metrics: re-render it (`dvc repro`)")
+    run = json.loads(m.group(1).replace("<\\/", "</"))
+    headline, metrics = run["headline"], run["metrics"]
+    if _metrics_hash(metrics) != meta.get("metrics"): raise ValueError(f"report {report}: its embedded metrics do not match their hash (edited by hand?)")
+    if headline.get("run") != meta.get("run"):
+        raise ValueError(f"report {report}: its headline is from run {headline.get('run')!r} but the report from run {meta.get('run')!r}: "
                          "re-run `dvc repro` so both come from the same run")
+    for key, derived in (("answer", fill_answer(headline["answer_template"], metrics)), ("verdict", verdict_words(metrics.get("verdict")))):
+        if headline.get(key) != derived: raise ValueError(f"report {report}: its headline {key} {headline.get(key)!r} is not what its metrics say ({derived!r})")
     return headline
 
 _INDEX_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -246,46 +284,59 @@ def _study_card(link: str, meta: dict, headline: dict) -> str:
     dirty = " (with uncommitted changes)" if meta.get("dirty") == "true" else ""
     return (f'<article id="{esc(meta["study"])}"><a href="{esc(link)}"><img alt="key figure: {esc(headline["key_figure"])}" '
             f'src="data:image/png;base64,{headline["thumbnail_png"]}"></a>\n<div><h2><a href="{esc(link)}">{esc(meta.get("title", meta["study"]))}</a></h2>\n'
+            f'<p class="verdict"><b>Verdict: {esc(headline["verdict"])}.</b></p>\n'
             f'<p><b>Question.</b> {esc(headline["question"])}</p>\n'
-            f'<p class="answer" data-template="{esc(headline["answer_template"])}" data-values="{esc(json.dumps(headline["values"], sort_keys=True))}">'
-            f'<b>Answer.</b> <span>{esc(headline["answer"])}</span></p>\n'
+            f'<p class="answer"><b>Answer.</b> <span>{esc(headline["answer"])}</span></p>\n'
             f'<p class="meta">Study <code>{esc(meta["study"])}</code> &middot; profile <b>{esc(meta["profile"])}</b> &middot; '
             f'run {esc(meta.get("date", ""))} &middot; commit <code>{esc(meta.get("commit", "")[:10])}</code>{dirty} &middot; '
             f'data: {esc(meta.get("data", ""))}</p></div></article>\n')
 
-def render_index(reports_dir: str | Path = "reports", # folder holding the reports
-                 outputs_dir: str | Path = "outputs", # folder holding each run's outputs/<profile>/<study>/headline.json
-                ) -> Path:
-    "Write `reports_dir/index.html`: each study's question, answer from its metrics, key figure, profile, date, commit and link."
-    reports_dir, outputs_dir = Path(reports_dir), Path(outputs_dir)
+def index_page(reports_dir: str | Path = "reports", # folder holding the reports
+              ) -> str:
+    "The front page, built only from what the reports carry (checked against their own metrics): verdict, question, answer, key figure, profile, date, commit, link."
+    reports_dir = Path(reports_dir)
     if not reports_dir.is_dir(): raise FileNotFoundError(f"reports folder {reports_dir} does not exist")
     cards = []
     for page in sorted(reports_dir.rglob("*.html")):
         if page.name == "index.html": continue
-        meta = _report_meta(page.read_text(encoding="utf-8"))
+        text = page.read_text(encoding="utf-8")
+        meta = _report_meta(text)
         if "study" not in meta: continue
-        headline = _read_headline(outputs_dir / meta["profile"] / meta["study"] / "headline.json", meta, page)
-        cards.append(((meta["study"], meta["profile"]), _study_card(page.relative_to(reports_dir).as_posix(), meta, headline)))
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Compendium reports</title>\n'
+        cards.append(((meta["study"], meta["profile"]), _study_card(page.relative_to(reports_dir).as_posix(), meta, _embedded(text, page, meta))))
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Compendium reports</title>\n'
             f'<style>{_INDEX_STYLE}</style></head><body>\n<h1>Compendium reports</h1>\n'
-            '<p>Every answer below is filled from its run\'s metrics; every report is regenerated by <code>dvc repro</code> '
-            'and its header gives the full provenance.</p>\n' + "".join(card for _, card in sorted(cards)) + '</body></html>\n')
-    return atomic_write_text(reports_dir / "index.html", page)
+            '<p>Every verdict and answer below is derived from its run\'s metrics, which each report carries; every report is '
+            'regenerated by <code>dvc repro</code> and its header gives the full provenance. <code>python -m project_lib.report check</code> '
+            'verifies this page against the reports.</p>\n' + "".join(card for _, card in sorted(cards)) + '</body></html>\n')
+
+def render_index(reports_dir: str | Path = "reports") -> Path:
+    "Write `reports_dir/index.html` (see `index_page`)."
+    return atomic_write_text(Path(reports_dir) / "index.html", index_page(reports_dir))
+
+def check_index(reports_dir: str | Path = "reports") -> list[str]:
+    "Lines where `reports_dir/index.html` differs from the page its reports give (empty when the front page is honest)."
+    import difflib
+    current = (Path(reports_dir) / "index.html").read_text(encoding="utf-8").splitlines()
+    return [l for l in difflib.unified_diff(index_page(reports_dir).splitlines(), current, "from the reports", "index.html", lineterm="", n=0)
+            if l[:1] in "+-" and not l.startswith(("+++", "---"))]
 
 # %% ../nbs/01_report.ipynb #c020
 def main(argv: list[str] | None = None):
-    "Command-line entry point: `render` one report or rebuild the `index`."
+    "Command-line entry point: `render` one report, rebuild the `index`, or `check` that the index is what the reports say."
     parser = argparse.ArgumentParser(prog="python -m project_lib.report", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("render", help="render an executed study notebook to HTML")
+    r = sub.add_parser("render", help="render an executed study notebook to HTML (headline.json and metrics.json beside --provenance are embedded)")
     r.add_argument("notebook", type=Path); r.add_argument("--provenance", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True); r.add_argument("--title", required=True)
-    i = sub.add_parser("index", help="rebuild reports/index.html")
-    i.add_argument("reports_dir", type=Path, nargs="?", default=Path("reports"))
-    i.add_argument("--outputs", type=Path, default=Path("outputs"), help="folder of the runs' outputs (headline.json)")
+    for name, help_ in (("index", "rebuild reports/index.html from the reports"), ("check", "exit 1 if reports/index.html differs from what the reports say")):
+        sub.add_parser(name, help=help_).add_argument("reports_dir", type=Path, nargs="?", default=Path("reports"))
     args = parser.parse_args(argv)
     if args.command == "render": print(render_report(args.notebook, args.provenance, args.out, args.title))
-    else: print(render_index(args.reports_dir, args.outputs))
+    elif args.command == "index": print(render_index(args.reports_dir))
+    else:
+        problems = check_index(args.reports_dir)
+        print("\n".join(problems) or f"{args.reports_dir / 'index.html'} is what its reports say")
+        if problems: sys.exit(1)
 
 # %% ../nbs/01_report.ipynb #c021
 #| eval: false

@@ -10,7 +10,8 @@ import pytest
 from project_lib.core import (PROFILES, load_study_params, output_dir, params_hash, read_params, select_device,
                               start_provenance, validate_section)
 from project_lib.mfn.analysis import MFNStudyParams
-from project_lib.report import (answer_values, external_references, fill_answer, render_index, render_report, save_figure, write_headline,
+from project_lib.report import (answer_values, check_index, external_references, fill_answer, index_page, render_index, render_report, save_figure,
+                                verdict_words, write_headline,
                                 write_metrics)
 
 
@@ -65,30 +66,76 @@ def _executed_notebook(path: Path):
     nbformat.write(nb, path)
 
 
+VERDICT = {"estimate": 0.03, "low": 0.01, "high": 0.05, "margin": 0.02, "mde": 0.03}
+
+
+def _study_run(tmp_path, metrics, template, params=None):
+    """A finished evaluation run (notebook, provenance, metrics, key figure, headline) and its rendered report."""
+    run = tmp_path / "out" / "tiny" / "demo"
+    run.mkdir(parents=True, exist_ok=True)
+    _executed_notebook(run / "demo.ipynb")
+    prov = start_provenance("demo", "tiny", params or {}, "generated: fixture").finish()
+    prov.write(run / "provenance.json")
+    write_metrics(metrics, run)
+    _key_figure(run)
+    write_headline(run, "Does stacking help?", template, "Key", prov)
+    return render_report(run / "demo.ipynb", run / "provenance.json", tmp_path / "r" / "demo.html", "Demo")
+
+
 def test_render_is_offline_stable_and_indexed(tmp_path):
-    _executed_notebook(tmp_path / "run.ipynb")
-    prov = start_provenance("demo", "tiny", {}, "generated: fixture").finish()
-    prov.write(tmp_path / "prov.json")
-    page = render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", tmp_path / "r" / "demo.html", "Demo")
+    page = _study_run(tmp_path, {"auc": {"stack": 0.7217}, "helps": False, "verdict": VERDICT},
+                      "Stacking {helps:helps|does not help}: AUC {auc/stack:.3f}.")
     first = page.read_bytes()
-    render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", page, "Demo")
+    render_report(tmp_path / "out/tiny/demo/demo.ipynb", tmp_path / "out/tiny/demo/provenance.json", page, "Demo")
     assert page.read_bytes() == first
     html = first.decode()
     assert external_references(html) == [] and "cdnjs" not in html
     assert 'class="jp-CodeMirrorEditor' not in html and "42" in html           # code hidden, its result shown
     assert "generated: fixture" in html and "Profile tiny" in html
-    with pytest.raises(FileNotFoundError, match="has no headline"):
-        render_index(tmp_path / "r", tmp_path / "out")
-    run = tmp_path / "out" / "tiny" / "demo"
-    write_metrics({"auc": {"stack": 0.7217}, "helps": False}, run)
-    _key_figure(run)
-    write_headline(run, "Does stacking help?", "Stacking {helps:helps|does not help}: AUC {auc/stack:.3f}.", "Key", prov)
-    index = render_index(tmp_path / "r", tmp_path / "out")
+    index = render_index(tmp_path / "r")
     html = index.read_text()
     assert 'href="demo.html"' in html and "Does stacking help?" in html and "Stacking does not help: AUC 0.722." in html
+    assert "Verdict: A difference." in html
     assert html.count("data:image/png;base64,") == 1 and external_references(html) == []
     first = index.read_bytes()
-    assert render_index(tmp_path / "r", tmp_path / "out").read_bytes() == first     # byte-stable
+    assert render_index(tmp_path / "r").read_bytes() == first     # byte-stable
+    assert check_index(tmp_path / "r") == []
+
+
+def test_a_report_without_its_run_is_not_indexed(tmp_path):
+    _executed_notebook(tmp_path / "run.ipynb")
+    start_provenance("demo", "tiny", {}, "generated: fixture").finish().write(tmp_path / "prov.json")
+    render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", tmp_path / "r" / "demo.html", "Demo")
+    with pytest.raises(ValueError, match="carries no headline"):
+        render_index(tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="headline.json does not exist"):
+        render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", tmp_path / "r" / "demo.html", "Demo", metrics=tmp_path / "metrics.json")
+
+
+@pytest.mark.parametrize("edit", ["number", "verdict", "word"])
+def test_front_page_tampering_is_caught(tmp_path, edit):
+    """Changing a number, the verdict or a word of an answer on the front page fails the check, and so does the same
+    edit made to a report's embedded headline too: answers and verdicts are re-derived from the metrics."""
+    _study_run(tmp_path, {"auc": {"stack": 0.7217}, "helps": True, "verdict": VERDICT}, "Stacking {helps:helps|does not help}: AUC {auc/stack:.3f}.")
+    index = render_index(tmp_path / "r")
+    old, new = {"number": ("0.722", "0.782"), "verdict": ("A difference", "Equivalent within the declared margin (±0.02)"),
+                "word": ("Stacking helps", "Stacking clearly helps")}[edit]
+    index.write_text(index.read_text().replace(old, new))
+    assert check_index(tmp_path / "r")
+    report = tmp_path / "r" / "demo.html"
+    report.write_text(report.read_text().replace(old, new))        # the same edit in the report's visible text and its JSON
+    with pytest.raises(ValueError, match="is not what its metrics say|do not match"):
+        index_page(tmp_path / "r")
+
+
+def test_verdicts_follow_the_numbers():
+    assert verdict_words(VERDICT) == "A difference"
+    assert verdict_words({**VERDICT, "low": -0.01}) == "No difference detected (smallest detectable effect 0.03)"
+    assert verdict_words({**VERDICT, "estimate": 0.0, "low": -0.01, "high": 0.015}) == "Equivalent within the declared margin (±0.02)"
+    assert verdict_words({**VERDICT, "simpler_does_as_well": True}).endswith("but a simpler method does as well")
+    assert verdict_words({**VERDICT, "testable": False}) == "Not testable at this scale"
+    with pytest.raises(ValueError, match="lacks"):
+        verdict_words({"estimate": 0.1})
 
 
 def _key_figure(run: Path):
@@ -122,23 +169,28 @@ def test_headline_checks_its_inputs_and_belongs_to_one_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="call write_metrics before"):
         write_headline(run, "Q?", "A.", "Key", prov)
     write_metrics({"x": 1.0}, run)
+    _key_figure(run)
+    with pytest.raises(ValueError, match="no 'verdict' group"):
+        write_headline(run, "Q?", "A.", "Key", prov)
+    write_metrics({"x": 1.0, "verdict": VERDICT}, run)
+    (run / "figures" / "key.png").unlink()
     with pytest.raises(FileNotFoundError, match="key_figure 'Key'"):
         write_headline(run, "Q?", "A.", "Key", prov)
     _key_figure(run)
     with pytest.raises(ValueError, match="question must be a non-empty string"):
         write_headline(run, " ", "A.", "Key", prov)
     record = json.loads(write_headline(run, "Q?", "x = {x:.2f}", "Key", prov).read_text())
-    assert record["answer"] == "x = 1.00" and record["answer_template"] == "x = {x:.2f}"
+    assert record["answer"] == "x = 1.00" and record["answer_template"] == "x = {x:.2f}" and record["verdict"] == "A difference"
     thumb = Image.open(io.BytesIO(base64.b64decode(record["thumbnail_png"])))
     full = Image.open(run / "figures" / "key.png")
     assert thumb.width == 320 and abs(thumb.height - full.height * 320 / full.width) <= 1
     # a report from another run (another parameters hash) must not be paired with this headline
     _executed_notebook(tmp_path / "run.ipynb")
     other = start_provenance("demo", "tiny", {"changed": 1}, "generated: fixture").finish()
-    other.write(tmp_path / "prov.json")
-    render_report(tmp_path / "run.ipynb", tmp_path / "prov.json", tmp_path / "r" / "demo.html", "Demo")
+    other.write(run / "provenance.json")
+    render_report(tmp_path / "run.ipynb", run / "provenance.json", tmp_path / "r" / "demo.html", "Demo")
     with pytest.raises(ValueError, match="re-run `dvc repro`"):
-        render_index(tmp_path / "r", tmp_path / "out")
+        render_index(tmp_path / "r")
 
 
 def test_render_refuses_a_corrupt_notebook(tmp_path):
@@ -159,20 +211,9 @@ def test_committed_reports_are_offline_and_indexed():
             assert 'class="jp-CodeMirrorEditor' not in html and "data:image/png;base64" in html
 
 
-def test_front_page_answers_are_filled_from_metrics():
-    """Every answer on the committed front page is its template filled from the metric values beside it, and those values
-    are the run's metrics.json where the run's outputs are here (after `make repro`)."""
-    index = Path("reports/index.html").read_text()
-    answers = re.findall(r'<p class="answer" data-template="([^"]*)" data-values="([^"]*)"><b>Answer.</b> <span>([^<]*)</span>', index)
+def test_committed_front_page_is_what_the_reports_say():
+    """The committed front page is exactly the page its committed reports give: every verdict and answer re-derived from
+    the metrics each report carries (a hand edit of a number, verdict or word fails here)."""
+    assert check_index("reports") == []
     studies = [p for p in Path("reports").glob("*.html") if p.name != "index.html"]
-    assert len(answers) == len(studies) and index.count("data:image/png;base64,") == len(studies)
-    for template, values, answer in answers:
-        values = json.loads(html_lib.unescape(values))
-        assert fill_answer(html_lib.unescape(template), values) == html_lib.unescape(answer)
-    for page in studies:
-        meta = dict(re.findall(r'<meta name="compendium-([a-z]+)" content="([^"]*)">', page.read_text()))
-        run = Path("outputs") / meta["profile"] / meta["study"]
-        if not (run / "headline.json").is_file(): continue              # a fresh clone before `make repro`
-        headline = json.loads((run / "headline.json").read_text())
-        assert headline["values"] == answer_values(headline["answer_template"], json.loads((run / "metrics.json").read_text()))
-        assert headline["run"] == html_lib.unescape(meta["run"]) and html_lib.escape(headline["answer"]) in index
+    assert Path("reports/index.html").read_text().count("Verdict: ") == len(studies)

@@ -15,16 +15,25 @@ def _stage_cmd(name):
 
 
 def test_dvc_stages_use_the_profile_and_report_dir():
-    assert "${profile}" in _stage_cmd("run_mfn") and "${report_dir}/mfn.html" in _stage_cmd("render_mfn")
+    assert "${profile}" in _stage_cmd("simulate_mfn") and "${report_dir}/mfn.html" in _stage_cmd("render_mfn")
+
+
+TRAINING_NOTEBOOK = {"mfn": "mfn_simulate"}   # the others: <study>_train
+
+
+def _papermill(notebook, out_nb, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([bin_dir / "papermill", "-k", "python3", "--no-progress-bar", "--cwd", ".", f"nbs/studies/{notebook}.ipynb",
+                    out_nb, "-p", "profile", "tiny", "-p", "output_root", str(tmp_path)], check=True, capture_output=True)
 
 
 def _run_study(study, tmp_path):
+    """The study's stages in the tiny profile: training notebook, evaluation notebook, render."""
     out = tmp_path / "tiny" / study
-    out.mkdir(parents=True)
-    bin_dir = Path(sys.executable).parent
-    subprocess.run([bin_dir / "papermill", "-k", "python3", "--no-progress-bar", "--cwd", ".", f"nbs/studies/{study}.ipynb",
-                    out / f"{study}.ipynb", "-p", "profile", "tiny", "-p", "output_root", str(tmp_path)],
-                   check=True, capture_output=True)
+    (out / "train").mkdir(parents=True)
+    training = TRAINING_NOTEBOOK.get(study, f"{study}_train")
+    _papermill(training, out / "train" / f"{training}.ipynb", tmp_path)
+    _papermill(study, out / f"{study}.ipynb", tmp_path)
     subprocess.run([sys.executable, "-m", "project_lib.report", "render", out / f"{study}.ipynb", "--provenance",
                     out / "provenance.json", "--out", tmp_path / "reports" / f"{study}.html", "--title", study], check=True)
     return out, (tmp_path / "reports" / f"{study}.html").read_text()
