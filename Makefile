@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: repro repro-profile test venv data lab clean-venv
+.PHONY: repro repro-profile plan test venv data lab clean-venv
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ repro: data
 ## Another profile, e.g. `make repro-profile PROFILE=paper`: outputs and reports go to their own folders.
 repro-profile: data
 	dvc exp run -S profile=$(PROFILE) -S report_dir=reports/$(PROFILE)
+
+## What a profile costs, stage by stage, from a short calibration on this machine: `make plan PROFILE=paper`.
+plan: venv
+	python -m project_lib.plan $(PROFILE)
 
 ## Library in sync with the notebooks, then the pytest suite and the notebooks' inline tests.
 test: data
