@@ -117,7 +117,7 @@ def _picker_s(size_px: int, diameter_px: float) -> float:
     prob = np.clip(ndimage.gaussian_filter(spots, diameter_px / 4) * (diameter_px ** 2), 0, 1)
     return time_call(lambda: extract_picks(prob, diameter_px), 1)
 
-def _checkpoint_gb(n_params: int) -> float: return n_params * 4 * 4 / 1e9   # best (weights) + last (weights, Adam's two moments)
+def _checkpoint_gb(n_params: int) -> float: return (n_params * 4 * 4 + 2e6) / 1e9   # best (weights) + last (weights, Adam's two moments), + 1 MB per file (history, archive)
 
 def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem and evaluate_cryoem of `profile`."

@@ -74,3 +74,27 @@ def test_synapse_paper_extraction_and_contrastive_step_at_80():
     loss = nt_xent(z[:2], z[2:], p.ssl_temperature)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+@slow
+def test_cryoem_paper_plan_holds_for_measured_steps_and_validation(tmp_path):
+    """Two training steps and one validation pass of the real training code at paper sizes stay within a factor 1.5
+    of the unit costs `make plan` predicts; the checkpoints on disk and the peak RSS stay within its figures."""
+    import dataclasses
+    import time
+    from project_lib.cryoem.train import simulate_dataset, train
+    from project_lib.plan import _checkpoint_gb, peak_host_gb, plan_cryoem
+    p = load_study_params("cryoem", CryoEMStudyParams, "paper")
+    planned = plan_cryoem("paper", "cpu")[0]
+    mics = simulate_dataset(p.micrograph_config(p.dose_levels[0]), 3, 0, None)
+    config = dataclasses.replace(p.train_config(ARMS[1], 0), epochs=1, batch_size=1, lr_schedule="constant")
+    t0 = time.perf_counter()
+    run = train(config, mics[:2], mics[2:], tmp_path / "run", device="cpu", progress=False)
+    validation_s = time.perf_counter() - t0 - run.train_time_s
+    step_s, planned_step_s = run.train_time_s / 2, planned.step_s / p.batch_size
+    assert planned_step_s / 1.5 <= step_s <= planned_step_s * 1.5, (step_s, planned_step_s)
+    planned_validation_s = planned.validation_s / p.n_val
+    assert validation_s <= planned_validation_s * 1.5 + 5, (validation_s, planned_validation_s)   # + cache writing and set-up
+    checkpoints_gb = sum(f.stat().st_size for f in (tmp_path / "run").glob("*.pt")) / 1e9
+    n_params = sum(t.numel() for t in build_picker(config).parameters())
+    assert checkpoints_gb <= _checkpoint_gb(n_params) and peak_host_gb() <= planned.host_gb
