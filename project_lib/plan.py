@@ -15,7 +15,7 @@ from .core import load_study_params, select_device
 
 # %% auto #0
 __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'peak_host_gb', 'peak_device_gb', 'worker_count', 'worker_threads',
-           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'plan_profile', 'main']
+           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'plan_synapse', 'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +184,63 @@ def plan_mfn(profile: str, device: str | None = None) -> list[StageCost]:
                       f"{probe_steps} steps timed per grid size; wall = work / {workers} workers"),
             StageCost("evaluate_mfn", 0, 0, 0.0, 0, 0.0, 60.0 + rows * 0.02, peak_host_gb(), 0.0, 0.01, 1, "tables, bootstraps and cross-validation")]
 
+# %% ../nbs/50_plan.ipynb #p018
+def _scaled_step_s(step_at: Callable[[int], float], batch: int, device: str, smallest: int = 1) -> tuple[float, bool]:
+    "(seconds per step at `batch`, measured at the real batch?): timed at `smallest`, then at the real batch on a GPU or where cheap (< 5 s)."
+    small = step_at(smallest)
+    if device != "cpu" or small * batch / smallest < 5: return step_at(batch), True
+    return small * batch / smallest, False
+
+def plan_synapse(profile: str, device: str | None = None) -> list[StageCost]:
+    "train_synapse (a contrastive network per training seed and the proxy, averaged per training) and evaluate_synapse of `profile`."
+    from project_lib.synapse.data import SyntheticSynapses
+    from project_lib.synapse.model import VGG3D
+    from project_lib.synapse.train import ContrastiveVGG, augment, nt_xent, prepared_inputs
+    from project_lib.synapse.units import SynapseStudyParams
+    p = load_study_params("synapse", SynapseStudyParams, profile)
+    device = device or select_device()
+    trainings = len(p.train_seeds) + 1
+    workers = min(worker_count(p.n_jobs), trainings)
+    threads = worker_threads(workers, device)
+    ds = SyntheticSynapses(p.generator_config(pretraining=True), p.pretrain_seed)
+    cube_s = time_call(lambda: ds[0], 1)
+    x1 = prepared_inputs([ds[0]], p.seg_types[0], p.alpha).to(device)
+    backbone = VGG3D(**p.network_kwargs()).to(device)
+    net, gen = ContrastiveVGG(backbone).to(device), torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=p.ssl_lr)
+    def step_at(objective: str) -> Callable[[int], float]:
+        def at(batch: int) -> float:
+            x = x1.expand(batch, *x1.shape[1:]).contiguous()
+            def step():
+                if objective == "contrastive":
+                    z = net(torch.cat([augment(x.cpu(), gen).to(device), augment(x.cpu(), gen).to(device)]))
+                    loss = nt_xent(z[:batch], z[batch:], p.ssl_temperature)
+                else: loss = backbone(x).pow(2).mean()
+                opt.zero_grad(); loss.backward(); opt.step()
+            return time_call(step, 1)
+        return at
+    ssl_s, real = _scaled_step_s(step_at("contrastive"), p.ssl_batch_size, device, smallest=2)   # NT-Xent needs two cubes
+    proxy_s, _ = _scaled_step_s(step_at("proxy"), p.proxy_batch_size, device)
+    net.eval()
+    with torch.no_grad(): forward_s = time_call(lambda: net(x1), 1)
+    n = len(ds)
+    n_val = round(n * p.val_bboxes / p.pretrain_bboxes)
+    ssl_steps = math.ceil((n - n_val) / p.ssl_batch_size) * p.ssl_epochs
+    proxy_steps = math.ceil((n - n_val) / p.proxy_batch_size) * p.proxy_epochs
+    all_steps = len(p.train_seeds) * ssl_steps + proxy_steps
+    cubes_gb = n * p.cube_size ** 3 * 4 / 1e9
+    n_params = sum(t.numel() for t in net.parameters())
+    per_set = p.n_bboxes * p.axons_per_bbox * p.synapses_per_axon
+    eval_cubes = per_set * (len(p.eval_seeds) + p.sweep_sets * len(p.sweep_separations))
+    how = f"{threads} thread(s) per worker, {p.cube_size}³ cubes on {device}, batch {p.ssl_batch_size}" + ("" if real else " (scaled from batch 2)")
+    return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * ssl_s + proxy_steps * proxy_s) / all_steps,
+                      round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), 2 * n_val * forward_s,
+                      n * cube_s, peak_host_gb() + cubes_gb, peak_device_gb(), trainings * (n_params * 4 * 4 + 2e6) / 1e9, workers, how),
+            StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_cubes * (cube_s + 4 * forward_s), peak_host_gb() + cubes_gb, peak_device_gb(), 0.01, 1,
+                      "generating the evaluation and sweep cubes and 4 networks' features of each (clustering and nulls not counted)")]
+
 # %% ../nbs/50_plan.ipynb #p031
-PLANNERS = {"mfn": plan_mfn, "cryoem": plan_cryoem, "cryoem_al": plan_cryoem_al}
+PLANNERS = {"mfn": plan_mfn, "cryoem": plan_cryoem, "cryoem_al": plan_cryoem_al, "synapse": plan_synapse}
 
 def plan_profile(profile: str, studies: list[str] | None = None, device: str | None = None) -> pd.DataFrame:
     "The plan of every stage of `profile` (or of `studies`), calibrated on this machine."
