@@ -15,7 +15,7 @@ from .core import load_study_params, select_device
 
 # %% auto #0
 __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'peak_host_gb', 'peak_device_gb', 'worker_count', 'worker_threads',
-           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'plan_synapse', 'plan_profile', 'main']
+           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'plan_synapse', 'plan_cascade', 'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +239,59 @@ def plan_synapse(profile: str, device: str | None = None) -> list[StageCost]:
             StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_cubes * (cube_s + 4 * forward_s), peak_host_gb() + cubes_gb, peak_device_gb(), 0.01, 1,
                       "generating the evaluation and sweep cubes and 4 networks' features of each (clustering and nulls not counted)")]
 
+# %% ../nbs/50_plan.ipynb #p021
+def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
+    "train_cascade (the two forgers, then every detector role x seed: one row per role) and evaluate_cascade of `profile`."
+    from project_lib.cascade.data import FORGER_UPS, Forger, _sample_plan, real_photographs, to_input
+    from project_lib.cascade.models import build_model, detector_loss
+    from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config
+    p = load_study_params("cascade", CascadeParams, profile)
+    device = device or select_device()
+    workers = worker_count(p.n_jobs)
+    threads = worker_threads(workers, device)
+    if p.data == "manifests": raise ValueError("make plan counts the generated benchmark; for manifests it needs the manifests' sizes (not planned)")
+    n = len(_sample_plan(real_photographs(p.n_faces), p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed))
+    n_train, n_val = round(n * p.split["train"]), round(n * p.split["val"])
+    images_gb = n * p.px ** 2 * 3 / 1e9
+    rows = []
+    forger, x = Forger(FORGER_UPS[0]).to(device), torch.rand(1, 3, p.px, p.px)
+    opt = torch.optim.Adam(forger.parameters(), lr=2e-3)
+    def forger_at(batch):
+        xb = x.expand(batch, -1, -1, -1).contiguous().to(device)
+        def step():
+            loss = (forger(xb) - xb).abs().mean(); opt.zero_grad(); loss.backward(); opt.step()
+        return time_call(step, 1)
+    forger_s, _ = _scaled_step_s(forger_at, 32, device)
+    crops = min(1024, n)
+    rows.append(StageCost("train_cascade: forgers", len(FORGER_UPS), math.ceil(crops * 0.9 / 32) * p.forger_epochs, forger_s, p.forger_epochs,
+                          forger_s / 3 * crops / 10 / 32, 0.0,   # validation: a forward pass (about a third of a step) over the held-out tenth
+                          peak_host_gb() + images_gb, peak_device_gb(), 0.01, min(workers, len(FORGER_UPS)),
+                          f"{threads} thread(s) per worker, {p.px} px, batch 32"))
+    for role in DETECTORS:
+        config = detector_config(p, role)
+        net = build_model(config).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        gen = torch.Generator().manual_seed(0)
+        def at(batch, net=net, opt=opt):
+            xb, yb = torch.rand(batch, 3, p.px, p.px).to(device), torch.randint(0, 2, (batch,)).to(device)
+            def step():
+                net.train(); loss = detector_loss(net(xb, gen=gen), xb, yb); opt.zero_grad(); loss.backward(); opt.step()
+            return time_call(step, 1)
+        step_s, real = _scaled_step_s(at, config.batch_size, device, smallest=2)
+        net.eval()
+        xv = torch.rand(config.batch_size, 3, p.px, p.px).to(device)
+        with torch.no_grad(): forward_s = time_call(lambda: net(xv, gen=gen), 1) / config.batch_size
+        n_params = sum(t.numel() for t in net.parameters())
+        rows.append(StageCost(f"train_cascade: {role}", len(p.seeds), math.ceil(n_train / config.batch_size) * config.epochs, step_s, config.epochs,
+                              n_val * forward_s, 0.0, peak_host_gb() + images_gb, peak_device_gb(), len(p.seeds) * (n_params * 4 * 4 + 2e6) / 1e9,
+                              min(workers, len(p.seeds)), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")))
+    scoring = sum(r.validation_s / n_val * n * r.trainings for r in rows[1:])
+    rows.append(StageCost("evaluate_cascade", 0, 0, 0.0, 0, 0.0, scoring + n * 0.002, peak_host_gb() + 2 * images_gb, peak_device_gb(), 0.01, 1,
+                          "every detector scores every image once; stacking, routing and bootstraps not counted"))
+    return rows
+
 # %% ../nbs/50_plan.ipynb #p031
-PLANNERS = {"mfn": plan_mfn, "cryoem": plan_cryoem, "cryoem_al": plan_cryoem_al, "synapse": plan_synapse}
+PLANNERS = {"mfn": plan_mfn, "cryoem": plan_cryoem, "cryoem_al": plan_cryoem_al, "synapse": plan_synapse, "cascade": plan_cascade}
 
 def plan_profile(profile: str, studies: list[str] | None = None, device: str | None = None) -> pd.DataFrame:
     "The plan of every stage of `profile` (or of `studies`), calibrated on this machine."
