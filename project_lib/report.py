@@ -104,8 +104,8 @@ def verdict_words(verdict: dict, # the metrics' "verdict" group: estimate, low, 
     if not low <= float(verdict["estimate"]) <= high: raise ValueError(f"the verdict's estimate {verdict['estimate']} lies outside its interval [{low}, {high}]")
     if margin <= 0 or mde < 0: raise ValueError(f"the verdict's margin must be > 0 and mde >= 0, got {margin} and {mde}")
     if verdict.get("testable") is False: return "Not testable at this scale"
-    if low > 0 or high < 0:
-        return "A difference, but a simpler method does as well" if verdict.get("simpler_does_as_well") else "A difference"
+    if low > 0 or high < 0:   # a gain that a simpler method matches is not called a gain; a loss is just a difference
+        return "A difference, but a simpler method does as well" if low > 0 and verdict.get("simpler_does_as_well") else "A difference"
     if -margin <= low and high <= margin: return f"Equivalent within the declared margin (±{margin:g})"
     return f"No difference detected (smallest detectable effect {mde:.3g})"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from project_lib.cascade.models import build_model as build_detector, detector_loss
-from project_lib.cascade.study import CascadeParams
+from project_lib.cascade.units import CascadeParams
 from project_lib.core import load_study_params
 from project_lib.cryoem.al import ALStudyParams
 from project_lib.cryoem.study import ARMS, CryoEMStudyParams

@@ -10,6 +10,7 @@ STUDIES = {"mfn": "simulate_mfn", "cryoem": "train_cryoem", "cryoem_al": "train_
            "cascade": "train_cascade"}
 STAGES = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load(Path("params.yaml").read_text())
+ANALYSIS_MODULES = {"analysis", "al_analysis", "compare", "stats", "study"}   # what only evaluation imports
 
 
 def _paths(entries):
@@ -26,6 +27,7 @@ def test_training_depends_only_on_what_changes_what_is_trained(study):
     train = STAGES[STUDIES[study]]
     deps = _paths(train["deps"])
     assert not any(d.endswith("report.py") for d in deps), deps
+    assert not [d for d in deps if Path(d).stem in ANALYSIS_MODULES], "training must not depend on analysis modules"
     assert "project_lib" not in deps and f"project_lib/{study}" not in deps, "training lists the modules it imports, not whole packages"
     assert f"{study}_analysis" not in train.get("params", []) and study in train["params"]
     assert f"{study}_analysis" in PARAMS, f"params.yaml has no {study}_analysis group for evaluation-only parameters"
