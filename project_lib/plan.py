@@ -122,7 +122,7 @@ def _checkpoint_gb(n_params: int) -> float: return (n_params * 4 * 4 + 2e6) / 1e
 def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem and evaluate_cryoem of `profile`."
     from project_lib.cryoem.data import simulate_micrograph
-    from project_lib.cryoem.study import ARMS, CryoEMStudyParams
+    from project_lib.cryoem.stage import ARMS, CryoEMStudyParams
     p = load_study_params("cryoem", CryoEMStudyParams, profile)
     device = device or select_device()
     threads = worker_threads(worker_count(p.n_jobs), device)

@@ -2,6 +2,8 @@
 temperature blind to test, both GenConViT branches live, embedding widths, the VAE's KL against a hand computation,
 determinism, a processing pipeline without label cue, and clear errors for bad inputs."""
 import dataclasses
+import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -13,8 +15,12 @@ from project_lib.cascade.data import (Benchmark, _sample_plan, group_split, load
                                       real_photographs, write_manifest)
 from project_lib.cascade.models import EMBED_DIM, GenConViT, GenConViTConfig, ModelConfig, branch_effects, build_model, kl_divergence
 from project_lib.cascade.stack import _logistic, fit_lightgbm, group_oof, predict, roc_auc, train_detector
-from project_lib.cascade.study import CascadeParams, check_grouped, load_data, run_seed
+from project_lib.cascade.study import run_seed
+from project_lib.cascade.units import CascadeParams, check_grouped, detector_units, forger_units, load_data, load_detectors
 from project_lib.core import load_study_params
+from project_lib.engine import Executor, run_units
+
+ONE = Executor(n_workers=1)   # in this process: no worker start-up, the threads the fixture sets
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +30,42 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def splits(tiny, tmp_path_factory):
-    return load_data(tiny, tmp_path_factory.mktemp("data"))[0]
+def runs(tiny, tmp_path_factory):
+    """The training stage's first step: the forgers, as units."""
+    root = tmp_path_factory.mktemp("runs")
+    run_units(forger_units(tiny), root, ONE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def splits(tiny, runs):
+    return load_data(tiny, runs)[0]
+
+
+def _boom(unit_dir, device, **kwargs):
+    raise AssertionError(f"{unit_dir} was retrained")
+
+
+def test_evaluation_refuses_when_the_trainings_are_missing(tiny, splits, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not trained with this configuration.*forgers/bilinear.*run the training stage"):
+        load_data(tiny, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"5 training unit\(s\).*detectors/filter/seed0.*run the training stage"):
+        load_detectors(tiny, splits, tmp_path)
+
+
+def test_a_finished_unit_is_reused_and_a_changed_one_retrained(tiny, runs, tmp_path):
+    root = shutil.copytree(runs, tmp_path / "runs")
+    units = forger_units(tiny)
+    first = {u.key: (root / u.key / "unit.json").read_text() for u in units}
+    run_units([dataclasses.replace(u, fn=_boom) for u in units], root, ONE)     # same identity: the records are read back, nothing trains
+    assert {u.key: (root / u.key / "unit.json").read_text() for u in units} == first
+    other = forger_units(dataclasses.replace(tiny, data_seed=1))           # other crops: another identity for the same folders
+    assert [u.key for u in other] == list(first) and all(u.hash != v.hash for u, v in zip(other, units))
+    with pytest.raises(AssertionError, match="forgers/bilinear was retrained"):
+        run_units([dataclasses.replace(u, fn=_boom) for u in other], root, ONE)
+    run_units(other, root, ONE)
+    for u in other:
+        assert json.loads((root / u.key / "unit.json").read_text())["hash"] == u.hash
 
 
 def test_processing_parameters_carry_no_label_cue():
@@ -66,9 +106,11 @@ def test_splits_hold_whole_groups_and_the_guard_refuses_shared_ones(splits):
 
 def test_temperature_routing_and_meta_models_never_touch_test(tiny, splits, tmp_path):
     """Replacing the test split's labels changes none of the choices: temperature, band, thresholds, stacker choices, weights."""
-    a = run_seed(tiny, splits, 0, tmp_path / "a")
     flipped = dict(splits, test=dataclasses.replace(splits["test"], label=1 - splits["test"].label))
-    b = run_seed(tiny, flipped, 0, tmp_path / "b")
+    a, b = ({}, {})
+    for result, s, root in ((a, splits, tmp_path / "a"), (b, flipped, tmp_path / "b")):
+        run_units(detector_units(tiny, s), root, ONE)
+        result.update(run_seed(tiny, s, load_detectors(tiny, s, root)[0]))
     assert a["temperature"] == b["temperature"] and a["band"] == b["band"] and a["thresholds"] == b["thresholds"]
     assert a["stackers"]["LightGBM stack"].choice == b["stackers"]["LightGBM stack"].choice
     for role in a["trained"]:

@@ -22,7 +22,7 @@ def test_every_profile_of_params_yaml_validates(profile):
 
 
 def test_unknown_and_ill_typed_parameters(tmp_path):
-    section = dict(read_params()["mfn"]["tiny"])
+    section = {**read_params()["mfn"]["tiny"], **read_params()["mfn_analysis"]["tiny"]}
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['gird_sizes'\]"):
         validate_section({**section, "gird_sizes": [8]}, MFNStudyParams, "mfn.tiny")
     with pytest.raises(ValueError, match="mfn.tiny.steps"):

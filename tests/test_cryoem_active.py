@@ -1,7 +1,9 @@
 """Active learning for the picker: strategies against independent references (scikit-activeml, hand-computed cases, a
 brute-force k-center), the theory of which strategies must coincide, the protocol's guards and its reproducibility."""
+import ast
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,16 @@ from skactiveml.pool._core_set import k_greedy_center
 from project_lib.core import load_study_params
 from project_lib.cryoem.active import (AcquisitionSettings, acquire, aggregate, bald, entropy, image_mean_score, k_center_greedy,
                                        least_confidence, margin, mc_dropout_probabilities, measure, scan_pool)
-from project_lib.cryoem.al import ALStudyParams, check_disjoint, labelled_counts, micrograph_hashes, run_al_study
+from project_lib.cryoem import al
+from project_lib.cryoem.al import (ALStudyParams, al_units, check_disjoint, labelled_counts, load_al_run, micrograph_hashes, run_al_study,
+                                   simulate_sets, train_al_units)
 from project_lib.cryoem.data import Micrograph
 from project_lib.cryoem.models import UNet
 
 
 def _tiny():
-    return yaml.safe_load(Path("params.yaml").read_text())["cryoem_al"]["tiny"]
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    return {**params["cryoem_al"]["tiny"], **params["cryoem_al_analysis"]["tiny"]}
 
 
 @pytest.mark.parametrize("n_labelled", [1, 3])
@@ -126,7 +131,7 @@ class _Untouchable(torch.nn.Module):
 ])
 def test_bad_configuration_is_refused_before_anything_runs(change, message, tmp_path):
     params = {**_tiny(), **change}
-    Path(tmp_path / "params.yaml").write_text(yaml.safe_dump({"cryoem_al": {"tiny": params}}))
+    Path(tmp_path / "params.yaml").write_text(yaml.safe_dump({"cryoem_al": {"tiny": params}}))   # one group: the schema is one dataclass
     with pytest.raises(ValueError, match=message):
         load_study_params("cryoem_al", ALStudyParams, "tiny", tmp_path / "params.yaml")
     pool = [Micrograph(np.zeros((16, 16), np.float32), np.zeros((0, 2)), 4.0, {}) for _ in range(3)]
@@ -152,18 +157,19 @@ def test_measure_sees_an_allocation_of_known_size():
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy", "diversity", "bald"])
-    return p, run_al_study(p, tmp_path_factory.mktemp("a")), run_al_study(p, tmp_path_factory.mktemp("b"))
+    root = tmp_path_factory.mktemp("a")
+    return p, run_al_study(p, root), run_al_study(p, tmp_path_factory.mktemp("b")), root
 
 
 def test_same_seed_gives_same_selections_and_metrics(tiny_runs):
-    _, a, b = tiny_runs
+    _, a, b, _ = tiny_runs
     cols = ["strategy", "round", "selected", "labelled", "test_particle_f1", "test_particle_auprc", "val_particle_f1", "test_pixel_roc_auc"]
     assert a.rounds[cols].to_dict("records") == b.rounds[cols].to_dict("records")
     assert a.replay.test_particle_f1.tolist() == b.replay.test_particle_f1.tolist()
 
 
 def test_selected_batches_never_hold_validation_or_test_micrographs(tiny_runs):
-    p, a, _ = tiny_runs
+    p, a, _, _ = tiny_runs
     held_out = set(micrograph_hashes(a.sets["val"] + a.sets["test"]))
     later = a.rounds[a.rounds["round"] >= 1]
     assert len(later) == len(p.strategies) * (len(p.labelled_fractions) - 1)
@@ -175,3 +181,63 @@ def test_selected_batches_never_hold_validation_or_test_micrographs(tiny_runs):
     # every strategy's round 0 trained on the same data; every run on one budget and one validation set
     assert a.rounds[a.rounds["round"] == 0].train_hash.nunique() == 1
     assert a.rounds.budget_hash.nunique() == 1 and a.rounds.val_hash.nunique() == 1
+
+
+def test_evaluation_refuses_when_the_trainings_are_missing(tmp_path):
+    p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy"])
+    with pytest.raises(FileNotFoundError, match="not trained with this configuration.*run the training stage"):
+        load_al_run(p, simulate_sets(p), tmp_path / "runs")
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a finished unit was trained again")
+
+
+def test_finished_units_are_reused_and_changed_ones_retrained(tiny_runs, tmp_path, monkeypatch):
+    p, a, _, root = tiny_runs
+    runs = shutil.copytree(root, tmp_path / "runs")
+    sets = simulate_sets(p)
+    first, then = al_units(p, sets, runs)
+    assert [u.key for u in first] == ["s3/round-0", "s3/full-pool"] and "s3/replay-warmstart" in [u.key for u in then]
+    with monkeypatch.context() as m:                     # a second run of the training stage trains nothing
+        m.setattr(al, "train", _no_training)
+        records = train_al_units(p, sets, runs)
+        assert load_al_run(p, sets, runs).rounds.test_particle_f1.tolist() == a.rounds.test_particle_f1.tolist()
+    assert records["s3/entropy"]["rounds"][0]["selected"] == a.rounds.query("strategy == 'entropy' and round == 1").selected.iloc[0]
+    # another acquisition setting changes the chains only: they are retrained, round 0, the full pool and the replay are reused
+    changed = dataclasses.replace(p, acquisition={**p.acquisition, "mc_samples": 4})
+    with pytest.raises(FileNotFoundError, match="4 training unit"):
+        load_al_run(changed, sets, runs)
+    stamps = {u.key: (runs / u.key / "unit.json").stat().st_mtime_ns for u in first + then}
+    trained = []
+    real_train = al.train
+    monkeypatch.setattr(al, "train", lambda config, train_set, *args, **kwargs: trained.append(len(train_set)) or real_train(config, train_set, *args, **kwargs))
+    train_al_units(changed, sets, runs)
+    assert len(trained) == len(p.strategies) * (len(p.labelled_fractions) - 1)
+    after = {u.key: (runs / u.key / "unit.json").stat().st_mtime_ns for u in first + then}
+    assert {k for k in stamps if stamps[k] != after[k]} == {f"s3/{s}" for s in p.strategies}
+    assert load_al_run(changed, sets, runs).rounds.query("round == 0").test_particle_f1.tolist() == a.rounds.query("round == 0").test_particle_f1.tolist()
+
+
+def _project_imports(module: str) -> set[str]:
+    "The project_lib modules `module` imports, transitively (from the source files)."
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen: continue
+        seen.add(name)
+        path = Path("project_lib", *name.split(".")).with_suffix(".py")
+        package = name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[:len(package) - node.level + 1]
+                targets = [".".join(base + node.module.split("."))] if node.module else [".".join(base + [a.name]) for a in node.names]
+                todo += [t for t in targets if Path("project_lib", *t.split(".")).with_suffix(".py").is_file()]
+    return seen
+
+
+def test_the_training_identity_and_stage_cover_exactly_the_code_the_trainings_import():
+    imported = _project_imports("cryoem.al") - {"core"}
+    assert imported == set(al._TRAINING_CODE) and "cryoem.al_analysis" not in imported and "report" not in imported
+    deps = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_cryoem_al"]["deps"]
+    assert {d for d in deps if d.startswith("project_lib/")} == {f"project_lib/{m.replace('.', '/')}.py" for m in imported | {"core"}}

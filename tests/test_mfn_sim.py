@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from project_lib.mfn.analysis import clamp_effect
+from project_lib.mfn.dataset import clamp_effect
 from project_lib.mfn.features import FEATURE_NAMES, compute_temporal_features
 from project_lib.mfn.sim import (DYNAMICS, SimulationConfig, SimulationResult, _initial_state, jacobian, kinetics,
                                  max_growth_rate, reference_step, simulate)

@@ -44,10 +44,16 @@ def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["conditions"]) == {"dose 20", "dose 0.3", "crowded, dose 0.3"}
     assert all(c["f1_oracle"] == 1.0 for c in metrics["conditions"].values())          # the ceiling is a ceiling
-    split = json.loads((out / "conditions" / "dose-20" / "split.json").read_text())
+    split = json.loads((out / "runs" / "dose-20" / "split.json").read_text())
     assert len(split["split"]["test"]) == 4 and split["data_hash"]
-    runs = out / "conditions" / "crowded-dose-0.3" / "runs"
+    runs = out / "runs" / "crowded-dose-0.3"
     assert (runs / "unet-s0" / "best.pt").is_file() and (runs / "attention_unet-s1" / "last.pt").is_file()
+    assert (runs / "unet-s0" / "unit.json").is_file() and (runs / "cache").is_dir() and not (out / "conditions").exists()
+    assert len(list((out / "runs").glob("*/*/unit.json"))) == 3 * 2 * 2 and (out / "train" / "provenance.json").is_file()
+    verdict = metrics["verdict"]
+    assert verdict["low"] <= verdict["estimate"] <= verdict["high"] and abs(verdict["mde"] - 2.8 * (verdict["high"] - verdict["low"]) / 3.92) < 1e-12
+    assert (out / "plots" / "difficulty.csv").read_text().startswith("condition,unet,attention_unet,template_matching,oracle,difference")
+    assert (out / "plots" / "learning-curves.csv").read_text().startswith("epoch,unet,attention_unet")
     assert len(list((out / "real_picks").glob("*.star"))) == 4
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 8
     assert "What the original protocol does to the same data" in html and "Where the arms part" in html
@@ -59,8 +65,14 @@ def test_cryoem_al_study_runs_end_to_end_in_tiny_profile(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["aulc"]) == {"least_confidence", "entropy", "margin", "diversity", "hybrid", "bald"}
     assert metrics["jaccard_lc_margin_round1"] == 1.0 and metrics["image_mean_jaccard_min"] == 1.0   # the theorem and the original's collapse
-    assert len(list((out / "runs").glob("s0-n2-*/best.pt"))) == 1 and len(list((out / "runs").glob("s1-n10-*/best.pt"))) == 1   # round 0, full pool
-    assert (out / "runs" / "replay-warmstart-s0-r1" / "last.pt").is_file() and (out / "runs" / "replay-control-s1-r1" / "last.pt").is_file()
+    runs = out / "runs"
+    assert len(list(runs.glob("s0/round-0/s0-n2-*/best.pt"))) == 1 and len(list(runs.glob("s1/full-pool/s1-n10-*/best.pt"))) == 1
+    assert len(list(runs.glob("s1/bald/s1-n4-*/best.pt"))) == 1 and (runs / "s0" / "entropy" / "unit.json").is_file()   # one chain per strategy and seed
+    assert (runs / "s0/replay-warmstart/replay-warmstart-s0-r1/last.pt").is_file() and (runs / "s1/replay-control/replay-control-s1-r1/last.pt").is_file()
+    units = (out / "train" / "units.csv").read_text().splitlines()
+    assert len(units) == 1 + 2 * (2 + 7 + 2) and (out / "train" / "provenance.json").is_file() and (out / "train" / "cryoem_al_train.ipynb").is_file()
+    assert set(metrics["verdict"]) >= {"estimate", "low", "high", "margin", "mde", "testable"} and metrics["verdict"]["margin"] == 0.02
+    assert all((out / "plots" / f).is_file() for f in ("learning_curves.csv", "replay.csv", "pool_bias.csv"))
     assert {f.name for f in (out / "tables").iterdir()} >= {"rounds.csv", "learning-curves.csv", "aulc-against-random.csv", "acquisition-cost.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 3
     assert "## Answer" not in html and "Answer" in html and "Better than random?" in html and "micrographs:" not in html
@@ -70,14 +82,19 @@ def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
     out, html = _run_study("mfn", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_simulations"] == {"default": 24, "v41": 24}
-    df, meta = read_dataset(out / "datasets" / "mfn_default.parquet")
+    df, meta = read_dataset(out / "runs" / "dataset-default" / "dataset.parquet")   # written by simulate_mfn
     assert len(df) == 24 and meta["dynamics"] == ["default"]
-    prov = json.loads((out / "provenance.json").read_text())
-    assert prov["profile"] == "tiny" and prov["wall_time_s"] > 0
+    assert (out / "runs" / "clamp-default" / "clamp.parquet").is_file() and (out / "train" / "units.csv").is_file()
+    assert {"estimate", "low", "high", "margin", "mde", "testable"} <= set(metrics["verdict"])
+    assert metrics["verdict"]["low"] <= metrics["verdict"]["estimate"] <= metrics["verdict"]["high"]
+    assert {p.name for p in (out / "plots").iterdir()} == {"feature-effects.csv", "predictability.csv"}
+    for stage in ("train", "."):
+        prov = json.loads((out / stage / "provenance.json").read_text())
+        assert prov["profile"] == "tiny" and prov["wall_time_s"] > 0
     assert {p.name for p in (out / "figures").iterdir()} >= {"example-fields.png", "feature-correlation.png"}
     assert external_references(html) == [] and "Profile tiny" in html
     assert html.count("data:image/png;base64") >= 4                 # the figures are embedded
-    assert "generate_dataset(" not in html                          # code inputs are hidden
+    assert "load_study_data(" not in html                           # code inputs are hidden
 
 
 def test_synapse_study_runs_end_to_end_in_tiny_profile(tmp_path):
@@ -86,8 +103,11 @@ def test_synapse_study_runs_end_to_end_in_tiny_profile(tmp_path):
     assert set(metrics["ari_class"]) >= {"contrastive · standard", "contrastive · layer 20", "hand-crafted", "trait oracle"}
     assert metrics["ari_class"]["trait oracle"] == 1.0                  # the ceiling is a ceiling
     assert metrics["chosen_layer"] in (0, 13, 20, 27) and 0 < metrics["permutation_p"]["hand-crafted"] <= 1
-    for seed in (0, 1): assert (out / "networks" / f"contrastive_seed{seed}" / "best.pt").is_file()
-    assert (out / "networks" / "vgg3d_proxy.pt").is_file()
+    for unit in ("contrastive-s0", "contrastive-s1", "proxy"):
+        assert {"best.pt", "last.pt", "vgg3d.pt", "unit.json"} <= {f.name for f in (out / "runs" / unit).iterdir()}
+    assert (out / "train" / "provenance.json").is_file() and len((out / "train" / "units.csv").read_text().splitlines()) == 4
+    assert {f.name for f in (out / "plots").iterdir()} == {"separation_sweep.csv", "contrastive_training.csv"}
+    assert set(metrics["verdict"]) >= {"estimate", "low", "high", "margin", "mde"} and metrics["verdict"]["testable"] is False  # 4 sets
     assert {f.name for f in (out / "tables").iterdir()} >= {"paired-comparisons.csv", "difficulty-sweep.csv", "proxy-held-out-r2-per-trait.csv",
                                                             "layer-choice-against-the-centre-prior.csv", "axon-level-permutation-test-of-the-mean-ari.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 6
@@ -99,7 +119,11 @@ def test_cascade_study_runs_end_to_end_in_tiny_profile(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["auc"]) >= {"filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade", "null (shuffled labels)"}
     assert 0 <= metrics["routed_fraction"] <= 1 and metrics["gmac_always"] > metrics["gmac_cascade"] > 0
-    assert (out / "runs" / "genconvit_vae" / "seed0" / "best.pt").is_file() and (out / "forgers" / "transposed" / "last.pt").is_file()
+    runs = out / "runs"
+    assert (runs / "detectors" / "genconvit_vae" / "seed0" / "best.pt").is_file() and (runs / "forgers" / "transposed" / "last.pt").is_file()
+    assert (runs / "detectors" / "null" / "seed0" / "unit.json").is_file() and (out / "train" / "units.csv").is_file()
+    assert {f.name for f in (out / "plots").iterdir()} >= {"risk-coverage.csv", "learning-curves.csv", "family-accuracy.csv"}
+    assert set(metrics["verdict"]) >= {"estimate", "low", "high", "margin", "mde", "simpler_does_as_well"}
     assert {f.name for f in (out / "tables").iterdir()} >= {"test-metrics.csv", "routing-per-seed.csv", "paired-auc-differences.csv", "success-criteria.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 5
     assert "Answer" in html and "Data card" in html and "micrographs:" not in html

@@ -313,3 +313,59 @@ def test_cli_help_and_no_silent_random_weights():
     assert run.returncode == 0 and "--extraction_method" in run.stdout and "--layer_num" in run.stdout
     run = subprocess.run([sys.executable, "-m", "project_lib.synapse", "--extraction_method", "standard"], capture_output=True, text=True)
     assert run.returncode == 2 and "one of the arguments --checkpoint --random_init is required" in run.stderr
+
+
+# ---- the training stage's units: evaluation never trains, a finished unit is reused, a changed one retrained ----
+
+def _tiny_params(**changes):
+    import dataclasses
+    from project_lib.core import load_study_params
+    from project_lib.synapse.units import SynapseStudyParams
+    return dataclasses.replace(load_study_params("synapse", SynapseStudyParams, "tiny"), train_seeds=[0], pretrain_bboxes=2, **changes)
+
+
+def _units(p):
+    from project_lib.synapse.units import training_units
+    return training_units(p, p.pretraining_set().load())
+
+
+def test_evaluation_refuses_when_the_trainings_are_missing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    out_nb = tmp_path / "synapse.ipynb"
+    run = subprocess.run([Path(sys.executable).parent / "papermill", "-k", "python3", "--no-progress-bar", "--cwd", ".", "nbs/studies/synapse.ipynb",
+                          out_nb, "-p", "profile", "tiny", "-p", "output_root", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "training unit(s) under" in run.stderr and "run the training stage" in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "tiny" / "synapse" / "runs").exists()                         # and it trained nothing
+
+
+@pytest.fixture(scope="module")
+def trained_units(tmp_path_factory):
+    from project_lib.engine import Executor, run_units
+    root, units = tmp_path_factory.mktemp("synapse") / "runs", _units(_tiny_params())
+    return root, units, run_units(units, root, Executor(n_workers=1))
+
+
+def test_a_finished_unit_is_reused_not_retrained(trained_units):
+    from project_lib.engine import Executor, run_units
+    root, units, records = trained_units
+    stamps = {f: f.stat().st_mtime_ns for f in root.rglob("*") if f.is_file()}
+    assert {f.name for f in stamps} >= {"best.pt", "last.pt", "vgg3d.pt", "unit.json"}
+    assert run_units(_units(_tiny_params()), root, Executor(n_workers=1)) == records     # rebuilt units: same identities
+    assert {f: f.stat().st_mtime_ns for f in root.rglob("*") if f.is_file()} == stamps   # nothing written again
+
+
+def test_a_unit_whose_data_changed_is_retrained(trained_units):
+    from project_lib.engine import Executor, load_units, run_units
+    root, units, records = trained_units
+    other = _units(_tiny_params(pretrain_seed=1001))                                     # other pretraining cubes
+    assert [u.key for u in other] == [u.key for u in units] and all(a.hash != b.hash for a, b in zip(other, units))
+    with pytest.raises(FileNotFoundError, match="not trained with this configuration"):
+        load_units(other, root)
+    before = (root / "proxy" / "vgg3d.pt").stat().st_mtime_ns
+    retrained = run_units(other, root, Executor(n_workers=1))
+    assert retrained["proxy"]["history"] != records["proxy"]["history"]
+    assert (root / "proxy" / "vgg3d.pt").stat().st_mtime_ns != before
+    assert load_units(other, root).keys() == retrained.keys()

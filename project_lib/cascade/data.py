@@ -4,7 +4,7 @@
 
 # %% ../../nbs/40_cascade_data.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, io, json
+import copy, dataclasses, hashlib, io, json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,10 +15,11 @@ from PIL import Image, UnidentifiedImageError
 from ..core import atomic_write_bytes, atomic_write_text
 
 # %% auto #0
-__all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'real_photographs', 'crop_resize', 'jpeg', 'finish', 'soft_ellipse',
-           'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger', 'to_input',
-           'to_uint8', 'render', 'train_forgers', 'Benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc',
-           'group_split', 'read_manifest', 'load_image', 'load_manifest', 'write_manifest']
+__all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'FORGER_UPS', 'real_photographs', 'crop_resize', 'jpeg', 'finish',
+           'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger',
+           'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers', 'Benchmark', 'Draft',
+           'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc', 'group_split',
+           'read_manifest', 'load_image', 'load_manifest', 'write_manifest']
 
 # %% ../../nbs/40_cascade_data.ipynb #c005
 PHOTOS = {   # name: (loader, package, licence)
@@ -180,25 +181,36 @@ def render(forger: Forger, images: np.ndarray, batch_size: int = 64) -> np.ndarr
     with torch.no_grad():
         return np.concatenate([to_uint8(forger(to_input(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)])
 
-def train_forgers(crops: np.ndarray, # (N, px, px, 3) uint8 crops of the photographs
-                  out_dir: str | Path, epochs: int = 8, seed: int = 0, progress: bool = False) -> dict[str, Forger]:
-    "Train the swapper (bilinear) and the generator (transposed convolutions) to reconstruct the crops (L1), best epoch on a held-out tenth."
+FORGER_UPS = ("bilinear", "transposed") # the swapper and the generator
+
+def train_forger(unit_dir: str | Path, device: str, # a training unit's folder and device (see `engine.run_units`)
+                 crops: np.ndarray, # (N, px, px, 3) uint8 crops of the photographs
+                 up: str, epochs: int = 8, seed: int = 0, progress: bool = False) -> dict:
+    "Train one forger to reconstruct the crops (L1), best epoch on a held-out tenth; its record (checkpoint relative to `unit_dir`)."
     from project_lib.core import seed_everything
-    from project_lib.engine import fit, load_weights
-    x = to_input(crops)
+    from project_lib.engine import fit
+    x = to_input(crops, device)
     n_val = max(len(x) // 10, 1)
     train_x, val_x = x[n_val:], x[:n_val]
-    forgers = {}
-    for up in ("bilinear", "transposed"):
-        seed_everything(seed)
-        model = Forger(up)
-        run = fit(model, torch.optim.Adam(model.parameters(), lr=2e-3), lambda net, idx, gen: (net(train_x[idx]) - train_x[idx]).abs().mean(),
-                  n_train=len(train_x), epochs=epochs, batch_size=32, seed=seed, lr_at=lambda e: 2e-3,
-                  evaluate=lambda m: {"neg_val_l1": -_l1(m, val_x)}, select="neg_val_l1",
-                  out_dir=Path(out_dir) / up, identity={"config": {"up": up, "epochs": epochs, "seed": seed}, "data": _array_hash(crops)},
-                  progress=progress)
-        forgers[up] = load_weights(Forger(up), run.best_checkpoint).eval()
-    return forgers
+    seed_everything(seed)
+    model = Forger(up).to(device)
+    run = fit(model, torch.optim.Adam(model.parameters(), lr=2e-3), lambda net, idx, gen: (net(train_x[idx]) - train_x[idx]).abs().mean(),
+              n_train=len(train_x), epochs=epochs, batch_size=32, seed=seed, lr_at=lambda e: 2e-3,
+              evaluate=lambda m: {"neg_val_l1": -_l1(m, val_x)}, select="neg_val_l1",
+              out_dir=unit_dir, identity={"config": {"up": up, "epochs": epochs, "seed": seed}, "data": _array_hash(crops)},
+              device=device, progress=progress)
+    return {"up": up, "best_checkpoint": run.best_checkpoint.name, "best_epoch": run.best_epoch, "train_time_s": run.train_time_s,
+            "history": run.history.to_dict("records")}
+
+def load_forger(unit_dir: str | Path, record: dict) -> Forger:
+    "A trained forger from its unit folder and record (strict loading of its best checkpoint)."
+    from project_lib.engine import load_weights
+    return load_weights(Forger(record["up"]), Path(unit_dir) / record["best_checkpoint"]).eval()
+
+def train_forgers(crops: np.ndarray, # (N, px, px, 3) uint8 crops of the photographs
+                  out_dir: str | Path, epochs: int = 8, seed: int = 0, progress: bool = False) -> dict[str, Forger]:
+    "Train the swapper (bilinear) and the generator (transposed convolutions) in `out_dir/<up>`, one after the other, on the CPU."
+    return {up: load_forger(Path(out_dir) / up, train_forger(Path(out_dir) / up, "cpu", crops, up, epochs, seed, progress)) for up in FORGER_UPS}
 
 def _l1(model: nn.Module, x: torch.Tensor) -> float:
     "Mean absolute reconstruction error of `model` on x (eval mode, no gradients)."
@@ -245,11 +257,22 @@ def _sample_plan(photos: list[dict], crops_per_photo: int, crops_per_face: int, 
         plan.append(step)
     return plan
 
-def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int = 4, n_faces: int = 100, fake_fraction: float = 0.5,
-                   seed: int = 0, forger_dir: str | Path | None = None, # where the forgers are trained (default: a temporary folder)
-                   forger_epochs: int = 8, max_forger_crops: int = 1024, photos: list[dict] | None = None) -> tuple[Benchmark, dict]:
-    "The benchmark and its forgers ({'bilinear': swapper, 'transposed': generator})."
-    import tempfile
+@dataclasses.dataclass
+class Draft:
+    "A generated benchmark before its fakes: the sample plan, each sample's processed crop and its row of metadata."
+    plan: list[dict]
+    crops: np.ndarray # (N, px, px, 3) uint8
+    rows: list[dict]
+    photos: list[dict]
+    seed: int
+
+    def forger_crops(self, max_forger_crops: int = 1024) -> np.ndarray:
+        "The forgers' training crops: a seeded subset (a cap keeps the cost fixed), in benchmark order."
+        return self.crops[np.sort(np.random.default_rng(self.seed).permutation(len(self.crops))[:max_forger_crops])]
+
+def draft_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int = 4, n_faces: int = 100, fake_fraction: float = 0.5,
+                    seed: int = 0, photos: list[dict] | None = None) -> Draft:
+    "The sample plan and the crops of a generated benchmark (everything the forgers and the fakes start from)."
     if px % 8 or px < 32: raise ValueError(f"px must be a multiple of 8 and >= 32, got {px}")
     if not 0 < fake_fraction < 1: raise ValueError(f"fake_fraction must be in (0, 1), got {fake_fraction}")
     photos = photos if photos is not None else real_photographs(n_faces)
@@ -258,13 +281,15 @@ def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int 
     for step in plan:
         crop, info = crop_resize(photos[step["photo"]]["image"], px, np.random.default_rng(step["crop_seed"]))
         crops.append(crop); rows.append(info)
-    crops = np.stack(crops)
-    train_idx = np.random.default_rng(seed).permutation(len(crops))[:max_forger_crops]   # the forgers' training crops (a cap keeps the cost fixed)
-    forgers = train_forgers(crops[np.sort(train_idx)], forger_dir or tempfile.mkdtemp(), forger_epochs, seed)
+    return Draft(plan, np.stack(crops), rows, photos, seed)
+
+def build_benchmark(draft: Draft, forgers: dict[str, Forger]) -> Benchmark:
+    "The benchmark: every planned fake made from its crop (the learned families with the trained forgers), all images processed alike."
+    crops, px = draft.crops, draft.crops.shape[1]
     swapped, generated = render(forgers["bilinear"], crops), render(forgers["transposed"], crops)
-    images = []
-    for k, step in enumerate(plan):
-        x, rng, photo = crops[k], step["rng"], photos[step["photo"]]
+    images, rows = [], copy.deepcopy(draft.rows)
+    for k, step in enumerate(draft.plan):
+        x, rng, photo = crops[k], copy.deepcopy(step["rng"]), draft.photos[step["photo"]]   # a copy: the draft builds the same benchmark again
         if step["label"]:
             a = STRENGTHS[step["family"]][step["strength"] - 1]
             fam = step["family"]
@@ -277,7 +302,16 @@ def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int 
         images.append(finish(x, photo["grey"], step["flip"], step["quality"]))
         rows[k].update(photo=photo["name"], flip=step["flip"], quality=step["quality"], family=step["family"], strength=step["strength"])
     meta = pd.DataFrame(rows)
-    return Benchmark(np.stack(images), np.array([s["label"] for s in plan]), meta.photo.to_numpy(dtype=object), meta), forgers
+    return Benchmark(np.stack(images), np.array([s["label"] for s in draft.plan]), meta.photo.to_numpy(dtype=object), meta)
+
+def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int = 4, n_faces: int = 100, fake_fraction: float = 0.5,
+                   seed: int = 0, forger_dir: str | Path | None = None, # where the forgers are trained (default: a temporary folder)
+                   forger_epochs: int = 8, max_forger_crops: int = 1024, photos: list[dict] | None = None) -> tuple[Benchmark, dict]:
+    "The benchmark and its forgers ({'bilinear': swapper, 'transposed': generator}), trained here (a study trains them as units)."
+    import tempfile
+    draft = draft_benchmark(px, crops_per_photo, crops_per_face, n_faces, fake_fraction, seed, photos)
+    forgers = train_forgers(draft.forger_crops(max_forger_crops), forger_dir or tempfile.mkdtemp(), forger_epochs, seed)
+    return build_benchmark(draft, forgers), forgers
 
 def roc_auc(y, score) -> float:
     "ROC-AUC from scores (ties averaged), by the rank-sum formula."

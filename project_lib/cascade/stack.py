@@ -19,10 +19,11 @@ from ..core import seed_everything, select_device
 from ..engine import autocast, distributed, fit, load_weights
 
 # %% auto #0
-__all__ = ['predict', 'Trained', 'train_detector', 'fit_temperature', 'calibrated', 'cascade_decision', 'choose_band',
-           'stage3_features', 'feature_family', 'group_oof', 'Stacker', 'fit_lightgbm', 'fit_logistic', 'averaging',
-           'importance_by_family', 'expected_calibration_error', 'best_threshold', 'binary_metrics', 'risk_coverage',
-           'paired_bootstrap', 'gmac_per_image', 'seconds_per_image']
+__all__ = ['predict', 'Trained', 'train_detector', 'train_detector_unit', 'load_detector', 'fit_temperature', 'calibrated',
+           'cascade_decision', 'choose_band', 'stage3_features', 'feature_family', 'group_oof', 'Stacker',
+           'fit_lightgbm', 'fit_logistic', 'averaging', 'importance_by_family', 'expected_calibration_error',
+           'best_threshold', 'binary_metrics', 'risk_coverage', 'paired_bootstrap', 'gmac_per_image',
+           'seconds_per_image']
 
 # %% ../../nbs/42_cascade_stack.ipynb #c005
 def predict(model: nn.Module, bench: Benchmark, device="cpu", batch_size: int = 128) -> dict[str, np.ndarray]:
@@ -78,6 +79,19 @@ def train_detector(config: ModelConfig, train: Benchmark, val: Benchmark, out_di
               desc=f"{config.role} seed {seed}", progress=progress)
     best = load_weights(build_model(config).to(device), run.best_checkpoint, device).eval()
     return Trained(config, seed, best, run.history, run.best_epoch, identity["train_hash"], identity["val_hash"], run.train_time_s)
+
+def train_detector_unit(unit_dir: Path, device: str, # a training unit's folder and device (see `engine.run_units`)
+                        config: ModelConfig, train: Benchmark, val: Benchmark, seed: int) -> dict:
+    "One detector as a training unit: `train_detector` into `unit_dir`; its record (checkpoint relative to `unit_dir`)."
+    t = train_detector(config, train, val, unit_dir, seed, device)
+    return {"seed": seed, "best_checkpoint": "best.pt", "best_epoch": t.best_epoch, "history": t.history.to_dict("records"),
+            "train_hash": t.train_hash, "val_hash": t.val_hash, "train_time_s": t.train_time_s}
+
+def load_detector(config: ModelConfig, record: dict, unit_dir: str | Path, device: str = "cpu") -> Trained:
+    "A trained detector from its unit folder and record (strict loading of its best checkpoint): what `train_detector` returned."
+    model = load_weights(build_model(config).to(device), Path(unit_dir) / record["best_checkpoint"], device).eval()
+    return Trained(config, record["seed"], model, pd.DataFrame(record["history"]), record["best_epoch"], record["train_hash"], record["val_hash"],
+                   record["train_time_s"])
 
 # %% ../../nbs/42_cascade_stack.ipynb #c008
 def fit_temperature(logits, y) -> float:

@@ -5,86 +5,26 @@
 # %% ../../nbs/43_cascade_study.ipynb #c002
 from __future__ import annotations
 import dataclasses, time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
-from .data import FAMILIES, Benchmark, group_split, load_manifest, make_benchmark, radial_profile, to_uint8
-from .models import ModelConfig, branch_effects, build_model
-from .stack import (averaging, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
-                                       fit_logistic, fit_temperature, gmac_per_image, importance_by_family, paired_bootstrap, predict,
-                                       risk_coverage, roc_auc, seconds_per_image, stage3_features, to_input, train_detector)
+from .data import FAMILIES, Benchmark, radial_profile, to_uint8
+from .models import build_model
+from .stack import (Trained, averaging, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
+                                       fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
+                                       seconds_per_image, stage3_features, to_input)
+from .units import EXPERTS, CascadeParams
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['EXPERTS', 'METHODS', 'CascadeParams', 'load_data', 'check_grouped', 'spectral_features', 'spectral_baseline',
-           'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
-           'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
-           'plot_examples', 'plot_reconstructions', 'plot_curves', 'plot_risk_coverage', 'plot_family_accuracy']
-
-# %% ../../nbs/43_cascade_study.ipynb #c005
-EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
-
-@dataclasses.dataclass(frozen=True)
-class CascadeParams:
-    "One profile of the cascade study."
-    data: str # "generated" or "manifests"
-    manifest_dir: str # folder with train_manifest.csv and val_manifest.csv (data: manifests)
-    px: int
-    crops_per_photo: int
-    crops_per_face: int
-    n_faces: int
-    forger_epochs: int
-    data_seed: int
-    split: dict # fractions of train, val, blend, test (generated data)
-    seeds: list[int]
-    models: dict # role -> ModelConfig fields (role and px are filled in)
-    routing_budget: float # largest routed fraction on validation
-    stack_folds: int
-    lgbm_max_rounds: int
-    bootstrap_resamples: int
-    timing_images: int
-
-    def __post_init__(self):
-        if self.data not in ("generated", "manifests"): raise ValueError(f"cascade.data must be 'generated' or 'manifests', got {self.data!r}")
-        if set(self.split) != {"train", "val", "blend", "test"}: raise ValueError(f"cascade.split needs train, val, blend and test, got {sorted(self.split)}")
-        if set(self.models) != {"filter", *EXPERTS}: raise ValueError(f"cascade.models needs filter, {', '.join(EXPERTS)}; got {sorted(self.models)}")
-        if len(self.seeds) < 1: raise ValueError("cascade.seeds must not be empty")
-
-    def model_config(self, role: str) -> ModelConfig:
-        return ModelConfig(role=role, px=self.px, **self.models[role])
-
-# %% ../../nbs/43_cascade_study.ipynb #c008
-def load_data(p: CascadeParams, out_dir: Path) -> tuple[dict[str, Benchmark], Benchmark]:
-    "The four splits (train, val, blend, test) and the whole benchmark; every split holds whole groups."
-    if p.data == "manifests":
-        folder = Path(p.manifest_dir)
-        train, rest = load_manifest(folder / "train_manifest.csv", p.px), load_manifest(folder / "val_manifest.csv", p.px)
-        frac = {k: p.split[k] for k in ("val", "blend", "test")}
-        parts = group_split(rest.group, {k: v / sum(frac.values()) for k, v in frac.items()}, p.data_seed)
-        splits = {"train": train, **{k: rest.subset(v) for k, v in parts.items()}}
-        bench = Benchmark(np.concatenate([train.images, rest.images]), np.r_[train.label, rest.label], np.r_[train.group, rest.group],
-                          pd.concat([train.meta, rest.meta], ignore_index=True))
-    else:
-        bench, _ = make_benchmark(p.px, p.crops_per_photo, p.crops_per_face, p.n_faces, seed=p.data_seed, forger_dir=out_dir / "forgers",
-                                  forger_epochs=p.forger_epochs)
-        splits = {k: bench.subset(v) for k, v in group_split(bench.group, p.split, p.data_seed).items()}
-    check_grouped(splits)
-    return splits, bench
-
-def check_grouped(splits: dict[str, Benchmark]):
-    "Refuse splits that share a group (a photograph, video or identity) or images, or lack a class."
-    names = list(splits)
-    for i, a in enumerate(names):
-        if len(np.unique(splits[a].label)) < 2: raise ValueError(f"split {a!r} must hold both real and fake images")
-        for b in names[i + 1:]:
-            shared = set(map(str, splits[a].group)) & set(map(str, splits[b].group))
-            if shared: raise ValueError(f"splits {a!r} and {b!r} share groups {sorted(shared)[:3]}")
-            ha = {hash(x.tobytes()) for x in splits[a].images}
-            if any(hash(x.tobytes()) in ha for x in splits[b].images): raise ValueError(f"splits {a!r} and {b!r} share an image")
+__all__ = ['METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_METHODS', 'spectral_features', 'spectral_baseline', 'run_seed',
+           'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table', 'paper_cost',
+           'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
+           'success_criteria', 'stack_verdict', 'plot_examples', 'plot_reconstructions', 'plot_curves',
+           'risk_coverage_curves', 'plot_risk_coverage', 'family_accuracy_curves', 'plot_family_accuracy']
 
 # %% ../../nbs/43_cascade_study.ipynb #c010
 def spectral_features(images: np.ndarray) -> np.ndarray:
@@ -107,14 +47,10 @@ def spectral_baseline(train: Benchmark, *others: Benchmark) -> list[np.ndarray]:
 # %% ../../nbs/43_cascade_study.ipynb #c012
 METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "cascade")
 
-def _shuffled(b: Benchmark, seed: int) -> Benchmark:
-    return dataclasses.replace(b, label=np.random.default_rng(seed).permutation(b.label))
-
-def run_seed(p: CascadeParams, splits: dict[str, Benchmark], seed: int, out_dir: Path, device: str = "cpu", progress: bool = False) -> dict:
-    "Everything one seed produces: per-method test scores and decisions, routing, histories, stackers, null and baseline scores."
-    train, val, blend, test = (splits[k] for k in ("train", "val", "blend", "test"))
-    trained = {role: train_detector(p.model_config(role), train, val, out_dir / role / f"seed{seed}", seed, device, progress)
-               for role in ("filter", *EXPERTS)}
+def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str, Trained], device: str = "cpu") -> dict:
+    "Everything one seed's trained detectors give: per-method test scores and decisions, calibration, routing, stackers, null scores."
+    val, blend, test = (splits[k] for k in ("val", "blend", "test"))
+    trained, seed = {role: detectors[role] for role in ("filter", *EXPERTS)}, detectors["filter"].seed
     outs = {role: {k: predict(t.model, b, device) for k, b in (("val", val), ("blend", blend), ("test", test))} for role, t in trained.items()}
     temperature = fit_temperature(outs["filter"]["blend"]["logit"], blend.label)
     p1 = {k: calibrated(outs["filter"][k]["logit"], temperature) for k in ("val", "blend", "test")}
@@ -127,12 +63,10 @@ def run_seed(p: CascadeParams, splits: dict[str, Benchmark], seed: int, out_dir:
     band = choose_band(p1["val"], prob["val"]["LightGBM stack"], val.label, p.routing_budget, thresholds["LightGBM stack"])
     score, decision, routed = cascade_decision(p1["test"], prob["test"]["LightGBM stack"], band, thresholds["LightGBM stack"])
     val_routed = cascade_decision(p1["val"], prob["val"]["LightGBM stack"], band, thresholds["LightGBM stack"])[2]
-    null = train_detector(dataclasses.replace(p.model_config("filter"), epochs=1), _shuffled(train, seed), val, out_dir / "null" / f"seed{seed}",
-                          seed, device, progress)
     return {"seed": seed, "trained": trained, "outs": outs, "temperature": temperature, "band": band, "thresholds": thresholds,
             "test_prob": {**prob["test"], "cascade": score}, "test_decision": {**{m: (prob["test"][m] >= thresholds[m]).astype(int) for m in prob["test"]}, "cascade": decision},
             "routed": routed, "val_routed_fraction": float(val_routed.mean()), "stackers": stackers,
-            "null_prob": predict(null.model, test, device)["prob"]}
+            "null_prob": predict(detectors["null"].model, test, device)["prob"]}
 
 # %% ../../nbs/43_cascade_study.ipynb #c014
 def seed_metrics(r: dict, test: Benchmark, spectral_prob: np.ndarray) -> pd.DataFrame:
@@ -244,6 +178,35 @@ def best_single_expert(results: list[dict], val: Benchmark) -> str:
     "The expert with the highest mean validation AUC over seeds (chosen on validation, not test)."
     return max(EXPERTS, key=lambda e: np.mean([roc_auc(val.label, r["outs"][e]["val"]["prob"]) for r in results]))
 
+EXPERT_NAMES = {"effnet": "EfficientNetV2", "genconvit_ed": "GenConViT ED", "genconvit_vae": "GenConViT VAE"}
+
+def success_criteria(summary: pd.DataFrame, # summarise_over_seeds of the test metrics
+                     targets: dict, # expert -> {metric: target}
+                    ) -> pd.DataFrame:
+    "The seed's targets against the test summary: mean and interval over seeds, met by the mean and by the whole interval."
+    rows = []
+    for method, metrics in targets.items():
+        for metric, target in metrics.items():
+            r = summary.query("method == @method and metric == @metric").iloc[0]
+            rows.append({"criterion": f"{EXPERT_NAMES[method]} {metric.upper()} > {target}", "mean": r["mean"], "ci_low": r.ci_low, "ci_high": r.ci_high,
+                         "met (mean)": r["mean"] > target, "met (whole CI)": r.ci_low > target})
+    return pd.DataFrame(rows)
+
+SIMPLER = ("filter", "averaging", "logistic stack") # simpler than the LightGBM stack (beside the best single expert)
+
+def stack_verdict(gains: pd.DataFrame, # paired AUC differences: method - versus, with ci_low, ci_high
+                  best: str, margin: float, simpler=SIMPLER) -> dict:
+    "The headline comparison (LightGBM stack - best single expert, test AUC) as the verdict group; `simpler_does_as_well` when the best single expert or a simpler method is not significantly worse than the stack."
+    def row(a, b):
+        found = gains[(gains.method == a) & (gains.versus == b)]
+        if found.empty: raise ValueError(f"gains has no row comparing {a!r} with {b!r}")
+        return found.iloc[0]
+    def as_well(m):   # m is not significantly worse than the stack
+        return row(m, "LightGBM stack").ci_high >= 0 if ((gains.method == m) & (gains.versus == "LightGBM stack")).any() else row("LightGBM stack", m).ci_low <= 0
+    head = row("LightGBM stack", best)
+    return {"estimate": float(head.difference), "low": float(head.ci_low), "high": float(head.ci_high), "margin": float(margin),
+            "mde": float(2.8 * (head.ci_high - head.ci_low) / 3.92), "simpler_does_as_well": bool(any(as_well(m) for m in (best, *simpler)))}
+
 # %% ../../nbs/43_cascade_study.ipynb #c016
 def plot_examples(bench: Benchmark, per_family: int = 6, seed: int = 0):
     "A grid of example images: one row per class/family, strengths ascending."
@@ -291,19 +254,28 @@ def plot_curves(hist: pd.DataFrame):
     fig.tight_layout()
     return fig
 
-def plot_risk_coverage(results: list[dict], test: Benchmark, methods=("filter", "effnet", "genconvit_ed", "LightGBM stack")):
-    "Risk-coverage curves on test (one line per method, seeds pooled by averaging the curves)."
+RISK_COVERAGE_METHODS = ("filter", "effnet", "genconvit_ed", "LightGBM stack")
+
+def risk_coverage_curves(results: list[dict], test: Benchmark, methods=RISK_COVERAGE_METHODS) -> pd.DataFrame:
+    "Risk-coverage on test: coverage, and per method (a column) the risk averaged over seeds."
+    coverage = risk_coverage(test.label, results[0]["test_prob"][methods[0]]).coverage
+    return pd.DataFrame({"coverage": coverage, **{m: np.mean([risk_coverage(test.label, r["test_prob"][m]).risk for r in results], 0) for m in methods}})
+
+def plot_risk_coverage(curves: pd.DataFrame):
+    "Risk-coverage curves on test (one line per method of `risk_coverage_curves`)."
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for m in methods:
-        curves = [risk_coverage(test.label, r["test_prob"][m]) for r in results]
-        ax.plot(curves[0].coverage, np.mean([c.risk for c in curves], 0), label=m)
+    for m in curves.columns.drop("coverage"): ax.plot(curves.coverage, curves[m], label=m)
     ax.set_xlabel("coverage (share of test images accepted)"); ax.set_ylabel("risk (error rate among accepted)"); ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
+def family_accuracy_curves(fam: pd.DataFrame) -> pd.DataFrame:
+    "Accuracy per method, family and strength, pooled over seeds (weighted by images)."
+    return fam.groupby(["method", "family", "strength"]).apply(lambda g: np.average(g.accuracy, weights=g.n), include_groups=False).rename("accuracy").reset_index()
+
 def plot_family_accuracy(fam: pd.DataFrame):
     "Accuracy per fake family and strength (and on reals), per method, pooled over seeds."
-    summary = fam.groupby(["method", "family", "strength"]).apply(lambda g: np.average(g.accuracy, weights=g.n), include_groups=False).rename("accuracy").reset_index()
+    summary = family_accuracy_curves(fam)
     families = ["real", *FAMILIES]
     fig, axes = plt.subplots(1, len(families), figsize=(2.1 * len(families), 3), sharey=True)
     for ax, f in zip(axes, families):

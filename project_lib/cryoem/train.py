@@ -16,15 +16,15 @@ from tqdm.auto import tqdm
 
 from ..core import atomic_write_text, params_hash, seed_everything, select_device, to_jsonable
 from ..engine import autocast, distributed, file_hash, fit, load_weights
-from .data import Micrograph, MicrographConfig, simulate_micrograph
-from .metrics import extract_picks, match_picks, particle_metrics, pixel_metrics
+from .data import Micrograph, MicrographConfig, edge_particles, simulate_micrograph
+from .metrics import extract_picks, match_picks, particle_metrics, particle_metrics_by_image, pixel_metrics, recovered
 from .models import AttentionUNet, UNet
 
 # %% auto #0
 __all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'epoch_lr',
            'budget_hash', 'build_model', 'focal_dice_loss', 'probabilities', 'predict', 'select_threshold',
-           'select_pixel_threshold', 'RunResult', 'train', 'load_checkpoint', 'load_best', 'check_comparable',
-           'run_record', 'run_from_record']
+           'select_pixel_threshold', 'choose_thresholds', 'score_picker', 'RunResult', 'train', 'load_checkpoint',
+           'load_best', 'check_comparable', 'run_record', 'run_from_record']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
@@ -212,6 +212,31 @@ def select_pixel_threshold(probs: np.ndarray, micrographs: Sequence[Micrograph],
     tp = len(pos) - np.searchsorted(pos, candidates, "left")   # positives >= threshold
     fp = len(neg) - np.searchsorted(neg, candidates, "left")
     return float(candidates[int(np.argmax(2 * tp / np.maximum(tp + fp + len(pos), 1)))])   # F1 = 2TP / (2TP + FP + FN)
+
+# %% ../../nbs/23_cryoem_train.ipynb #c047
+def choose_thresholds(val_maps: np.ndarray, val_set: list[Micrograph]) -> tuple[float, float]:
+    "(picking threshold maximising particle F1, pixel threshold maximising pixel F1) on the validation micrographs."
+    return select_threshold(val_maps, val_set)[0], select_pixel_threshold(val_maps, val_set)
+
+def score_picker(val_maps: np.ndarray, test_maps: np.ndarray, # (n, H, W) score maps in [0, 1]
+                 val_set: list[Micrograph], test_set: list[Micrograph],
+                 thresholds: tuple[float, float] | None = None, # (picking, pixel), e.g. from `choose_thresholds`; default: chosen here
+                ) -> tuple[pd.DataFrame, float]: # (one row per test micrograph, the picking threshold)
+    "Per-test-micrograph particle and pixel metrics at thresholds chosen on validation."
+    threshold, pixel_threshold = thresholds if thresholds is not None else choose_thresholds(val_maps, val_set)
+    picks, truth = _picks_and_truth(test_maps, test_set)
+    rows = particle_metrics_by_image(picks, truth, 0.0, threshold).set_index("image")
+    out = []
+    for i, m in enumerate(test_set):
+        kept = picks[(picks.image == i) & (picks.score >= threshold)][["x", "y"]].to_numpy()
+        found, edge = recovered(kept, m.centres, np.asarray(m.diameters_px, float) / 2), edge_particles(m)
+        px = pixel_metrics(test_maps[i], m.mask, pixel_threshold)
+        out.append({"micrograph": i, **{f"particle_{k}": rows.loc[i, k] for k in ("precision", "recall", "f1", "auprc")},
+                    "n_true": int(rows.loc[i, "n_true"]), "n_picked": int(rows.loc[i, "n_kept"]),
+                    "edge_found": int(found[edge].sum()), "edge_total": int(edge.sum()),
+                    "interior_found": int(found[~edge].sum()), "interior_total": int((~edge).sum()),
+                    "pixel_f1": px["f1"], "pixel_roc_auc": px["roc_auc"]})
+    return pd.DataFrame(out), threshold
 
 # %% ../../nbs/23_cryoem_train.ipynb #c013
 @dataclasses.dataclass

@@ -11,31 +11,17 @@ import numpy as np
 import pandas as pd
 
 from ..core import mean_ci
-from .features import FEATURE_NAMES, FeatureConfig
-from .sim import DYNAMICS, V_MIN_V, simulate
+from .features import FEATURE_NAMES
+from .sim import V_MIN_V
 
 # %% auto #0
-__all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'FEATURE_GROUPS', 'TARGETS', 'MFNStudyParams',
-           'out_of_range_fractions', 'constant_features', 'turing_effect', 'alpha_effect', 'plot_fields',
-           'plot_feature_ranges', 'plot_correlation', 'plot_effects', 'per_cell', 'degenerate_features', 'clamp_effect',
-           'clamp_table', 'clamp_feature_shift', 'out_of_fold', 'seed_bootstrap_ci', 'predictability']
+__all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'FEATURE_GROUPS', 'TARGETS', 'out_of_range_fractions',
+           'constant_features', 'turing_effect', 'alpha_effect', 'plot_fields', 'plot_feature_ranges',
+           'plot_correlation', 'plot_effects', 'per_cell', 'degenerate_features', 'clamp_table', 'clamp_feature_shift',
+           'out_of_fold', 'seed_bootstrap_ci', 'predictability', 'auc_verdict']
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c005
-@dataclasses.dataclass(frozen=True)
-class MFNStudyParams:
-    "Parameters of the MFN study stage (one profile)."
-    grid_sizes: list[int] # sweep: grid sizes N
-    alphas: list[float] # sweep: diffusion coefficients (<= 0.25)
-    seeds: list[int] # sweep: seeds shared by every condition (paired design)
-    steps: list[int] # sweep: step counts
-    spike_probability: float # chance of a spike per step
-    dynamics: list[str] # dynamics variants to sweep ("default", "v41")
-    n_jobs: int # joblib workers
-    example_grid_size: int # example fields shown in the report
-    example_steps: int
-    example_seed: int
-    bootstrap_resamples: int # resamples for every confidence interval
-    bootstrap_seed: int
+from .stage import MFNStudyParams # the study's schema lives with the stage that reads it first
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c007
 EXPECTED_RANGES = {"D_box": (1.0, 2.5), "D_r2": (0.9, 1.0), "V_min": (-95.0, -60.0), "V_max": (-50.0, 40.0),
@@ -175,22 +161,6 @@ def degenerate_features(df: pd.DataFrame) -> dict[str, float]:
     return {"T_stable never stable": float((df.T_stable >= df.steps).mean()),
             "V_min at the clamp": float((df.V_min <= CLAMP_MV + 1e-9).mean())}
 
-def clamp_effect(configs, # simulation configurations (e.g. a study's sweep)
-                 feature_config: FeatureConfig | None = None,
-                 floor_v: float = -1.0, # the counterfactual's lower clamp of V, in volts (the schema's is −0.095)
-                ) -> pd.DataFrame:
-    "Per run: the share of cells at the −95 mV clamp, and every feature with it and with the floor lowered to `floor_v`."
-    if not isinstance(floor_v, (int, float)) or not np.isfinite(floor_v) or floor_v > V_MIN_V:
-        raise ValueError(f"floor_v must be a finite number of volts <= {V_MIN_V} (the schema's clamp), got {floor_v!r}")
-    rows = []
-    for c in configs:
-        clamped = simulate(c, feature_config)
-        free = simulate(c, feature_config, dynamics=dataclasses.replace(DYNAMICS[c.dynamics], v_floor_v=float(floor_v)))
-        rows.append({"dynamics": c.dynamics, "turing_enabled": c.turing_enabled, "alpha": c.alpha, "grid_size": c.grid_size,
-                     "random_seed": c.seed, "clamped_fraction": clamped.clamped_fraction, **clamped.features(feature_config).to_dict(),
-                     **{f"{k} unclamped": v for k, v in free.features(feature_config).to_dict().items()}})
-    return pd.DataFrame(rows)
-
 def clamp_table(runs: pd.DataFrame) -> pd.DataFrame:
     "Per Turing setting and alpha: share of runs touching the clamp, mean and largest share of clamped cells."
     return (runs.groupby(["turing_enabled", "alpha"]).clamped_fraction
@@ -265,3 +235,20 @@ def predictability(df: pd.DataFrame, n_splits: int = 5, n_resamples: int = 1000,
                          "ci_low": low, "ci_high": high})
             if drop is not None: importances[target] = drop
     return pd.DataFrame(rows), pd.DataFrame(importances).rename_axis("feature").reset_index()
+
+# %% ../../nbs/13_mfn_analysis.ipynb #c026
+def auc_verdict(pred: pd.DataFrame, # `predictability` scores with a `dynamics` column
+                margin: float, # declared equivalence margin (AUC units)
+                dynamics: str = "default", # the dynamics whose Turing AUC is the headline
+                null: str = "v41", # the dynamics whose Turing AUC is the calibrated null
+                testable: bool = True, # False when the scale or the design cannot answer the question
+               ) -> dict:
+    "The metrics' verdict group: Turing AUC under `dynamics` minus the null's, its 95 % interval, `margin` and MDE."
+    if not margin > 0: raise ValueError(f"margin must be > 0, got {margin!r}")
+    rows = pred[(pred.target == "turing_enabled") & (pred.features == "all 18")].set_index("dynamics")
+    for d in (dynamics, null):
+        if d not in rows.index: raise ValueError(f"no Turing score of all 18 features for dynamics {d!r}; have {sorted(rows.index)}")
+    head, base = rows.loc[dynamics], float(rows.loc[null, "score"])
+    low, high = float(head.ci_low) - base, float(head.ci_high) - base
+    return {"estimate": float(head.score) - base, "low": low, "high": high, "margin": float(margin),
+            "mde": 2.8 * (high - low) / 3.92, "testable": bool(testable)}

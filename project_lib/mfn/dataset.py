@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from ..core import atomic_write_bytes, to_jsonable
 from .features import FEATURE_NAMES, FeatureConfig
-from .sim import SimulationConfig, simulate
+from .sim import DYNAMICS, V_MIN_V, SimulationConfig, simulate
 
 # %% auto #0
 __all__ = ['RUN_COLUMNS', 'PARQUET_SCHEMA', 'sweep', 'simulate_row', 'thread_budget', 'rows_to_table', 'generate_dataset',
-           'read_dataset']
+           'read_dataset', 'clamp_row', 'clamp_effect']
 
 # %% ../../nbs/12_mfn_dataset.ipynb #c005
 RUN_COLUMNS = (("sim_id", pa.int64()), ("random_seed", pa.int64()), ("grid_size", pa.int64()),
@@ -63,15 +63,20 @@ def thread_budget(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
     workers = max(1, cpus + 1 + n_jobs if n_jobs < 0 else n_jobs)        # joblib: -1 all cores, -2 all but one, ...
     return workers, max(1, cpus // workers)
 
-def _run_rows(configs, feature_config, n_jobs, scheduler_address, progress) -> list[dict]:
+def _run_rows(row_fn, configs, args, n_jobs, scheduler_address, progress) -> list[dict]:
+    "`row_fn(i, config, *args, numba_threads)` for every config, in order: joblib processes or a Dask cluster."
     n_jobs, threads = thread_budget(n_jobs)
-    tasks = (joblib.delayed(simulate_row)(i, c, feature_config, threads) for i, c in enumerate(configs))
+    tasks = (joblib.delayed(row_fn)(i, c, *args, threads) for i, c in enumerate(configs))
     bar = dict(total=len(configs), desc="simulations", disable=not progress)
     if scheduler_address is None:
         return list(tqdm(joblib.Parallel(n_jobs=n_jobs, return_as="generator")(tasks), **bar))
     from distributed import Client
     with Client(scheduler_address), joblib.parallel_config(backend="dask"):
         return list(tqdm(joblib.Parallel(n_jobs=n_jobs, return_as="generator")(tasks), **bar))
+
+def _check_configs(configs):
+    if not configs: raise ValueError("configs must not be empty")
+    if not all(isinstance(c, SimulationConfig) for c in configs): raise TypeError("configs must be SimulationConfig objects")
 
 def rows_to_table(rows: list[dict], metadata: dict | None = None) -> pa.Table:
     "Rows as a table with `PARQUET_SCHEMA` (and `metadata` as JSON under the `mfn` key)."
@@ -86,10 +91,9 @@ def generate_dataset(configs: list[SimulationConfig], # e.g. from `sweep`
                      progress: bool = True, # show a tqdm progress bar
                     ) -> pd.DataFrame:
     "Simulate every configuration and return (and optionally write) the feature dataset."
-    if not configs: raise ValueError("configs must not be empty")
-    if not all(isinstance(c, SimulationConfig) for c in configs): raise TypeError("configs must be SimulationConfig objects")
+    _check_configs(configs)
     feature_config = feature_config or FeatureConfig()
-    rows = _run_rows(configs, feature_config, n_jobs, scheduler_address, progress)
+    rows = _run_rows(simulate_row, configs, (feature_config,), n_jobs, scheduler_address, progress)
     dynamics = sorted({c.dynamics for c in configs})
     spikes = sorted({c.spike_probability for c in configs})
     table = rows_to_table(rows, {"dynamics": dynamics, "spike_probability": spikes, "feature_config": feature_config,
@@ -110,3 +114,27 @@ def read_dataset(path: str | Path) -> tuple[pd.DataFrame, dict]:
         raise ValueError(f"dataset {path} does not have the MFN schema (section 9): columns {table.schema.names}")
     meta = json.loads((table.schema.metadata or {}).get(b"mfn", b"{}"))
     return table.to_pandas(), meta
+
+# %% ../../nbs/12_mfn_dataset.ipynb #c014
+def clamp_row(i: int, config: SimulationConfig, feature_config: FeatureConfig | None, floor_v: float,
+              numba_threads: int | None = None) -> dict:
+    "One run of the clamp counterfactual: its share of clamped cells and its features with the clamp and with the floor at `floor_v`."
+    if numba_threads: numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+    clamped = simulate(config, feature_config)
+    free = simulate(config, feature_config, dynamics=dataclasses.replace(DYNAMICS[config.dynamics], v_floor_v=float(floor_v)))
+    return {"dynamics": config.dynamics, "turing_enabled": config.turing_enabled, "alpha": config.alpha, "grid_size": config.grid_size,
+            "random_seed": config.seed, "clamped_fraction": clamped.clamped_fraction, **clamped.features(feature_config).to_dict(),
+            **{f"{k} unclamped": v for k, v in free.features(feature_config).to_dict().items()}}
+
+def clamp_effect(configs: list[SimulationConfig], # simulation configurations (e.g. a study's sweep)
+                 feature_config: FeatureConfig | None = None,
+                 floor_v: float = -1.0, # the counterfactual's lower clamp of V, in volts (the schema's is −0.095)
+                 n_jobs: int = 1, # parallel workers (-1: all cores)
+                 scheduler_address: str | None = None, # Dask scheduler, e.g. "tcp://10.0.0.5:8786"
+                 progress: bool = False, # show a tqdm progress bar
+                ) -> pd.DataFrame:
+    "Per run: the share of cells at the −95 mV clamp, and every feature with it and with the floor lowered to `floor_v`."
+    if not isinstance(floor_v, (int, float)) or not np.isfinite(floor_v) or floor_v > V_MIN_V:
+        raise ValueError(f"floor_v must be a finite number of volts <= {V_MIN_V} (the schema's clamp), got {floor_v!r}")
+    _check_configs(configs)
+    return pd.DataFrame(_run_rows(clamp_row, configs, (feature_config, floor_v), n_jobs, scheduler_address, progress))

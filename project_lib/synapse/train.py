@@ -5,7 +5,7 @@
 # %% ../../nbs/34_synapse_train.ipynb #c002
 from __future__ import annotations
 import dataclasses, hashlib, itertools, math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +15,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..engine import FitResult, fit, load_weights
-from .model import VGG3D, check_input
+from .data import GeneratorConfig, SynapseCube, SyntheticSynapses, prepare_cube
+from .model import VGG3D, check_input, cubes_to_input
 
 # %% auto #0
-__all__ = ['CUBE_SYMMETRIES', 'PROXY_TRAITS', 'pooled_features', 'channels_last', 'predict', 'array_hash', 'cube_symmetry',
-           'Augmentation', 'augment', 'nt_xent', 'partner_top1', 'ContrastiveVGG', 'ContrastiveConfig',
+__all__ = ['CUBE_SYMMETRIES', 'PROXY_TRAITS', 'pooled_features', 'channels_last', 'predict', 'array_hash', 'prepared_inputs',
+           'cube_symmetry', 'Augmentation', 'augment', 'nt_xent', 'partner_top1', 'ContrastiveVGG', 'ContrastiveConfig',
            'contrastive_validation', 'train_contrastive', 'proxy_targets', 'r2_per_column', 'ProxyTrainingConfig',
-           'train_proxy', 'reestimate_batchnorm']
+           'train_proxy', 'reestimate_batchnorm', 'PretrainingSet', 'contrastive_unit', 'proxy_unit', 'history_of']
 
 # %% ../../nbs/34_synapse_train.ipynb #c005
 def pooled_features(model: VGG3D, x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,11 @@ def array_hash(x) -> str:
     "16 hex digits of the sha256 of an array's shape, dtype and bytes."
     a = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
     return hashlib.sha256(f"{a.shape}{a.dtype}".encode() + a.tobytes()).hexdigest()[:16]
+
+def prepared_inputs(cubes: Sequence[SynapseCube], seg_type: int, alpha: float) -> torch.Tensor:
+    "(n, 1, S, S, S) network inputs of the cubes for one segmentation type."
+    if not len(cubes): raise ValueError("cubes is empty")
+    return cubes_to_input([prepare_cube(c, seg_type, alpha) for c in cubes])
 
 # %% ../../nbs/34_synapse_train.ipynb #c008
 CUBE_SYMMETRIES = tuple(itertools.product(itertools.permutations(range(3)), itertools.product((False, True), repeat=3)))
@@ -222,3 +228,47 @@ def reestimate_batchnorm(model: VGG3D, inputs: torch.Tensor, batch_size: int = 8
             if len(x) > 1: model.features(x.to(device))
     for m, momentum in zip(norms, momenta): m.momentum = momentum
     return model.eval()
+
+# %% ../../nbs/34_synapse_train.ipynb #c026
+@dataclasses.dataclass(frozen=True)
+class PretrainingSet:
+    "The pretraining cubes (generator and seed), how they become inputs, and the last bounding boxes that validate."
+    generator: GeneratorConfig
+    seed: int
+    seg_type: int
+    alpha: float
+    val_bboxes: int
+
+    def load(self) -> dict:
+        "{train_x, val_x, train_metadata, val_metadata} of the training and the held-out bounding boxes."
+        ds = SyntheticSynapses(self.generator, self.seed)
+        meta = ds.metadata()
+        x = prepared_inputs([ds[i] for i in range(len(ds))], self.seg_type, self.alpha)
+        is_val = (meta.bbox >= self.generator.n_bboxes - self.val_bboxes).to_numpy(copy=True)   # writable: torch indexes with it
+        return {"train_x": x[~is_val], "val_x": x[is_val], "train_metadata": meta[~is_val], "val_metadata": meta[is_val]}
+
+def _fit_record(result: FitResult, model: nn.Module, unit_dir: Path) -> dict:
+    "The weights as `vgg3d.pt` in `unit_dir`, and what evaluation reads of the fit (history columns in order)."
+    torch.save({"model_state_dict": model.state_dict()}, unit_dir / "vgg3d.pt")
+    return {"weights": "vgg3d.pt", "best_epoch": result.best_epoch, "train_seconds": result.train_time_s,
+            "history": result.history.to_dict("split", index=False)}
+
+def contrastive_unit(unit_dir: Path, device: str, data: PretrainingSet, model: dict, config: ContrastiveConfig) -> dict:
+    "Training unit: a VGG3D (`model` = its keyword arguments, seeded by `config.seed`) trained contrastively on `data`."
+    d = data.load()
+    torch.manual_seed(config.seed)
+    backbone = VGG3D(**model)
+    return _fit_record(train_contrastive(backbone, d["train_x"], d["val_x"], config, unit_dir, device, progress=False), backbone, unit_dir)
+
+def proxy_unit(unit_dir: Path, device: str, data: PretrainingSet, model: dict, config: ProxyTrainingConfig) -> dict:
+    "Training unit: the trait-regression proxy (targets standardised by the training boxes' mean and std)."
+    d = data.load()
+    y_train, mu, sd = proxy_targets(d["train_metadata"])
+    y_val, _, _ = proxy_targets(d["val_metadata"], mu, sd)
+    torch.manual_seed(config.seed)
+    net = VGG3D(**model)
+    return _fit_record(train_proxy(net, d["train_x"], y_train, d["val_x"], y_val, config, unit_dir, device, progress=False), net, unit_dir)
+
+def history_of(record: dict) -> pd.DataFrame:
+    "A unit record's training history as the DataFrame `fit` returned."
+    return pd.DataFrame(record["history"]["data"], columns=record["history"]["columns"])

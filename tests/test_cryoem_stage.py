@@ -1,0 +1,125 @@
+"""The cryo-EM comparison's training stage (`project_lib.cryoem.stage`) on a reduced tiny profile: evaluation refuses
+missing trainings, finished units are reused and changed ones retrained, a stage killed (SIGKILL) in the middle of
+its third unit resumes it exactly, and one unit trains under `torchrun` (two processes, gloo) through the stage's
+own entry point."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from project_lib.core import load_study_params
+from project_lib.engine import Executor, file_hash, load_units
+from project_lib.cryoem.stage import CryoEMStudyParams, study_units, train_study
+from project_lib.cryoem.study import evaluate_study
+
+# two conditions (the reference dose and the crowded one), one seed, few micrographs: four units of two epochs;
+# the third is crowded-dose-20/unet-s0
+REDUCED = {"dose_levels": [20.0], "crowded_dose": 20.0, "seeds": [0], "n_train": 4, "n_val": 2, "n_test": 2, "n_alt_val": 1, "epochs": 2}
+THIRD = "crowded-dose-20/unet-s0"
+
+
+@pytest.fixture(scope="module")
+def params_file(tmp_path_factory):
+    "A copy of params.yaml with the tiny cryoem profile reduced to `REDUCED`."
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["cryoem"]["tiny"].update(REDUCED)
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def p(params_file):
+    return load_study_params("cryoem", CryoEMStudyParams, "tiny", params_file)
+
+
+def _units(p):
+    return [u for _, units in study_units(p).values() for u in units]
+
+
+def _stamps(root, keys):
+    return {k: ((root / k / "unit.json").stat().st_mtime_ns, (root / k / "unit.json").read_bytes()) for k in keys}
+
+
+def _stage(params_file, root, **popen):
+    return subprocess.Popen([sys.executable, "-m", "project_lib.cryoem.stage", "--profile", "tiny", "--params", params_file,
+                             "--output-root", root], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def _without_timing(records):
+    return {k: {f: v for f, v in r.items() if f != "train_time_s"} for k, r in records.items()}
+
+
+def test_evaluation_refuses_missing_trainings(p, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not trained with this configuration.*run the training stage"):
+        evaluate_study(p, tmp_path / "runs", [], "cpu")
+    assert not (tmp_path / "runs").exists()                                              # and writes nothing
+
+
+def test_finished_units_are_reused_and_a_changed_identity_retrained(p, tmp_path):
+    p = dataclasses.replace(p, epochs=1)
+    first = train_study(p, tmp_path, Executor(n_workers=1))
+    stamps = _stamps(tmp_path, first)
+    assert train_study(p, tmp_path, Executor(n_workers=1)) == first and _stamps(tmp_path, first) == stamps   # nothing retrained
+    other = dataclasses.replace(p, data_seed=1)                                          # other micrographs: other identities
+    with pytest.raises(FileNotFoundError, match="not trained"):
+        load_units(_units(other), tmp_path)
+    retrained = train_study(other, tmp_path, Executor(n_workers=1))
+    assert all(retrained[k]["train_hash"] != first[k]["train_hash"] for k in first)
+    assert all(_stamps(tmp_path, [k])[k] != stamps[k] for k in first)
+    with pytest.raises(FileNotFoundError, match="not trained"):                          # the old identity is gone, not mixed in
+        load_units(_units(p), tmp_path)
+
+
+def test_a_killed_stage_keeps_finished_units_and_resumes_the_interrupted_one(params_file, p, tmp_path):
+    root = tmp_path / "killed" / "tiny" / "cryoem" / "runs"
+    stage = _stage(params_file, tmp_path / "killed")
+    last = root / THIRD / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists():                                                             # the third unit's first epoch is done
+        assert stage.poll() is None and time.monotonic() < deadline, stage.communicate()[1][-2000:]
+        time.sleep(0.02)
+    stage.send_signal(signal.SIGKILL); stage.wait()
+    keys = [u.key for u in _units(p)]
+    assert not (root / THIRD / "unit.json").exists() and all((root / k / "unit.json").is_file() for k in keys[:2])
+    state = torch.load(last, weights_only=True)
+    assert 1 <= state["epoch"] < p.epochs
+    state["train_time_s"] += 1e6                       # a mark: a run that resumes from this last.pt carries it into its record
+    torch.save(state, last)
+    finished = _stamps(root, keys[:2])
+
+    resumed = _stage(params_file, tmp_path / "killed")
+    assert resumed.wait(timeout=120) == 0, resumed.communicate()[1][-2000:]
+    assert _stamps(root, keys[:2]) == finished                                           # finished units were not retrained
+    records = load_units(_units(p), root)
+    assert records[THIRD]["train_time_s"] > 1e6 and len(records[THIRD]["history"]["epoch"]) == p.epochs   # resumed, to the end
+
+    plain = _stage(params_file, tmp_path / "plain")
+    assert plain.wait(timeout=120) == 0, plain.communicate()[1][-2000:]
+    uninterrupted = tmp_path / "plain" / "tiny" / "cryoem" / "runs"
+    assert _without_timing(records) == _without_timing(load_units(_units(p), uninterrupted))
+    for k in keys:                                                                       # the checkpoints, byte for byte
+        assert file_hash(root / k / "best.pt") == file_hash(uninterrupted / k / "best.pt"), k
+
+
+def test_one_unit_trains_under_torchrun_through_the_stage_entry_point(params_file, p, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "project_lib.cryoem.stage", "--profile", "tiny",
+                          "--params", params_file, "--unit", "dose-20/attention_unet-s0", "--output-root", tmp_path],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = tmp_path / "tiny" / "cryoem" / "runs"
+    unit = next(u for u in _units(p) if u.key == "dose-20/attention_unet-s0")
+    record = load_units([unit], root)[unit.key]                                          # the stage's own record of that unit
+    assert len(record["history"]["epoch"]) == p.epochs and (root / unit.key / record["best_checkpoint"]).is_file()
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {unit.key: {"best_epoch": record["best_epoch"], "threshold": record["threshold"]}}
+    assert sorted(f.name for f in (root / "dose-20").iterdir()) == ["attention_unet-s0", "cache", "split.json"]   # one unit, nothing else trained
