@@ -136,9 +136,17 @@ def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     train = StageCost("train_cryoem", trainings, math.ceil(p.n_train / p.batch_size) * p.epochs, step_s, p.epochs, p.n_val * (predict_s + picker_s),
                       conditions * n_total * simulate_s, peak_host_gb() + held_gb, device_gb,
                       conditions * p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), workers, how)
-    scoring = trainings * (p.n_val + p.n_test) * (predict_s + picker_s) + conditions * n_total * simulate_s
+    from project_lib.cryoem.baselines import micrograph_ctf, template_bank, template_match_map
+    from project_lib.cryoem.data import load_structure
+    mic = simulate_micrograph(cfg, np.random.default_rng(0))
+    t0 = time.perf_counter()
+    bank = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, p.template_orientations)
+    bank_s = time.perf_counter() - t0
+    match_s = time_call(lambda: template_match_map(mic.image, bank, micrograph_ctf(mic, cfg), p.pixel_size_a), 1)
+    scoring = (trainings * (p.n_val + p.n_test) * (predict_s + picker_s) + conditions * n_total * simulate_s
+               + conditions * (bank_s + (p.n_val + p.n_test) * (match_s + picker_s)))
     evaluate = StageCost("evaluate_cryoem", 0, 0, 0.0, 0, 0.0, scoring, peak_host_gb() + held_gb * conditions, device_gb, 0.01, 1,
-                         "scoring every network on validation and test (template matching not counted)")
+                         "scoring every network and template matching on validation and test (the real-micrograph picks not counted)")
     return [train, evaluate]
 
 # %% ../nbs/50_plan.ipynb #p013
