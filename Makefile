@@ -6,8 +6,15 @@ PROFILE ?= cpu
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
+# Portable numerics (the values of project_lib.PORTABLE_ENV, checked by tests/test_golden_data.py): set here too, so that
+# tools that import NumPy before project_lib (nbdev_test, pytest plugins) generate the same bits on every x86-64 CPU.
+export NUMBA_CPU_NAME := generic
+export CUBLAS_WORKSPACE_CONFIG := :4096:8
+ifeq ($(shell uname -m),x86_64)
+export NPY_DISABLE_CPU_FEATURES := X86_V3 X86_V4 AVX512_ICL AVX512_SPR
+endif
 
-.PHONY: repro repro-profile plan test venv data lab clean-venv
+.PHONY: repro repro-profile check-reproduction plan test venv data lab clean-venv
 
 venv: $(VENV)/.installed
 
@@ -21,9 +28,15 @@ $(VENV)/.installed: requirements.txt setup.py settings.ini
 data: venv
 	dvc pull --quiet data.dvc
 
-## Regenerate every result of the default (cpu) profile and its reports.
+## Regenerate every result of the default (cpu) profile and its reports, then compare their numbers with the
+## committed reports (printed, and written to reports/reproduction.html).
 repro: data
 	dvc repro
+	python -m project_lib.reproduction report
+
+## Fail when a regenerated number is outside the committed report's stated uncertainty (after `make repro`).
+check-reproduction: venv
+	python -m project_lib.reproduction check
 
 ## Another profile, e.g. `make repro-profile PROFILE=paper`: outputs and reports go to their own folders.
 repro-profile: data

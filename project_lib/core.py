@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, json, os, platform, random, subprocess, tempfile, time, types, typing
+import dataclasses, hashlib, json, os, platform, random, subprocess, sys, tempfile, time, types, typing
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -13,11 +13,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
+import project_lib
+
 # %% auto #0
 __all__ = ['PROFILES', 'GENERATED_PATHS', 'project_root', 'atomic_write_bytes', 'atomic_write_text', 'validate_section',
            'read_params', 'resolve_profile', 'load_study_params', 'to_jsonable', 'params_hash', 'file_sha256',
-           'seed_everything', 'select_device', 'output_dir', 'git_state', 'package_versions', 'describe_cpu',
-           'Provenance', 'start_provenance', 'mean_ci', 'summarise_over_seeds']
+           'seed_everything', 'select_device', 'output_dir', 'run_git', 'git_state', 'committed_text',
+           'package_versions', 'isa_level', 'cpu_kind', 'describe_cpu', 'machine_label', 'same_machine_kind',
+           'is_x86_64', 'numerics', 'require_portable', 'Provenance', 'start_provenance', 'mean_ci',
+           'summarise_over_seeds']
 
 # %% ../nbs/00_core.ipynb #c005
 def project_root(start: str | Path | None = None, # folder to start looking from; default: the working directory
@@ -200,17 +204,34 @@ def output_dir(study: str, # study id, e.g. "mfn"
 # %% ../nbs/00_core.ipynb #c025
 GENERATED_PATHS = ("reports/", "dvc.lock")
 
+def run_git(folder: str | Path, # where git runs
+            *args: str, # git's arguments, e.g. "rev-parse", "HEAD"
+           ) -> str:
+    "Standard output of `git <args>` run in `folder`; `ValueError` with git's own message when it fails."
+    try: return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, encoding="utf-8", check=True).stdout
+    except FileNotFoundError as e: raise ValueError(f"cannot run git in {folder}: {e}") from e
+    except subprocess.CalledProcessError as e: raise ValueError(f"`git {' '.join(args)}` in {folder} failed: {e.stderr.strip()}") from e
+
 def git_state(root: str | Path | None = None) -> tuple[str, bool]:
     "(commit, dirty) of the repository; ('unknown', True) outside git."
     root = Path(root or project_root())
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
     try:
-        commit = git("rev-parse", "HEAD").strip()
-        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    except (subprocess.CalledProcessError, FileNotFoundError):
+        commit = run_git(root, "rev-parse", "HEAD").strip()
+        changed = [line[3:] for line in run_git(root, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    except ValueError:
         return "unknown", True
     return commit, any(not p.startswith(GENERATED_PATHS) for p in changed)
+
+def committed_text(path: str | Path, # a file of a git work tree (it may be missing or changed there)
+                   rev: str = "HEAD", # the commit, branch or tag to read it from
+                  ) -> str:
+    "The text of `path` as committed at `rev`."
+    path = Path(path)
+    try: return run_git(path.parent, "show", f"{rev}:./{path.name}")
+    except ValueError as e:
+        if "not a git repository" in str(e): raise ValueError(f"{path} is not inside a git repository, so it has no committed version") from e
+        if "does not exist in" in str(e) or "exists on disk, but not in" in str(e): raise FileNotFoundError(f"{path} is not committed at {rev!r}") from e
+        raise
 
 def package_versions(names=("numpy", "scipy", "pandas", "pyarrow", "numba", "scikit-learn", "matplotlib",
                             "torch", "joblib", "papermill", "dvc", "nbdev")) -> dict:
@@ -221,14 +242,84 @@ def package_versions(names=("numpy", "scipy", "pandas", "pyarrow", "numba", "sci
         except metadata.PackageNotFoundError: out[n] = None
     return out
 
+# %% ../nbs/00_core.ipynb #c025b
+_ISA_LEVELS = (("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+               ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+               ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}))
+
+def isa_level(flags, # the CPU flags of /proc/cpuinfo: a list of names or the line's text
+             ) -> str:
+    "The x86-64 micro-architecture level ('x86-64-v1' ... 'x86-64-v4') whose flags (and those of the levels below) are all present."
+    flags, level = set(flags.split() if isinstance(flags, str) else flags), "x86-64-v1"
+    for name, needed in _ISA_LEVELS:
+        if not needed <= flags: break
+        level = name
+    return level
+
+def cpu_kind(cpuinfo: str | None = None, # text of /proc/cpuinfo; default: read it (empty outside Linux)
+            ) -> dict:
+    "The machine's kind: CPU `model`, `vendor`, `isa_level` (x86-64 level, or the architecture outside x86) and logical `cores`."
+    if cpuinfo is None:
+        source = Path("/proc/cpuinfo")
+        cpuinfo = source.read_text() if source.is_file() else ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep: fields.setdefault(key.strip(), value.strip())
+    arch = platform.machine() or "unknown"
+    return {"model": fields.get("model name") or platform.processor() or arch, "vendor": fields.get("vendor_id") or "unknown",
+            "isa_level": isa_level(fields["flags"]) if "flags" in fields else arch, "cores": os.cpu_count()}
+
 def describe_cpu() -> str:
     "CPU model and logical core count, e.g. 'AMD EPYC ... (2 cores)'."
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model} ({os.cpu_count()} cores)"
+    kind = cpu_kind()
+    return f'{kind["model"]} ({kind["cores"]} cores)'
+
+def machine_label(kind: dict, # a `cpu_kind` record
+                 ) -> str:
+    "The kind of machine in words, as reports carry it: '<vendor> <model>, <isa_level>'."
+    missing = [k for k in ("vendor", "model", "isa_level") if k not in kind]
+    if missing: raise ValueError(f"kind must be a cpu_kind() record, it lacks {missing}")
+    return f'{kind["vendor"]} {kind["model"]}, {kind["isa_level"]}'
+
+def same_machine_kind(label_a: str | None, label_b: str | None) -> bool | None:
+    "Whether two `machine_label`s name the same kind of machine (vendor and level agree); None when either is unknown."
+    def kind(label):
+        return (label.split(" ", 1)[0], label.rsplit(", ", 1)[1]) if label and ", " in label else None
+    a, b = kind(label_a), kind(label_b)
+    return None if a is None or b is None else a == b
+
+# %% ../nbs/00_core.ipynb #c025n1
+def _numpy_dispatch() -> list[str] | None:
+    "NumPy's runtime-dispatched SIMD targets that are enabled here (None when this NumPy does not say)."
+    try: from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError: return None
+    return [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+
+def is_x86_64() -> bool: return platform.machine().lower() in ("x86_64", "amd64")
+
+def numerics() -> dict:
+    "What decides the bits of numerical results in this process: NumPy's enabled SIMD targets, numba's target CPU, torch's CPU kernels and threads, and whether the portable paths are in force."
+    dispatch = _numpy_dispatch()
+    out = {"numpy_simd_dispatch": "none (x86-64-v2 baseline)" if dispatch == [] else ("unknown" if dispatch is None else " ".join(dispatch)),
+           "numba_cpu": os.environ.get("NUMBA_CPU_NAME", "host")}
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        out["torch_cpu_kernels"], out["torch_threads"] = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    out["portable"] = bool(is_x86_64() and dispatch == [] and out["numba_cpu"] == "generic")
+    return out
+
+# %% ../nbs/00_core.ipynb #c025n4
+def require_portable(what: str, # what is about to be generated, for the message
+                     state: dict | None = None, # `numerics()` (default: this process's)
+                    ):
+    "Refuse to generate `what` on x86-64 unless the portable numerical paths are in force."
+    state = numerics() if state is None else state
+    if is_x86_64() and not state["portable"]:
+        wanted = " ".join(f"{k}='{v}'" for k, v in project_lib.PORTABLE_ENV.items())
+        raise RuntimeError(f"{what} must be generated with portable numerics, but NumPy dispatches to {state['numpy_simd_dispatch']} "
+                           f"and numba compiles for {state['numba_cpu']!r}: import project_lib before numpy/numba, or set {wanted} "
+                           "(the Makefile does); see README, 'Reproduction across machines'")
 
 # %% ../nbs/00_core.ipynb #c026
 @dataclasses.dataclass
@@ -246,6 +337,8 @@ class Provenance:
     device: str
     start_time: str
     wall_time_s: float | None = None
+    machine: dict | None = None # the `cpu_kind` of the machine the run started on
+    numerics: dict | None = None # the `numerics` in force: which kernels decided the bits
     _t0: float = dataclasses.field(default=0.0, repr=False)
 
     def finish(self) -> Provenance:
@@ -278,7 +371,7 @@ def start_provenance(study: str, # study id
                       params_hash=params_hash(params), data_source=data_source, inputs=hashes,
                       git_commit=commit, git_dirty=dirty, packages=package_versions(),
                       device=device or describe_cpu(), start_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      _t0=time.perf_counter())
+                      machine=cpu_kind(), numerics=numerics(), _t0=time.perf_counter())
 
 # %% ../nbs/00_core.ipynb #c029
 def mean_ci(units, # 1-D values of independent units (e.g. one per seed or per pair)

@@ -210,7 +210,7 @@ class TrainingUnit:
 class Executor:
     "Where a stage's independent trainings run: local processes (GPUs or CPU cores), or an existing Dask cluster."
     n_workers: int = 0 # local: 0 = one per GPU when there are GPUs, else one per core (never more than the units)
-    threads_per_worker: int = 0 # torch CPU threads per training; 0 = cores // workers
+    threads_per_worker: int = 1 # torch CPU threads per training, fixed so that results do not depend on the core count; 0 = cores // workers (faster, machine-dependent)
     scheduler_address: str | None = None # e.g. "tcp://host:8786": run on that Dask cluster instead
 
     def __post_init__(self):
@@ -257,6 +257,7 @@ def _run_unit(unit: TrainingUnit, root: str, device: str | None, threads: int) -
     if record is not None: return record
     folder = _unit_folder(unit, root)
     if threads: torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)   # deterministic kernels where torch has them (CUDA included)
     record = to_jsonable(unit.fn(folder, device or ("cuda" if torch.cuda.is_available() else "cpu"), **unit.kwargs))
     atomic_write_text(folder / _UNIT_RECORD, json.dumps({"hash": unit.hash, "identity": to_jsonable(unit.identity), "record": record},
                                                         sort_keys=True, indent=1))

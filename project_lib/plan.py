@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from .core import load_study_params, select_device
+from .engine import Executor
 
 # %% auto #0
 __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'peak_host_gb', 'peak_device_gb', 'worker_count', 'worker_threads',
@@ -84,8 +85,8 @@ def worker_count(n_jobs: int) -> int:
     return torch.cuda.device_count() or max(1, n_jobs)
 
 def worker_threads(workers: int, device: str) -> int:
-    "Set and return the torch threads one CPU worker gets when `workers` train at once (what calibration must time with)."
-    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else torch.get_num_threads()
+    "Set and return the torch threads one CPU worker gets when `workers` train at once (what calibration must time with): the executor's fixed count."
+    threads = (Executor().threads_per_worker or max(1, (os.cpu_count() or 1) // workers)) if device == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
     return threads
 

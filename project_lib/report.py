@@ -10,12 +10,12 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from .core import atomic_write_bytes, atomic_write_text
+from .core import atomic_write_bytes, atomic_write_text, committed_text, machine_label, same_machine_kind
 
 # %% auto #0
-__all__ = ['VERDICT_KEYS', 'slug', 'save_figure', 'save_table', 'write_metrics', 'fill_answer', 'answer_values', 'verdict_words',
-           'write_headline', 'normalise_notebook', 'external_references', 'render_report', 'index_page', 'render_index',
-           'check_index', 'main']
+__all__ = ['VERDICT_KEYS', 'slug', 'save_figure', 'save_table', 'flat_metrics', 'write_metrics', 'fill_answer', 'answer_values',
+           'verdict_words', 'write_headline', 'normalise_notebook', 'external_references', 'render_report',
+           'report_meta', 'embedded_run', 'study_pages', 'index_page', 'render_index', 'check_index', 'main']
 
 # %% ../nbs/01_report.ipynb #c005
 def slug(name: str) -> str:
@@ -42,11 +42,15 @@ def save_table(df: pd.DataFrame, # the table
     if not isinstance(df, pd.DataFrame): raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     return atomic_write_text(Path(out_dir) / "tables" / f"{slug(name)}.csv", df.to_csv(index=False))
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flat_metrics(metrics: dict, # nested mapping of names to values
+                 sep: str = ".", # what joins a group's name to its members' names
+                 prefix: str = "",
+                ) -> dict:
+    "`metrics` as one flat mapping, e.g. {'auc.stack': 0.72} for {'auc': {'stack': 0.72}}."
     out = {}
-    for k, v in d.items():
+    for k, v in metrics.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict): out.update(_flatten(v, key + "."))
+        if isinstance(v, dict): out.update(flat_metrics(v, sep, key + sep))
         else: out[key] = v
     return out
 
@@ -54,7 +58,7 @@ def write_metrics(metrics: dict, # nested mapping of names to finite numbers (or
                   out_dir: str | Path,
                  ) -> Path:
     "Write `out_dir/metrics.json` (what `dvc metrics show` reads); every value must be a finite number."
-    for key, value in _flatten(metrics).items():
+    for key, value in flat_metrics(metrics).items():
         if isinstance(value, bool): continue
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"metric {key!r} = {value!r} is not a finite number")
@@ -195,11 +199,13 @@ def _provenance_html(prov: dict, title: str) -> tuple[str, str]:
     meta = {"study": prov["study"], "profile": prov["profile"], "date": prov["start_time"][:10],
             "commit": commit, "dirty": str(prov.get("git_dirty")).lower(), "data": prov["data_source"], "title": title,
             "run": _run_id(prov)}
+    if prov.get("machine"): meta["machine"] = machine_label(prov["machine"])   # runs from before the kind was recorded lack it
     head = "".join(f'<meta name="compendium-{k}" content="{esc(v)}">\n' for k, v in meta.items())
     rows = [("Study", prov["study"]), ("Profile", prov["profile"]), ("Data", prov["data_source"]),
             ("Git commit", commit + (" (with uncommitted changes)" if prov.get("git_dirty") else "")),
             ("Parameters hash", prov["params_hash"]), ("Run started (UTC)", prov["start_time"]),
             ("Wall time", f'{prov.get("wall_time_s")} s'), ("Device", prov["device"]),
+            ("Machine", meta.get("machine", "not recorded")),
             ("Packages", ", ".join(f"{k} {v}" for k, v in sorted(prov["packages"].items()) if v))]
     rows += [(f"Input {k}", f"sha256 {v}") for k, v in sorted(prov.get("inputs", {}).items())]
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
@@ -256,12 +262,16 @@ def render_report(notebook: str | Path, # executed study notebook
     return atomic_write_text(out_html, page)
 
 # %% ../nbs/01_report.ipynb #c017
-def _report_meta(page: str) -> dict:
+def report_meta(page: str) -> dict:
+    "The `compendium-*` meta tags of a report page, e.g. {'study': 'mfn', 'profile': 'cpu', 'commit': ..., 'machine': ...}."
     return {m.group(1): html.unescape(m.group(2))
             for m in re.finditer(r'<meta name="compendium-([a-z]+)" content="([^"]*)">', page)}
 
-def _embedded(page: str, report: Path, meta: dict) -> dict:
-    "The headline and metrics a report carries, checked: same run, same metrics hash, answer and verdict re-derived from the metrics."
+def embedded_run(page: str, # a report's HTML
+                 report: str | Path, # where it comes from, for messages
+                ) -> dict:
+    "The run a report carries, {'headline', 'metrics'}, checked: same run, same metrics hash, answer and verdict re-derived from the metrics."
+    meta = report_meta(page)
     m = re.search(r'<script type="application/json" id="compendium-run">(.*?)</script>', page, re.S)
     if not m: raise ValueError(f"report {report} carries no headline and metrics: re-render it (`dvc repro`)")
     run = json.loads(m.group(1).replace("<\\/", "</"))
@@ -272,52 +282,78 @@ def _embedded(page: str, report: Path, meta: dict) -> dict:
                          "re-run `dvc repro` so both come from the same run")
     for key, derived in (("answer", fill_answer(headline["answer_template"], metrics)), ("verdict", verdict_words(metrics.get("verdict")))):
         if headline.get(key) != derived: raise ValueError(f"report {report}: its headline {key} {headline.get(key)!r} is not what its metrics say ({derived!r})")
-    return headline
+    return run
+
+def study_pages(reports_dir: str | Path = "reports", # folder holding the reports
+               ) -> dict:
+    "The study reports under `reports_dir` (any profile): name (the path without '.html', e.g. 'mfn' or 'paper/mfn') -> page text."
+    reports_dir = Path(reports_dir)
+    if not reports_dir.is_dir(): raise FileNotFoundError(f"reports folder {reports_dir} does not exist")
+    pages = {}
+    for page in sorted(reports_dir.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        if "study" in report_meta(text): pages[page.relative_to(reports_dir).with_suffix("").as_posix()] = text
+    return pages
 
 _INDEX_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
                 "article{display:flex;gap:1.2em;border-bottom:1px solid #ddd;padding:1em 0}"
                 "article img{width:320px;flex:none;border:1px solid #eee}h2{margin:0 0 0.4em;font-size:1.15em}"
                 "p{margin:0.3em 0}.meta{color:#555;font-size:0.85em}")
+# the two kinds of line that come from git and the reproduction check, not from the reports (check_index leaves them out)
+_REPRODUCTION_LINK = '<p class="meta"><a href="reproduction.html">Reproduction check: how these numbers compare with the committed ones</a></p>'
+_MACHINE_NOTE = re.compile(r'<p class="meta machine-note">Regenerated on [^<>]*; the committed report was made on [^<>]*\.</p>')
 
-def _study_card(link: str, meta: dict, headline: dict) -> str:
+def _machine_note(report: Path, meta: dict) -> str:
+    "A line of its own (without it, the card is what it was) when `report` was regenerated on another kind of machine than its version at git HEAD (none when either is unknown)."
+    try: committed = report_meta(committed_text(report)).get("machine")
+    except (ValueError, FileNotFoundError): return ""        # outside git, or the report is new
+    if same_machine_kind(meta.get("machine"), committed) is not False: return ""
+    esc = html.escape
+    return f'<p class="meta machine-note">Regenerated on {esc(meta["machine"])}; the committed report was made on {esc(committed)}.</p>\n'
+
+def _study_card(link: str, meta: dict, headline: dict, note: str = "") -> str:
     esc = html.escape
     dirty = " (with uncommitted changes)" if meta.get("dirty") == "true" else ""
+    machine = f' &middot; machine: {esc(meta["machine"])}' if meta.get("machine") else ""
     return (f'<article id="{esc(meta["study"])}"><a href="{esc(link)}"><img alt="key figure: {esc(headline["key_figure"])}" '
             f'src="data:image/png;base64,{headline["thumbnail_png"]}"></a>\n<div><h2><a href="{esc(link)}">{esc(meta.get("title", meta["study"]))}</a></h2>\n'
             f'<p class="verdict"><b>Verdict: {esc(headline["verdict"])}.</b></p>\n'
             f'<p><b>Question.</b> {esc(headline["question"])}</p>\n'
-            f'<p class="answer"><b>Answer.</b> <span>{esc(headline["answer"])}</span></p>\n'
+            f'<p class="answer"><b>Answer.</b> <span>{esc(headline["answer"])}</span></p>\n{note}'
             f'<p class="meta">Study <code>{esc(meta["study"])}</code> &middot; profile <b>{esc(meta["profile"])}</b> &middot; '
             f'run {esc(meta.get("date", ""))} &middot; commit <code>{esc(meta.get("commit", "")[:10])}</code>{dirty} &middot; '
-            f'data: {esc(meta.get("data", ""))}</p></div></article>\n')
+            f'data: {esc(meta.get("data", ""))}{machine}</p></div></article>\n')
 
 def index_page(reports_dir: str | Path = "reports", # folder holding the reports
               ) -> str:
-    "The front page, built only from what the reports carry (checked against their own metrics): verdict, question, answer, key figure, profile, date, commit, link."
+    """The front page, built only from what the reports carry (checked against their own metrics): verdict, question, answer,
+    key figure, profile, date, commit, machine, link; plus a link to the reproduction check when `reproduction.html` exists,
+    and a note on any report regenerated on another kind of machine than its committed version."""
     reports_dir = Path(reports_dir)
-    if not reports_dir.is_dir(): raise FileNotFoundError(f"reports folder {reports_dir} does not exist")
     cards = []
-    for page in sorted(reports_dir.rglob("*.html")):
-        if page.name == "index.html": continue
-        text = page.read_text(encoding="utf-8")
-        meta = _report_meta(text)
-        if "study" not in meta: continue
-        cards.append(((meta["study"], meta["profile"]), _study_card(page.relative_to(reports_dir).as_posix(), meta, _embedded(text, page, meta))))
+    for name, text in study_pages(reports_dir).items():
+        report, meta = reports_dir / f"{name}.html", report_meta(text)
+        card = _study_card(f"{name}.html", meta, embedded_run(text, report)["headline"], _machine_note(report, meta))
+        cards.append(((meta["study"], meta["profile"]), card))
+    link = _REPRODUCTION_LINK + "\n" if (reports_dir / "reproduction.html").is_file() else ""
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Compendium reports</title>\n'
             f'<style>{_INDEX_STYLE}</style></head><body>\n<h1>Compendium reports</h1>\n'
             '<p>Every verdict and answer below is derived from its run\'s metrics, which each report carries; every report is '
             'regenerated by <code>dvc repro</code> and its header gives the full provenance. <code>python -m project_lib.report check</code> '
-            'verifies this page against the reports.</p>\n' + "".join(card for _, card in sorted(cards)) + '</body></html>\n')
+            'verifies this page against the reports.</p>\n' + link + "".join(card for _, card in sorted(cards)) + '</body></html>\n')
 
 def render_index(reports_dir: str | Path = "reports") -> Path:
     "Write `reports_dir/index.html` (see `index_page`)."
     return atomic_write_text(Path(reports_dir) / "index.html", index_page(reports_dir))
 
 def check_index(reports_dir: str | Path = "reports") -> list[str]:
-    "Lines where `reports_dir/index.html` differs from the page its reports give (empty when the front page is honest)."
+    """Lines where `reports_dir/index.html` differs from the page its reports give (empty when the front page is honest).
+    The reproduction link and the machine notes are left out: they follow git and the reproduction check, which change
+    when the regenerated reports are committed, not the reports."""
     import difflib
-    current = (Path(reports_dir) / "index.html").read_text(encoding="utf-8").splitlines()
-    return [l for l in difflib.unified_diff(index_page(reports_dir).splitlines(), current, "from the reports", "index.html", lineterm="", n=0)
+    checked = lambda page: [l for l in page.splitlines() if l != _REPRODUCTION_LINK and not _MACHINE_NOTE.fullmatch(l)]
+    current = (Path(reports_dir) / "index.html").read_text(encoding="utf-8")
+    return [l for l in difflib.unified_diff(checked(index_page(reports_dir)), checked(current), "from the reports", "index.html", lineterm="", n=0)
             if l[:1] in "+-" and not l.startswith(("+++", "---"))]
 
 # %% ../nbs/01_report.ipynb #c020

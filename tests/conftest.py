@@ -1,4 +1,5 @@
 """Shared fixtures: tests run from the repository root, whatever directory pytest was started in."""
+import project_lib  # noqa: F401  (before NumPy: pins the portable numerical paths, as the stages do)
 import os
 from pathlib import Path
 

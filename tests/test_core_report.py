@@ -47,7 +47,7 @@ def test_provenance_record(tmp_path):
     data.write_bytes(b"\x00\x01")
     prov = start_provenance("mfn", "tiny", {"a": 1}, "generated: test", inputs=[data]).finish()
     record = json.loads(prov.write(tmp_path / "p.json").read_text())
-    for key in ("git_commit", "git_dirty", "profile", "params", "params_hash", "inputs", "packages", "device",
+    for key in ("git_commit", "git_dirty", "profile", "params", "params_hash", "inputs", "packages", "device", "machine",
                 "start_time", "wall_time_s", "data_source"):
         assert key in record
     assert record["params_hash"] == params_hash({"a": 1}) and record["packages"]["numpy"]
@@ -201,12 +201,15 @@ def test_render_refuses_a_corrupt_notebook(tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
+NOT_STUDY_REPORTS = ("index.html", "reproduction.html")      # the front page and the reproduction check (make repro)
+
+
 def test_committed_reports_are_offline_and_indexed():
     index = Path("reports/index.html").read_text()
     for page in Path("reports").rglob("*.html"):
         html = page.read_text()
         assert external_references(html) == [], page
-        if page.name != "index.html":
+        if page.name not in NOT_STUDY_REPORTS:
             assert 'name="compendium-profile"' in html and f'href="{page.relative_to("reports").as_posix()}"' in index
             assert 'class="jp-CodeMirrorEditor' not in html and "data:image/png;base64" in html
 
@@ -215,5 +218,5 @@ def test_committed_front_page_is_what_the_reports_say():
     """The committed front page is exactly the page its committed reports give: every verdict and answer re-derived from
     the metrics each report carries (a hand edit of a number, verdict or word fails here)."""
     assert check_index("reports") == []
-    studies = [p for p in Path("reports").glob("*.html") if p.name != "index.html"]
+    studies = [p for p in Path("reports").glob("*.html") if p.name not in NOT_STUDY_REPORTS]
     assert Path("reports/index.html").read_text().count("Verdict: ") == len(studies)

@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..core import atomic_write_bytes, atomic_write_text
+from ..core import require_portable
 
 # %% auto #0
 __all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'FORGER_UPS', 'real_photographs', 'crop_resize', 'jpeg', 'finish',
@@ -273,6 +274,7 @@ class Draft:
 def draft_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int = 4, n_faces: int = 100, fake_fraction: float = 0.5,
                     seed: int = 0, photos: list[dict] | None = None) -> Draft:
     "The sample plan and the crops of a generated benchmark (everything the forgers and the fakes start from)."
+    require_portable("the deepfake benchmark")
     if px % 8 or px < 32: raise ValueError(f"px must be a multiple of 8 and >= 32, got {px}")
     if not 0 < fake_fraction < 1: raise ValueError(f"fake_fraction must be in (0, 1), got {fake_fraction}")
     photos = photos if photos is not None else real_photographs(n_faces)

@@ -15,6 +15,7 @@ from scipy.fft import next_fast_len
 from scipy.spatial.transform import Rotation
 
 from ..core import project_root
+from ..core import require_portable
 
 # %% auto #0
 __all__ = ['POTENTIAL_PER_SCATTERING', 'CONTRAST_IN_ICE', 'Structure', 'read_structure', 'load_structure',
@@ -475,6 +476,7 @@ def simulate_micrograph(cfg: MicrographConfig, # what to simulate
                         structures: Structure | list[Structure] | None = None, # one per picked type (matched by name); default: `load_structure`
                        ) -> Micrograph:
     "One simulated micrograph with ground truth."
+    require_portable("cryo-EM micrographs")
     return _simulate(cfg, rng, structures)[0]
 
 # %% ../../nbs/20_cryoem_data.ipynb #c022

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce02
 from __future__ import annotations
-import argparse, dataclasses, json, os
+import argparse, dataclasses, json
 from pathlib import Path
 
 import torch
@@ -197,7 +197,7 @@ def train_one(p, # study parameters (`CryoEMStudyParams`)
     record = finished_record(unit, runs_root)
     if record is not None: return record
     rank, world, device = distributed(device or select_device())
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = Executor().threads_per_worker   # fixed, as in every stage: the numbers do not depend on the core count
     if rank > 0:   # the engine runs on rank 0 only; the others train the same unit with it
         torch.set_num_threads(threads); torch.distributed.barrier()
         return unit.fn(runs_root / key, device, **unit.kwargs)

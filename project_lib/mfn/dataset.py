@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..core import atomic_write_bytes, to_jsonable
+from ..core import require_portable
 from .features import FEATURE_NAMES, FeatureConfig
 from .sim import DYNAMICS, V_MIN_V, SimulationConfig, simulate
 
@@ -91,6 +92,7 @@ def generate_dataset(configs: list[SimulationConfig], # e.g. from `sweep`
                      progress: bool = True, # show a tqdm progress bar
                     ) -> pd.DataFrame:
     "Simulate every configuration and return (and optionally write) the feature dataset."
+    require_portable("MFN datasets")
     _check_configs(configs)
     feature_config = feature_config or FeatureConfig()
     rows = _run_rows(simulate_row, configs, (feature_config,), n_jobs, scheduler_address, progress)

@@ -16,6 +16,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from ..core import atomic_write_bytes
+from ..core import require_portable
 
 # %% auto #0
 __all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'SYNAPSE_TABLE_COLUMNS', 'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS',
@@ -410,6 +411,7 @@ class SyntheticSynapses:
                 ):
         if not isinstance(config, GeneratorConfig): raise TypeError(f"config must be a GeneratorConfig, got {type(config).__name__}")
         if not _is_int(seed) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        require_portable("synapse cubes")
         self.config, self.seed = config, int(seed)
         self._nuisance = [_draw_nuisance(self._rng(0, b)) for b in range(config.n_bboxes)]
         self._offsets = [_draw_axon_offset(self._rng(1, a)) for a in range(config.n_bboxes * config.axons_per_bbox)]

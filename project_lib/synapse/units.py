@@ -43,7 +43,7 @@ class SynapseStudyParams:
     proxy_lr: float
     classifier_hidden: int
     dropout: float
-    n_jobs: int # training workers (0: one per GPU, else per core); 1 keeps the cpu profile's thread count and numbers
+    n_jobs: int # training workers (0: one per GPU, else CPU processes of `engine.Executor`'s fixed thread count)
     batch_size: int
     n_clusters: int
     seg_types: list[int] # the first is the main input; the others are compared with it
