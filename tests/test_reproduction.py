@@ -181,6 +181,21 @@ def test_check_from_the_command_line(repo):
     assert done.returncode == 1 and "beta: committed at HEAD but not regenerated" in done.stdout and "gamma: new" in done.stdout
 
 
+def test_against_another_folder_of_reports(tmp_path, capsys):
+    """--against compares with another run's folder (another machine's, or the same stages with other kernels), no git needed."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder, value, machine in ((ours, 0.43, INTEL), (theirs, 0.5, AMD)):
+        folder.mkdir()
+        (folder / "alpha.html").write_text(_page(_run(_with("random_aulc", value)), "alpha", machine))
+    main(["report", str(ours), "--against", str(theirs), "--out", str(tmp_path / "variation.html")])
+    out = capsys.readouterr().out
+    assert "alpha: 1 of 7 outside the stated uncertainty: random_aulc. Made on different kinds of machine" in out
+    assert f"reports of {theirs}" in out and (tmp_path / "variation.html").is_file() and not (ours / "reproduction.html").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", str(ours), "--against", str(theirs), "--out", str(tmp_path / "variation.html")])
+    assert exit_.value.code == 1
+
+
 def test_outside_git_report_says_so_and_check_cannot_pass(tmp_path, capsys):
     (tmp_path / "alpha.html").write_text(_page(_run(), "alpha"))
     main(["report", str(tmp_path)])
