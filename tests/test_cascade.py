@@ -3,6 +3,7 @@ temperature blind to test, both GenConViT branches live, embedding widths, the V
 determinism, a processing pipeline without label cue, and clear errors for bad inputs."""
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -11,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from project_lib.cascade.data import (Benchmark, _sample_plan, group_split, load_image, load_manifest, make_benchmark, read_manifest,
-                                      real_photographs, write_manifest)
+from project_lib.cascade.data import (Benchmark, MappedImages, _sample_plan, group_split, load_image, load_manifest, make_benchmark,
+                                      read_manifest, real_photographs, write_manifest)
 from project_lib.cascade.models import EMBED_DIM, GenConViT, GenConViTConfig, ModelConfig, branch_effects, build_model, kl_divergence
 from project_lib.cascade.stack import _logistic, fit_lightgbm, group_oof, predict, roc_auc, train_detector
 from project_lib.cascade.study import run_seed
 from project_lib.cascade.units import CascadeParams, check_grouped, detector_units, forger_units, load_data, load_detectors
 from project_lib.core import load_study_params
 from project_lib.engine import Executor, run_units
+from project_lib.plan import peak_host_gb
 
 ONE = Executor(n_workers=1)   # in this process: no worker start-up, the threads the fixture sets
 
@@ -149,12 +151,18 @@ def test_manifest_loader_round_trip_and_bad_inputs(tmp_path):
     bench = Benchmark(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8), np.array([0, 1, 0, 1]),
                       np.array(["v1", "v1", "v2", "v2"], dtype=object), pd.DataFrame({"family": ["real", "x", "real", "x"], "strength": 0}))
     manifest = write_manifest(bench, tmp_path / "faces")
-    back = load_manifest(manifest, 16)
-    np.testing.assert_array_equal(back.images, bench.images) and np.testing.assert_array_equal(back.label, bench.label)
+    back = load_manifest(manifest, 16, tmp_path / "cache")
+    assert isinstance(back.images, MappedImages) and back.images.files[0].path.startswith(str(tmp_path / "cache"))
+    np.testing.assert_array_equal(back.images[:], bench.images)
+    np.testing.assert_array_equal(back.label, bench.label)
     rows = pd.read_csv(manifest)
     rows.loc[1, "label"] = "morphed"; rows.to_csv(tmp_path / "faces" / "bad_label.csv", index=False)
     with pytest.raises(ValueError, match="unknown label 'morphed'.*000001.png"):
         read_manifest(tmp_path / "faces" / "bad_label.csv")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "faces" / "images" / "000003.png")
+    with pytest.raises(ValueError, match="000003.png is 8 x 8 px; expected 16 x 16"):
+        load_manifest(manifest, 16, tmp_path / "cache")   # a replaced image: a new cache, decoded, refused
+    assert [f.name for f in (tmp_path / "cache").iterdir()] == [back.images.files[0].path.split("/")[-2]]   # nothing of the refused one is left
     (tmp_path / "faces" / "images" / "000002.png").unlink()
     with pytest.raises(FileNotFoundError, match="000002.png"):
         read_manifest(manifest)
@@ -168,6 +176,58 @@ def test_manifest_loader_round_trip_and_bad_inputs(tmp_path):
         load_image(tmp_path / "broken.jpg")
     with pytest.raises(ValueError, match="lacks the columns"):
         (tmp_path / "nocols.csv").write_text("file,label\na.png,real\n"); read_manifest(tmp_path / "nocols.csv")
+
+
+# data hashes of the fixture's generated benchmark and splits, recorded before the manifest loader streamed (commit 9647f72)
+GENERATED_HASHES = {"bench": "931c0afae03f67a1", "train": "7c74f2fb326ad915", "val": "879c909bdce3f357", "blend": "e9dc80edbf2fb45b",
+                    "test": "4f5d19b50e611a55"}
+
+
+def test_generated_benchmark_and_splits_are_unchanged(tiny, runs):
+    """The generated path gives the same pixels, labels and groups in every split as before the streaming loader."""
+    splits, bench = load_data(tiny, runs)
+    assert all(isinstance(s.images, np.ndarray) for s in splits.values())   # the generated path stays in memory, as before
+    assert {"bench": bench.data_hash(), **{k: s.data_hash() for k, s in splits.items()}} == GENERATED_HASHES
+
+
+def _in_memory(b: Benchmark) -> Benchmark:
+    return dataclasses.replace(b, images=b.images[:])
+
+
+def test_manifest_data_stay_on_disk_and_train_as_in_memory(tiny, splits, tmp_path):
+    """`data: manifests`: every split is a view of the images decoded once under runs/manifest_cache, with the manifests'
+    pixels; a detector trained on it gives the same record and weights as on the same pixels in memory."""
+    rest = [splits[k] for k in ("val", "blend", "test")]
+    rest = Benchmark(np.concatenate([b.images for b in rest]), np.concatenate([b.label for b in rest]), np.concatenate([b.group for b in rest]),
+                     pd.concat([b.meta for b in rest], ignore_index=True))
+    for name, b in (("train", splits["train"]), ("val", rest)):
+        m = write_manifest(b, tmp_path / name, f"{name}_manifest.csv")
+        rows = pd.read_csv(m).assign(path=lambda d: [str(m.parent / f) for f in d.path])
+        rows.to_csv(tmp_path / m.name, index=False)
+    p = dataclasses.replace(tiny, data="manifests", manifest_dir=str(tmp_path))
+    mapped, bench = load_data(p, tmp_path / "runs")
+    assert all(isinstance(b.images, MappedImages) for b in (bench, *mapped.values()))
+    assert {f.path for b in mapped.values() for f in b.images.files} == {str(f) for f in (tmp_path / "runs" / "manifest_cache").glob("*/images.npy")}
+    np.testing.assert_array_equal(bench.images[:], np.concatenate([splits["train"].images, rest.images]))
+    np.testing.assert_array_equal(mapped["train"].images[:], splits["train"].images)
+    config = dataclasses.replace(tiny.model_config("filter"), epochs=2)
+    a = train_detector(config, mapped["train"], mapped["val"], tmp_path / "a", seed=0, device="cpu")
+    b = train_detector(config, _in_memory(mapped["train"]), _in_memory(mapped["val"]), tmp_path / "b", seed=0, device="cpu")
+    assert (a.train_hash, a.val_hash) == (b.train_hash, b.val_hash) and a.history.equals(b.history)
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_reading_every_mapped_image_in_batches_does_not_grow_resident_memory(tmp_path):
+    """48 MiB of images read batch by batch (as an epoch does): the peak RSS grows by a few batches, not by the data."""
+    np.save(tmp_path / "x.npy", np.full((1024, 128, 128, 3), 7, np.uint8))
+    images = MappedImages([tmp_path / "x.npy"])
+    with open("/proc/self/clear_refs", "w") as f: f.write("5")   # the peak RSS restarts from the current RSS
+    before = peak_host_gb()
+    total = sum(int(images[i:i + 64][:, 0, 0, 0].sum()) for i in range(0, len(images), 64))
+    grown_mib = (peak_host_gb() - before) * 1024
+    assert total == 7 * 1024 and grown_mib < 16, grown_mib
 
 
 def test_weights_path_loads_strictly(tmp_path):

@@ -98,3 +98,45 @@ def test_cryoem_paper_plan_holds_for_measured_steps_and_validation(tmp_path):
     checkpoints_gb = sum(f.stat().st_size for f in (tmp_path / "run").glob("*.pt")) / 1e9
     n_params = sum(t.numel() for t in build_picker(config).parameters())
     assert checkpoints_gb <= _checkpoint_gb(n_params) and peak_host_gb() <= planned.host_gb
+
+
+@slow
+def test_cascade_paper_plan_holds_for_measured_steps_and_validation(tmp_path, monkeypatch):
+    """Three training steps of the paper's filter (256 px, batch 64) and its validation pass over 128 images, run by the
+    real training code on images the streaming manifest loader reads from its cache, stay within a factor 1.5 of the
+    per-step and per-image validation costs `make plan` predicts (its filter row: the other roles' calibration is left
+    out to keep this test within about a minute); the checkpoints and the peak RSS stay within its figures."""
+    import dataclasses
+    import time
+    import pandas as pd
+    from project_lib.cascade import stack, units
+    from project_lib.cascade.data import PHOTOS, Benchmark, load_manifest, write_manifest
+    from project_lib.plan import peak_host_gb, plan_cascade
+    steps, n_val = 3, 128
+    p = load_study_params("cascade", CascadeParams, "paper")
+    monkeypatch.setattr(units, "DETECTORS", ("filter",))
+    planned = next(c for c in plan_cascade("paper", "cpu") if c.stage == "train_cascade: filter")   # sets the worker's torch threads
+    planned_per_image = planned.validation_s / round((len(PHOTOS) * p.crops_per_photo + p.n_faces * p.crops_per_face) * p.split["val"])
+    config = dataclasses.replace(p.model_config("filter"), epochs=1)
+    rng = np.random.default_rng(0)
+
+    def manifest(name, n):
+        bench = Benchmark(rng.integers(0, 256, (n, p.px, p.px, 3), dtype=np.uint8), np.arange(n) % 2,
+                          np.array([f"{name}{i // 8}" for i in range(n)], dtype=object), pd.DataFrame(index=range(n)))
+        return load_manifest(write_manifest(bench, tmp_path / name), p.px, tmp_path / "cache")
+    train, val = manifest("train", steps * config.batch_size), manifest("val", n_val)
+    validation_s, predict = [], stack.predict
+
+    def timed_predict(*args, **kwargs):   # the validation pass inside the training
+        t0 = time.perf_counter()
+        out = predict(*args, **kwargs)
+        validation_s.append(time.perf_counter() - t0)
+        return out
+    monkeypatch.setattr(stack, "predict", timed_predict)
+    trained = stack.train_detector(config, train, val, tmp_path / "run", seed=0, device="cpu")
+    step_s, checkpoints_gb = trained.train_time_s / steps, sum(f.stat().st_size for f in (tmp_path / "run").glob("*.pt")) / 1e9
+    print(f"step {step_s:.2f} s (planned {planned.step_s:.2f}), validation {validation_s[0]:.2f} s (planned {planned_per_image * n_val:.2f}), "
+          f"checkpoints {checkpoints_gb:.4f} GB (planned {planned.disk_gb / planned.trainings:.4f}), peak RSS {peak_host_gb():.2f} GB (planned {planned.host_gb:.2f})")
+    assert planned.step_s / 1.5 <= step_s <= planned.step_s * 1.5, (step_s, planned.step_s)
+    assert len(validation_s) == 1 and validation_s[0] <= planned_per_image * n_val * 1.5, (validation_s, planned_per_image * n_val)
+    assert checkpoints_gb <= planned.disk_gb / planned.trainings and peak_host_gb() <= planned.host_gb

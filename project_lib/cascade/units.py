@@ -12,8 +12,8 @@ import pandas as pd
 
 from .. import engine
 from . import data as cascade_data, models as cascade_models, stack as cascade_stack
-from .data import (FORGER_UPS, Benchmark, Draft, _array_hash, build_benchmark, draft_benchmark, group_split, load_forger,
-                                      load_manifest, train_forger)
+from .data import (FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, draft_benchmark, group_split,
+                                      load_forger, load_manifest, train_forger)
 from .models import ModelConfig
 from .stack import Trained, load_detector, train_detector_unit
 from ..engine import TrainingUnit, code_hash, load_units
@@ -74,14 +74,14 @@ def forger_units(p: CascadeParams, draft: Draft | None = None) -> list[TrainingU
                          train_forger, {"crops": crops, "up": up, "epochs": p.forger_epochs, "seed": p.data_seed}) for up in FORGER_UPS]
 
 def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Benchmark]:
-    "The four splits (train, val, blend, test) and the whole benchmark (generated: made with the trained forgers under `runs`); every split holds whole groups."
+    "The four splits (train, val, blend, test) and the whole benchmark (generated: made with the trained forgers under `runs`; manifests: images decoded once into `runs/manifest_cache` and read from there on demand, never all in memory); every split holds whole groups."
     if p.data == "manifests":
         folder = Path(p.manifest_dir)
-        train, rest = load_manifest(folder / "train_manifest.csv", p.px), load_manifest(folder / "val_manifest.csv", p.px)
+        train, rest = (load_manifest(folder / f"{k}_manifest.csv", p.px, Path(runs) / "manifest_cache") for k in ("train", "val"))
         frac = {k: p.split[k] for k in ("val", "blend", "test")}
         parts = group_split(rest.group, {k: v / sum(frac.values()) for k, v in frac.items()}, p.data_seed)
         splits = {"train": train, **{k: rest.subset(v) for k, v in parts.items()}}
-        bench = Benchmark(np.concatenate([train.images, rest.images]), np.r_[train.label, rest.label], np.r_[train.group, rest.group],
+        bench = Benchmark(MappedImages.concat([train.images, rest.images]), np.r_[train.label, rest.label], np.r_[train.group, rest.group],
                           pd.concat([train.meta, rest.meta], ignore_index=True))
     else:
         draft = benchmark_draft(p)
@@ -93,15 +93,15 @@ def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Bench
     return splits, bench
 
 def check_grouped(splits: dict[str, Benchmark]):
-    "Refuse splits that share a group (a photograph, video or identity) or images, or lack a class."
+    "Refuse splits that share a group (a photograph, video or identity) or images, or lack a class (every split's images are read once)."
     names = list(splits)
+    digests = {k: {hash(x.tobytes()) for x in s.images} for k, s in splits.items()}
     for i, a in enumerate(names):
         if len(np.unique(splits[a].label)) < 2: raise ValueError(f"split {a!r} must hold both real and fake images")
         for b in names[i + 1:]:
             shared = set(map(str, splits[a].group)) & set(map(str, splits[b].group))
             if shared: raise ValueError(f"splits {a!r} and {b!r} share groups {sorted(shared)[:3]}")
-            ha = {hash(x.tobytes()) for x in splits[a].images}
-            if any(hash(x.tobytes()) in ha for x in splits[b].images): raise ValueError(f"splits {a!r} and {b!r} share an image")
+            if digests[a] & digests[b]: raise ValueError(f"splits {a!r} and {b!r} share an image")
 
 # %% ../../nbs/42a_cascade_units.ipynb #u010
 DETECTORS = ("filter", *EXPERTS, "null") # per seed, in training order; the null is the filter trained one epoch on shuffled labels
