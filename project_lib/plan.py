@@ -16,7 +16,8 @@ from .engine import Executor
 
 # %% auto #0
 __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'peak_host_gb', 'peak_device_gb', 'worker_count', 'worker_threads',
-           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'plan_synapse', 'plan_cascade', 'plan_profile', 'main']
+           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'SynapseUnitCosts', 'synapse_unit_costs', 'plan_synapse',
+           'plan_cascade', 'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -120,23 +121,32 @@ def _picker_s(size_px: int, diameter_px: float) -> float:
 
 def _checkpoint_gb(n_params: int) -> float: return (n_params * 4 * 4 + 2e6) / 1e9   # best (weights) + last (weights, Adam's two moments), + 1 MB per file (history, archive)
 
+def _micrographs_gb(n: int, size_px: int) -> float: return n * size_px ** 2 * 5 / 1e9   # micrographs held in memory: image float32 + mask
+
+def _scoring_gb(n_val: int, size_px: int) -> float:
+    "Host memory of choosing one picker's thresholds: its validation micrographs and maps (float32), the pixel search's float64 copy and its quantile's."
+    return n_val * size_px ** 2 * (5 + 4 + 8 + 8) / 1e9
+
 def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem and evaluate_cryoem of `profile`."
     from project_lib.cryoem.data import simulate_micrograph
     from project_lib.cryoem.stage import ARMS, CryoEMStudyParams
+    from project_lib.cryoem.train import PREDICT_BATCH, validated_epochs
     p = load_study_params("cryoem", CryoEMStudyParams, profile)
     device = device or select_device()
     threads = worker_threads(worker_count(p.n_jobs), device)
-    cfg = p.micrograph_config(p.dose_levels[0])
-    step_s, predict_s, device_gb, n_params = _unet_costs(p.train_config(ARMS[1], p.seeds[0]), p.size_px, device)
+    cfg, config = p.micrograph_config(p.dose_levels[0]), p.train_config(ARMS[1], p.seeds[0])
+    step_s, predict_s, device_gb, n_params = _unet_costs(config, p.size_px, device)
     picker_s, simulate_s = _picker_s(p.size_px, cfg.diameter_px), time_call(lambda: simulate_micrograph(cfg, np.random.default_rng(0)), 1)
-    conditions, n_total = len(p.dose_levels) + 1, p.n_train + p.n_val + p.n_test
-    trainings, workers = conditions * len(ARMS) * len(p.seeds), worker_count(p.n_jobs)
-    held_gb = n_total * p.size_px ** 2 * 5 / 1e9
+    conditions, n_total, alt = len(p.dose_levels) + 1, p.n_train + p.n_val + p.n_test, p.n_alt_val * p.n_alt_sets
+    trainings, workers, val_used = conditions * len(ARMS) * len(p.seeds), worker_count(p.n_jobs), p.val_subset or p.n_val
     how = f"{threads} thread(s) per worker, step at {p.size_px}² px, width {p.width}, on {device}" + (f", batch {p.batch_size} (scaled from batch 1 where a step takes > 5 s)" if device == "cpu" else f", batch {p.batch_size}")
-    train = StageCost("train_cryoem", trainings, math.ceil(p.n_train / p.batch_size) * p.epochs, step_s, p.epochs, p.n_val * (predict_s + picker_s),
-                      conditions * n_total * simulate_s, peak_host_gb() + held_gb, device_gb,
-                      conditions * p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), workers, how)
+    # micrographs are simulated when read: each condition once to hash it, its training set once more for the cache, the replay's sets at the
+    # reference dose; every training holds its validation micrographs (and the replay's, at the reference dose) and a batch
+    simulated = conditions * (n_total + p.n_train) + alt * (1 + len(ARMS) * len(p.seeds)) + trainings * val_used
+    train = StageCost("train_cryoem", trainings, math.ceil(p.n_train / p.batch_size) * p.epochs, step_s, len(validated_epochs(config)),
+                      val_used * (predict_s + picker_s), simulated * simulate_s, peak_host_gb() + _micrographs_gb(val_used + alt + PREDICT_BATCH, p.size_px),
+                      device_gb, conditions * p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), workers, how)
     from project_lib.cryoem.baselines import micrograph_ctf, template_bank, template_match_map
     from project_lib.cryoem.data import load_structure
     mic = simulate_micrograph(cfg, np.random.default_rng(0))
@@ -144,17 +154,19 @@ def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     bank = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, p.template_orientations)
     bank_s = time.perf_counter() - t0
     match_s = time_call(lambda: template_match_map(mic.image, bank, micrograph_ctf(mic, cfg), p.pixel_size_a), 1)
-    scoring = (trainings * (p.n_val + p.n_test) * (predict_s + picker_s) + conditions * n_total * simulate_s
+    scoring = (trainings * (p.n_val + p.n_test) * (predict_s + picker_s) + (conditions * (n_total + p.n_val + p.n_test) + alt) * simulate_s
                + conditions * (bank_s + (p.n_val + p.n_test) * (match_s + picker_s)))
-    evaluate = StageCost("evaluate_cryoem", 0, 0, 0.0, 0, 0.0, scoring, peak_host_gb() + held_gb * conditions, device_gb, 0.01, 1,
-                         "scoring every network and template matching on validation and test (the real-micrograph picks not counted)")
+    evaluate = StageCost("evaluate_cryoem", 0, 0, 0.0, 0, 0.0, scoring, peak_host_gb() + _scoring_gb(p.n_val, p.size_px), device_gb, 0.01, 1,
+                         "scoring every network and template matching on validation and test, one condition and one picker's validation maps at a time "
+                         "(the real-micrograph picks not counted)")
     return [train, evaluate]
 
 # %% ../nbs/50_plan.ipynb #p013
 def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem_al (every strategy x seed x round, the full-pool reference and the replay) and evaluate_cryoem_al of `profile`."
     from project_lib.cryoem.al import ALStudyParams
-    from project_lib.cryoem.data import MicrographConfig
+    from project_lib.cryoem.data import MicrographConfig, simulate_micrograph
+    from project_lib.cryoem.train import PREDICT_BATCH, validated_epochs
     p = load_study_params("cryoem_al", ALStudyParams, profile)
     device = device or select_device()
     threads = worker_threads(worker_count(p.n_jobs), device)
@@ -162,18 +174,21 @@ def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     step_s, predict_s, device_gb, n_params = _unet_costs(config, config.crop_px or cfg.size_px, device)
     full_predict_s = _unet_costs(config, cfg.size_px, device)[1] if config.crop_px else predict_s
     picker_s, counts = _picker_s(cfg.size_px, cfg.diameter_px), p.counts()
-    rounds = len(counts) - 1
+    simulate_s = time_call(lambda: simulate_micrograph(cfg, np.random.default_rng(0)), 1)
+    rounds, val_used, n_total = len(counts) - 1, config.val_subset or p.n_val, p.pool_size + p.n_val + p.n_test
     trainings = len(p.seeds) * (2 + len(p.strategies) * rounds + 2 * (len(p.replay_fractions) - 1))   # round 0 + full pool, chains, replay (upper bound)
     steps = math.ceil((config.samples_per_epoch or p.pool_size) / config.batch_size) * config.epochs
-    mc = p.settings().mc_samples
-    scans = len(p.seeds) * rounds * p.pool_size * full_predict_s * (sum(mc if s == "bald" else 1 for s in p.strategies if s != "random"))
-    scoring = trainings * (p.n_val + p.n_test + p.pool_size) * (full_predict_s + picker_s)
-    n_total = p.pool_size + p.n_val + p.n_test
+    mc, scanning = p.settings().mc_samples, [s for s in p.strategies if s != "random"]
+    # micrographs are simulated when read (the sets are hashed once): every acquisition scans the pool; every training reads its labelled set
+    # (its cache), its validation micrographs, then scores validation, test and the rest of the pool
+    scans = len(p.seeds) * rounds * p.pool_size * (full_predict_s * sum(mc if s == "bald" else 1 for s in scanning) + simulate_s * len(scanning))
+    scoring = trainings * ((p.n_val + p.n_test + p.pool_size) * (full_predict_s + picker_s + simulate_s) + val_used * simulate_s) + n_total * simulate_s
     how = f"{threads} thread(s) per worker, step at {config.crop_px or cfg.size_px}² px, width {config.width}, on {device}" + f", batch {config.batch_size}"
-    return [StageCost("train_cryoem_al", trainings, steps, step_s, config.epochs, p.n_val * (full_predict_s + picker_s), scans + scoring,
-                      peak_host_gb() + n_total * cfg.size_px ** 2 * 5 / 1e9, device_gb,
+    return [StageCost("train_cryoem_al", trainings, steps, step_s, len(validated_epochs(config)), val_used * (full_predict_s + picker_s), scans + scoring,
+                      peak_host_gb() + max(_scoring_gb(p.n_val, cfg.size_px), _micrographs_gb(val_used + PREDICT_BATCH, cfg.size_px)), device_gb,
                       p.pool_size * cfg.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), worker_count(p.n_jobs), how),
-            StageCost("evaluate_cryoem_al", 0, 0, 0.0, 0, 0.0, 60.0, peak_host_gb(), 0.0, 0.01, 1, "tables and bootstraps (about a minute)")]
+            StageCost("evaluate_cryoem_al", 0, 0, 0.0, 0, 0.0, 60.0 + n_total * simulate_s, peak_host_gb(), 0.0, 0.01, 1,
+                      "hashing the simulated sets once, tables and bootstraps (about a minute)")]
 
 # %% ../nbs/50_plan.ipynb #p015
 def plan_mfn(profile: str, device: str | None = None) -> list[StageCost]:
@@ -200,29 +215,36 @@ def _scaled_step_s(step_at: Callable[[int], float], batch: int, device: str, sma
     if device != "cpu" or small * batch / smallest < 5: return step_at(batch), True
     return small * batch / smallest, False
 
-def plan_synapse(profile: str, device: str | None = None) -> list[StageCost]:
-    "train_synapse (a contrastive network per training seed and the proxy, averaged per training) and evaluate_synapse of `profile`."
+@dataclasses.dataclass(frozen=True)
+class SynapseUnitCosts:
+    "The synapse study's units of work at a profile's sizes, measured on this machine (what `plan_synapse` multiplies by the counts)."
+    cube_s: float # generating one cube and its input
+    ssl_step_s: float # one contrastive step at the profile's batch (two views per cube)
+    proxy_step_s: float # one trait-regression step at the proxy's batch
+    forward_s: float # one cube through the contrastive network, evaluation mode
+    host_gb: float # peak host memory of the measuring process (imports, a cube, a step at the timed batch)
+    device_gb: float # peak device memory (0 on CPU)
+    checkpoint_gb: float # one training's checkpoints: best (weights) + last (weights, AdamW's two moments), + 1 MB per file
+    note: str # how they were measured
+
+def synapse_unit_costs(p, device: str) -> SynapseUnitCosts:
+    "Time a cube, a contrastive and a proxy step and a forward pass at the sizes of `p` (a `SynapseStudyParams`) on `device`, with a worker's threads."
     from project_lib.synapse.data import SyntheticSynapses
     from project_lib.synapse.model import VGG3D
-    from project_lib.synapse.train import ContrastiveVGG, augment, nt_xent, prepared_inputs
-    from project_lib.synapse.units import SynapseStudyParams
-    p = load_study_params("synapse", SynapseStudyParams, profile)
-    device = device or select_device()
-    trainings = len(p.train_seeds) + 1
-    workers = min(worker_count(p.n_jobs), trainings)
-    threads = worker_threads(workers, device)
+    from project_lib.synapse.train import ContrastiveVGG, augment, channels_last, nt_xent, prepared_inputs
+    threads = worker_threads(min(worker_count(p.n_jobs), len(p.train_seeds) + 1), device)
     ds = SyntheticSynapses(p.generator_config(pretraining=True), p.pretrain_seed)
-    cube_s = time_call(lambda: ds[0], 1)
-    x1 = prepared_inputs([ds[0]], p.seg_types[0], p.alpha).to(device)
+    cube_s = time_call(lambda: prepared_inputs([ds[0]], p.seg_types[0], p.alpha), 1)
+    x1 = channels_last(prepared_inputs([ds[0]], p.seg_types[0], p.alpha).to(device))   # the layout training uses (about 1.4x faster on a CPU)
     backbone = VGG3D(**p.network_kwargs()).to(device)
-    net, gen = ContrastiveVGG(backbone).to(device), torch.Generator().manual_seed(0)
+    net, gen = channels_last(ContrastiveVGG(backbone).to(device)), torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(net.parameters(), lr=p.ssl_lr)
     def step_at(objective: str) -> Callable[[int], float]:
         def at(batch: int) -> float:
-            x = x1.expand(batch, *x1.shape[1:]).contiguous()
+            x = channels_last(x1.expand(batch, *x1.shape[1:]))
             def step():
                 if objective == "contrastive":
-                    z = net(torch.cat([augment(x.cpu(), gen).to(device), augment(x.cpu(), gen).to(device)]))
+                    z = net(channels_last(torch.cat([augment(x.cpu(), gen), augment(x.cpu(), gen)]).to(device)))
                     loss = nt_xent(z[:batch], z[batch:], p.ssl_temperature)
                 else: loss = backbone(x).pow(2).mean()
                 opt.zero_grad(); loss.backward(); opt.step()
@@ -232,21 +254,34 @@ def plan_synapse(profile: str, device: str | None = None) -> list[StageCost]:
     proxy_s, _ = _scaled_step_s(step_at("proxy"), p.proxy_batch_size, device)
     net.eval()
     with torch.no_grad(): forward_s = time_call(lambda: net(x1), 1)
-    n = len(ds)
+    n_params = sum(t.numel() for t in net.parameters())
+    how = f"{threads} thread(s) per worker, {p.cube_size}³ cubes on {device}, batch {p.ssl_batch_size}" + ("" if real else " (scaled from batch 2)")
+    return SynapseUnitCosts(cube_s, ssl_s, proxy_s, forward_s, peak_host_gb(), peak_device_gb(), (n_params * 4 * 4 + 2e6) / 1e9, how)
+
+def plan_synapse(profile: str, device: str | None = None,
+                 costs: SynapseUnitCosts | None = None, # unit costs measured before (default: measured now)
+                ) -> list[StageCost]:
+    "train_synapse (a contrastive network per training seed and the proxy, averaged per training) and evaluate_synapse of `profile`."
+    from project_lib.synapse.units import SynapseStudyParams
+    p = load_study_params("synapse", SynapseStudyParams, profile)
+    device = device or select_device()
+    c = costs or synapse_unit_costs(p, device)
+    trainings = len(p.train_seeds) + 1
+    n, voxels = p.generator_config(pretraining=True).n_cubes, p.cube_size ** 3
     n_val = round(n * p.val_bboxes / p.pretrain_bboxes)
     ssl_steps = math.ceil((n - n_val) / p.ssl_batch_size) * p.ssl_epochs
     proxy_steps = math.ceil((n - n_val) / p.proxy_batch_size) * p.proxy_epochs
     all_steps = len(p.train_seeds) * ssl_steps + proxy_steps
-    cubes_gb = n * p.cube_size ** 3 * 4 / 1e9
-    n_params = sum(t.numel() for t in net.parameters())
+    held_gb = max(4 * p.ssl_batch_size, 16) * voxels * 4 / 1e9   # a batch, its two views and their channels-last copy, or the 16 rows a hash reads
     per_set = p.n_bboxes * p.axons_per_bbox * p.synapses_per_axon
     eval_cubes = per_set * (len(p.eval_seeds) + p.sweep_sets * len(p.sweep_separations))
-    how = f"{threads} thread(s) per worker, {p.cube_size}³ cubes on {device}, batch {p.ssl_batch_size}" + ("" if real else " (scaled from batch 2)")
-    return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * ssl_s + proxy_steps * proxy_s) / all_steps,
-                      round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), 2 * n_val * forward_s,
-                      n * cube_s, peak_host_gb() + cubes_gb, peak_device_gb(), trainings * (n_params * 4 * 4 + 2e6) / 1e9, workers, how),
-            StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_cubes * (cube_s + 4 * forward_s), peak_host_gb() + cubes_gb, peak_device_gb(), 0.01, 1,
-                      "generating the evaluation and sweep cubes and 4 networks' features of each (clustering and nulls not counted)")]
+    eval_batch_gb = p.batch_size * voxels * (9 + 4 * len(p.seg_types)) / 1e9   # a batch of cubes (raw, instance, semantic) and its inputs per type
+    return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * c.ssl_step_s + proxy_steps * c.proxy_step_s) / all_steps,
+                      round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), 2 * n_val * c.forward_s,
+                      n * c.cube_s, c.host_gb + held_gb, c.device_gb, trainings * c.checkpoint_gb + n * voxels * 4 / 1e9,
+                      min(worker_count(p.n_jobs), trainings), c.note),
+            StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_cubes * (c.cube_s + 4 * c.forward_s), c.host_gb + eval_batch_gb, c.device_gb, 0.01, 1,
+                      "generating the evaluation and sweep cubes and 4 networks' features of each, a batch at a time (clustering and nulls not counted)")]
 
 # %% ../nbs/50_plan.ipynb #p021
 def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:

@@ -170,11 +170,11 @@ def test_same_seed_gives_same_selections_and_metrics(tiny_runs):
 
 def test_selected_batches_never_hold_validation_or_test_micrographs(tiny_runs):
     p, a, _, _ = tiny_runs
-    held_out = set(micrograph_hashes(a.sets["val"] + a.sets["test"]))
+    held_out = set(micrograph_hashes([*a.sets["val"], *a.sets["test"]]))
     later = a.rounds[a.rounds["round"] >= 1]
     assert len(later) == len(p.strategies) * (len(p.labelled_fractions) - 1)
     for r in later.itertuples():
-        assert not set(micrograph_hashes([a.sets["pool"][i] for i in r.selected])) & held_out
+        assert not set(micrograph_hashes(a.sets["pool"].subset(r.selected))) & held_out
         assert set(r.selected) <= set(r.labelled) and r.n_labelled == len(r.labelled)
     with pytest.raises(ValueError, match="test micrographs"):
         check_disjoint([a.sets["test"][0]], {"test": a.sets["test"]})
@@ -240,4 +240,29 @@ def test_the_training_identity_and_stage_cover_exactly_the_code_the_trainings_im
     imported = _project_imports("cryoem.al") - {"core"}
     assert imported == set(al._TRAINING_CODE) and "cryoem.al_analysis" not in imported and "report" not in imported
     deps = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_cryoem_al"]["deps"]
-    assert {d for d in deps if d.startswith("project_lib/")} == {f"project_lib/{m.replace('.', '/')}.py" for m in imported | {"core"}}
+    assert {d for d in deps if d.startswith("project_lib/")} == {f"project_lib/{m.replace('.', '/')}.py" for m in imported | {"core", "__init__"}}   # __init__: the portable numerics
+
+
+def test_the_sets_are_lazy_and_the_list_they_replaced():
+    """`simulate_sets` against `simulate_dataset` cut by position: same hashes, images, masks and metadata; a unit ships
+    the sets without their images."""
+    import pickle
+    from project_lib.cryoem.data import MicrographConfig
+    from project_lib.cryoem.train import SimulatedMicrographs, data_hash, simulate_dataset
+    p = ALStudyParams(**_tiny())
+    sets = simulate_sets(p)
+    listed = simulate_dataset(MicrographConfig(**p.micrograph), p.pool_size + p.n_val + p.n_test, p.data_seed)
+    expected = {"pool": listed[:p.pool_size], "val": listed[p.pool_size:p.pool_size + p.n_val], "test": listed[p.pool_size + p.n_val:]}
+    for k, v in expected.items():
+        assert isinstance(sets[k], SimulatedMicrographs) and data_hash(sets[k]) == data_hash(v)
+        assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.metadata == b.metadata for a, b in zip(sets[k], v, strict=True))
+        assert micrograph_hashes(sets[k]) == [data_hash([m]) for m in v]
+    first, _ = al_units(p, sets, "runs")
+    assert len(pickle.dumps(first[0])) < sum(m.image.nbytes for m in listed) / 4
+
+
+def test_bad_validation_settings_are_refused():
+    with pytest.raises(ValueError, match="val_every must be >= 1"):
+        ALStudyParams(**{**_tiny(), "training": {**_tiny()["training"], "val_every": 0}})
+    with pytest.raises(ValueError, match=r"val_subset \(4\) must not exceed n_val \(3\)"):
+        ALStudyParams(**{**_tiny(), "training": {**_tiny()["training"], "val_subset": 4}})

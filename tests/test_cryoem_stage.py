@@ -1,24 +1,30 @@
 """The cryo-EM comparison's training stage (`project_lib.cryoem.stage`) on a reduced tiny profile: evaluation refuses
 missing trainings, finished units are reused and changed ones retrained, a stage killed (SIGKILL) in the middle of
 its third unit resumes it exactly, and one unit trains under `torchrun` (two processes, gloo) through the stage's
-own entry point."""
+own entry point; a condition's lazy micrographs are its list's, scoring streams them, bad validation settings are refused."""
 import dataclasses
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from project_lib.core import load_study_params
 from project_lib.engine import Executor, file_hash, load_units
-from project_lib.cryoem.stage import CryoEMStudyParams, study_units, train_study
+from project_lib.cryoem.baselines import micrograph_ctf, oracle_probability_map, template_bank, template_match_map
+from project_lib.cryoem.data import load_structure
+from project_lib.cryoem.stage import CryoEMStudyParams, condition_units, simulate_condition, study_units, train_study
 from project_lib.cryoem.study import evaluate_study
+from project_lib.cryoem.train import SimulatedMicrographs, data_hash, load_best, make_split, predict, score_picker, simulate_dataset
 
 # two conditions (the reference dose and the crowded one), one seed, few micrographs: four units of two epochs;
 # the third is crowded-dose-20/unet-s0
@@ -123,3 +129,62 @@ def test_one_unit_trains_under_torchrun_through_the_stage_entry_point(params_fil
     assert len(record["history"]["epoch"]) == p.epochs and (root / unit.key / record["best_checkpoint"]).is_file()
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {unit.key: {"best_epoch": record["best_epoch"], "threshold": record["threshold"]}}
     assert sorted(f.name for f in (root / "dose-20").iterdir()) == ["attention_unet-s0", "cache", "split.json"]   # one unit, nothing else trained
+
+
+def _same(a, b):
+    return all(np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask) and np.array_equal(x.centres, y.centres)
+               and np.array_equal(x.diameters_px, y.diameters_px) and x.metadata == y.metadata for x, y in zip(a, b, strict=True))
+
+
+def test_a_condition_is_lazy_and_the_same_as_its_list(p):
+    """`simulate_condition` against the list it replaced: `simulate_dataset` split by `make_split` (and the replay's sets)."""
+    name, cfg = next(iter(p.conditions().items()))
+    d = simulate_condition(name, cfg, p, replay=True)
+    n = p.n_train + p.n_val + p.n_test
+    listed = simulate_dataset(cfg, n, p.data_seed)
+    split = make_split(n, (p.n_train / n, p.n_val / n, p.n_test / n), p.split_seed)
+    assert d.split == split and d.data_hash == data_hash(listed)
+    for k in ("train", "val", "test"):
+        assert isinstance(d.sets[k], SimulatedMicrographs)
+        assert data_hash(d.sets[k]) == data_hash([listed[i] for i in split[k]]) and _same(d.sets[k], [listed[i] for i in split[k]])
+    alt = simulate_dataset(cfg, p.n_alt_val * p.n_alt_sets, p.data_seed + 1)
+    for k, v in d.alt_sets.items():
+        j = int(k[3:])
+        assert data_hash(v) == data_hash(alt[j * p.n_alt_val:(j + 1) * p.n_alt_val]) and _same(v, alt[j * p.n_alt_val:(j + 1) * p.n_alt_val])
+    unit = condition_units(d, p)[0]
+    images = sum(m.image.nbytes for m in listed)
+    assert len(pickle.dumps(unit)) < images / 4                                          # a unit ships the recipe, not the images
+
+
+def test_scoring_a_condition_streams_and_equals_the_whole_set_scoring(p, tmp_path):
+    """`evaluate_study` (maps one batch at a time, each dropped once scored) against every picker scored on lists with
+    stacked maps (`predict`, `score_picker`), as the study did before."""
+    p = dataclasses.replace(p, epochs=1, dose_levels=[20.0], crowded_dose=20.0)
+    train_study(p, tmp_path, Executor(n_workers=1))
+    templates = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, 4, seed=p.data_seed)
+    scored = evaluate_study(p, tmp_path, templates, "cpu")
+    for (d, units), run in zip(study_units(p).values(), scored.values()):
+        val, test, rows = list(d.sets["val"]), list(d.sets["test"]), []
+        stacked = {k: (predict(load_best(r), val), predict(load_best(r), test)) for k, r in run.runs.items()}
+        tm = lambda mics: np.stack([template_match_map(m.image, templates, micrograph_ctf(m, d.config), d.config.pixel_size_a) for m in mics])
+        stacked[("template_matching", 0)] = (tm(val), tm(test))
+        stacked[("oracle", 0)] = tuple(np.stack([oracle_probability_map(m) for m in s]) for s in (val, test))
+        for (model, seed), (v, t) in stacked.items():
+            table, threshold = score_picker(v, t, val, test)
+            rows.append(table.assign(condition=d.name, model=model, seed=seed))
+            assert run.thresholds[(model, seed)] == threshold
+            assert run.test_mean_probability[(model, seed)] == pytest.approx(float(t.mean()), rel=1e-6)
+        pd.testing.assert_frame_equal(run.per_micrograph, pd.concat(rows, ignore_index=True), check_exact=True)
+        assert not any(isinstance(v, np.ndarray) and v.ndim == 3 for v in vars(run).values())   # no stack of maps is kept
+
+
+@pytest.mark.parametrize("change, message", [({"val_every": 0}, "val_every must be >= 1"), ({"val_subset": -1}, "val_subset must be >= 0"),
+                                             ({"val_every": 1.5}, "val_every = 1.5 is not a valid int"),
+                                             ({"val_subset": 3}, r"val_subset \(3\) must not exceed n_val \(2\)")])
+def test_bad_validation_settings_are_refused_when_the_parameters_are_read(params_file, tmp_path, change, message):
+    params = yaml.safe_load(Path(params_file).read_text())
+    params["cryoem"]["tiny"].update(change)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match=message):
+        load_study_params("cryoem", CryoEMStudyParams, "tiny", path)

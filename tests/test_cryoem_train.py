@@ -1,9 +1,11 @@
 """cryoem training engine: the fairness guard checks the data itself, resume is exact and refuses other data,
 checkpoints never unpickle code, the DistributedSampler-style split, DDP gradient synchronisation, thresholds over
-the range the scores take."""
+the range the scores take; lazy micrographs are the list's, bit for bit; streamed scoring; validation every k epochs
+on a subset."""
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
+from project_lib.cryoem import train as train_module
 from project_lib.cryoem.data import Micrograph, MicrographConfig
-from project_lib.cryoem.metrics import pixel_metrics
-from project_lib.cryoem.train import (TrainConfig, budget_hash, check_comparable, data_hash,
-                                      load_best, select_pixel_threshold, select_threshold, simulate_dataset, train)
+from project_lib.cryoem.metrics import extract_picks, particle_metrics_by_image, pixel_metrics
+from project_lib.cryoem.train import (SimulatedMicrographs, TrainConfig, budget_hash, check_comparable, data_hash, load_best, predict, predict_maps,
+                                      run_record, score_picker, select_pixel_threshold, select_threshold, simulate_dataset, train, validated_epochs)
 
 TINY = TrainConfig(epochs=2, batch_size=2, width=0.0625)
 SMALL = MicrographConfig(size_px=64, pixel_size_a=8.0, particle_types=("apoferritin",), type_proportions=(1.0,),
@@ -117,3 +120,163 @@ def test_thresholds_reach_above_a_fixed_grid():
     prob = np.where(mic.mask, rng.uniform(0.97, 0.99, (64, 64)), rng.uniform(0.93, 0.96, (64, 64)))[None]
     t = select_pixel_threshold(prob, [mic])
     assert pixel_metrics(prob, mic.mask[None], t)["f1"] > 0.9 > pixel_metrics(prob, mic.mask[None], 0.9)["f1"]
+
+
+# --- lazy micrographs: the same data as the list, a bounded number in memory, cheap to pickle ---------------------------------
+
+
+def _same_micrograph(a, b):
+    return (np.array_equal(a.image, b.image) and a.image.dtype == b.image.dtype and np.array_equal(a.mask, b.mask)
+            and np.array_equal(a.centres, b.centres) and np.array_equal(a.diameters_px, b.diameters_px)
+            and a.diameter_px == b.diameter_px and a.metadata == b.metadata)
+
+
+def test_lazy_micrographs_are_the_list_item_for_item():
+    reference = simulate_dataset(SMALL, 7, 3)
+    lazy = SimulatedMicrographs(SMALL, 3, range(7), cache=2)
+    assert len(lazy) == 7 and all(_same_micrograph(lazy[k], reference[k]) for k in range(7))
+    assert all(_same_micrograph(a, b) for a, b in zip(lazy, reference))                    # iteration
+    assert _same_micrograph(lazy[-1], reference[6])
+    # item i depends on (cfg, seed, i) only: spawning 7 children or reading micrograph 6 alone gives the same micrograph
+    assert _same_micrograph(SimulatedMicrographs(SMALL, 3, [6])[0], reference[6])
+    assert all(_same_micrograph(a, reference[i]) for a, i in zip(lazy[2:6:2], (2, 4)))      # slices
+    assert all(_same_micrograph(a, reference[i]) for a, i in zip(lazy.subset([5, 0, 5]), (5, 0, 5)))
+    assert lazy.metadata() == [m.metadata for m in reference]
+    assert data_hash(lazy) == data_hash(reference)
+    assert data_hash(lazy.subset([5, 1])) == data_hash([reference[5], reference[1]]) and data_hash(lazy[4:]) == data_hash(reference[4:])
+
+
+def test_lazy_micrographs_keep_at_most_cache_in_memory_and_pickle_without_images(monkeypatch):
+    calls = []
+    real = train_module.simulate_micrograph
+    monkeypatch.setattr(train_module, "simulate_micrograph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    two = SimulatedMicrographs(SMALL, 3, range(3), cache=2)
+    list(two); list(two)
+    assert len(calls) == 6                 # three micrographs through a memory of two: every read simulates again
+    calls.clear()
+    three = SimulatedMicrographs(SMALL, 3, range(3), cache=3)
+    list(three); list(three); three[1:].subset([0]); three[1:][0]
+    assert len(calls) == 3                 # all three kept; a view of the sequence shares its memory
+    h = data_hash(three)
+    payload = pickle.dumps(three)
+    assert len(payload) < 64 * 64 * 4      # the recipe, hashes and metadata: not one image (a 64² float32 image is 16 kB)
+    calls.clear()
+    back = pickle.loads(payload)
+    assert data_hash(back) == h and calls == []                                 # the hash travelled with it...
+    assert _same_micrograph(back[2], three[2]) and len(calls) == 1              # ...the images did not: generated again
+
+
+def test_one_pass_hashes_a_sequence_its_parts_and_each_micrograph(monkeypatch):
+    reference = simulate_dataset(SMALL, 6, 1)
+    whole = SimulatedMicrographs(SMALL, 1, range(6), cache=0)
+    parts = [whole.subset([0, 2, 5]), whole[3:5]]
+    calls = []
+    real = train_module.simulate_micrograph
+    monkeypatch.setattr(train_module, "simulate_micrograph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert whole.data_hash(*parts) == data_hash(reference) and len(calls) == 6   # one pass
+    assert [data_hash(part) for part in parts] == [data_hash([reference[i] for i in (0, 2, 5)]), data_hash(reference[3:5])]
+    assert [data_hash(whole[i:i + 1]) for i in range(6)] == [data_hash([m]) for m in reference]
+    assert len(calls) == 6                                                        # every hash above was remembered
+    fresh = SimulatedMicrographs(SMALL, 1, range(3))
+    with pytest.raises(ValueError, match="order"):
+        fresh.data_hash(fresh.subset([2, 0]))
+    with pytest.raises(ValueError, match="subsets taken of this sequence"):
+        fresh.data_hash(SimulatedMicrographs(SMALL, 1, range(3)))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"cache": -1}, "cache must be >= 0"), ({"cache": 1.5}, "cache must be an integer"),
+                                             ({"ids": [0, -2]}, "ids must be >= 0"), ({"ids": [0.5]}, "ids must be an integer"),
+                                             ({"seed": -1}, "seed must be >= 0"), ({"cfg": {"size_px": 64}}, "cfg must be a MicrographConfig")])
+def test_lazy_micrographs_refuse_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SimulatedMicrographs(**{"cfg": SMALL, "seed": 0, "ids": range(2), **kwargs})
+
+
+def test_lazy_micrographs_refuse_bad_indices():
+    lazy = SimulatedMicrographs(SMALL, 0, range(2))
+    with pytest.raises(IndexError, match="out of range: 2 micrographs"):
+        lazy[2]
+    with pytest.raises(TypeError, match="subset"):
+        lazy[[0, 1]]
+    with pytest.raises(IndexError):
+        lazy.subset([3])
+
+
+def test_a_training_on_lazy_micrographs_is_the_training_on_lists(tmp_path):
+    torch.set_num_threads(1)
+    listed, lazy = simulate_dataset(SMALL, 6, 0), SimulatedMicrographs(SMALL, 0, range(6))
+    runs = [train(TINY, train_set, val_set, tmp_path / name, device="cpu", progress=False, extra_eval={"alt": extra})
+            for name, (train_set, val_set, extra) in (("list", (listed[:4], listed[4:5], listed[5:])), ("lazy", (lazy[:4], lazy[4:5], lazy[5:])))]
+    records = [run_record(r, tmp_path / name) for r, name in zip(runs, ("list", "lazy"))]
+    for r in records: r.pop("train_time_s")
+    assert records[0] == records[1]                                               # history, best epoch, threshold, hashes
+    pd.testing.assert_frame_equal(runs[0].history, runs[1].history, check_exact=True)
+    assert all(torch.equal(a, b) for a, b in zip(*(torch.load(r.best_checkpoint, weights_only=True)["model"].values() for r in runs)))
+    assert (tmp_path / "list" / "cache").exists() and os.listdir(tmp_path / "list" / "cache") == os.listdir(tmp_path / "lazy" / "cache")
+
+
+def test_streamed_scoring_is_the_whole_set_computation(mics, tmp_path):
+    """Maps one by one (`predict_maps`, a generator) score as the stacked array does, and as particle metrics computed on
+    every micrograph's picks at once (the whole-set computation), including a micrograph without any pick."""
+    run = fit(dataclasses.replace(TINY, epochs=1), mics[:4], mics[4:5], tmp_path / "u")
+    net = load_best(run)
+    maps = predict(net, mics, "cpu")
+    assert np.array_equal(np.stack(list(predict_maps(net, mics, "cpu"))), maps)
+    maps[2] = 0.0                                                                 # no pick at all on micrograph 2
+    thresholds = (0.3, 0.5)
+    streamed, threshold = score_picker(None, iter(list(maps)), None, mics, thresholds)
+    stacked, _ = score_picker(None, maps, None, mics, thresholds)
+    pd.testing.assert_frame_equal(streamed, stacked, check_exact=True)
+    assert threshold == 0.3 and streamed.n_picked[2] == 0
+    picks = pd.concat([extract_picks(p, m.diameter_px).assign(image=i) for i, (p, m) in enumerate(zip(maps, mics))])
+    truth = pd.concat([pd.DataFrame({"x": m.centres[:, 0], "y": m.centres[:, 1], "radius": m.diameters_px / 2, "image": i}) for i, m in enumerate(mics)])
+    whole = particle_metrics_by_image(picks, truth, 0.0, 0.3).set_index("image")
+    for k in ("precision", "recall", "f1", "auprc"):
+        assert streamed[f"particle_{k}"].tolist() == whole[k].tolist()
+    assert streamed.n_true.tolist() == whole.n_true.tolist()
+    with pytest.raises(ValueError):                                               # a map missing is an error, not a shorter table
+        score_picker(None, iter(list(maps[:-1])), None, mics, thresholds)
+
+
+# --- validation during training: every k-th epoch, on the first n micrographs, on the training device ------------------------
+
+def test_validated_epochs_by_hand():
+    assert validated_epochs(TrainConfig(epochs=5, val_every=2)) == [2, 4, 5]           # every second, and the last
+    assert validated_epochs(TrainConfig(epochs=4, val_every=2)) == [2, 4]
+    assert validated_epochs(TrainConfig(epochs=3)) == [1, 2, 3]                        # default: every epoch
+    assert validated_epochs(TrainConfig(epochs=3, val_every=10)) == [3]
+
+
+@pytest.mark.parametrize("field, value, message", [("val_every", 0, "val_every must be >= 1"), ("val_every", -2, "val_every must be >= 1"),
+                                                   ("val_every", 1.5, "val_every must be an integer"), ("val_every", "2", "val_every must be an integer"),
+                                                   ("val_every", True, "val_every must be an integer"), ("val_subset", -1, "val_subset must be >= 0"),
+                                                   ("val_subset", 2.0, "val_subset must be an integer")])
+def test_validation_settings_refuse_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_only_validated_epochs_are_scored_and_can_be_the_best(mics, tmp_path, monkeypatch):
+    """5 epochs, val_every 2: validation after epochs 2, 4 and 5 only, on the first 2 of 3 validation micrographs, on
+    the training device. Scripted validation F1 0.4, 0.9, 0.6: the best epoch is 4, never an unvalidated one."""
+    seen, scores = [], iter([(0.1, 0.4), (0.2, 0.9), (0.3, 0.6)])
+    real_predict = train_module.predict
+    monkeypatch.setattr(train_module, "predict", lambda m, micrographs, device, *a: seen.append((data_hash(micrographs), device)) or real_predict(m, micrographs, device, *a))
+    monkeypatch.setattr(train_module, "select_threshold", lambda probs, micrographs: next(scores))
+    val = [mics[4], mics[5], mics[0]]
+    run = fit(dataclasses.replace(TINY, epochs=5, val_every=2, val_subset=2), mics[:4], val, tmp_path / "u")
+    assert seen == [(data_hash(val[:2]), "cpu")] * 3                               # three validations, of the first two micrographs
+    assert run.history.val_f1.isna().tolist() == [True, False, True, False, False]
+    assert run.best_epoch == 4 and run.threshold == 0.2
+    assert torch.load(run.best_checkpoint, weights_only=True)["epoch"] == 4
+    assert run.val_hash == data_hash(val)                                         # the identity is the whole validation set's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_validation_runs_on_the_training_device(mics, tmp_path, monkeypatch):
+    devices = []
+    real = train_module.probabilities
+    monkeypatch.setattr(train_module, "probabilities", lambda model, x, device="cpu", dropout=False: devices.append(
+        (str(next(model.parameters()).device), device)) or real(model, x, device, dropout))
+    train(dataclasses.replace(TINY, epochs=2), mics[:4], mics[4:6], tmp_path, device="cuda", progress=False)
+    assert devices and all(d[0].startswith("cuda") and d[1].startswith("cuda") for d in devices)

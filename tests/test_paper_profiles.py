@@ -140,3 +140,41 @@ def test_cascade_paper_plan_holds_for_measured_steps_and_validation(tmp_path, mo
     assert planned.step_s / 1.5 <= step_s <= planned.step_s * 1.5, (step_s, planned.step_s)
     assert len(validation_s) == 1 and validation_s[0] <= planned_per_image * n_val * 1.5, (validation_s, planned_per_image * n_val)
     assert checkpoints_gb <= planned.disk_gb / planned.trainings and peak_host_gb() <= planned.host_gb
+
+
+@slow
+def test_synapse_paper_plan_holds_for_measured_steps_and_validation(tmp_path, monkeypatch):
+    """Two contrastive training steps (batch 2) and one validation pass (2 cubes, 4 views) of the real training code on 80³
+    cubes read from the on-disk cache: the step within a factor 1.5 of the unit cost `make plan` multiplied (scaled to
+    batch 2), the validation per cube at most 1.5 times the plan's; the peak RSS within the plan's host memory, the
+    checkpoints and the cache within its disk figures."""
+    import dataclasses
+    import time
+    from project_lib.plan import peak_host_gb, plan_synapse, synapse_unit_costs
+    from project_lib.synapse import train as synapse_train
+    from project_lib.synapse.train import PretrainingSet, train_contrastive
+    p = load_study_params("synapse", SynapseStudyParams, "paper")
+    costs = synapse_unit_costs(p, "cpu")                    # one worker's threads, as the stage's units train
+    planned = plan_synapse("paper", "cpu", costs)[0]
+    # 3 bounding boxes of 2 axons x 1 synapse at the paper's 80³ / 8 nm: 4 training cubes (2 steps of 2), the last box validates (2 cubes)
+    data = PretrainingSet(dataclasses.replace(p.generator_config(pretraining=True), n_bboxes=3, axons_per_bbox=2, synapses_per_axon=1),
+                          p.pretrain_seed, p.seg_types[0], p.alpha, 1).load(tmp_path / "cache")
+    batch, validations = 2, []
+    validation = synapse_train.contrastive_validation
+    def timed_validation(*args, **kwargs):
+        t0 = time.perf_counter(); out = validation(*args, **kwargs); validations.append(time.perf_counter() - t0)
+        return out
+    monkeypatch.setattr(synapse_train, "contrastive_validation", timed_validation)
+    config = ContrastiveConfig(epochs=1, batch_size=batch, lr=p.ssl_lr, temperature=p.ssl_temperature)
+    torch.manual_seed(0)
+    run = train_contrastive(VGG3D(**p.network_kwargs()), data["train_x"], data["val_x"], config, tmp_path / "run", progress=False)
+    step_s, planned_step_s = run.train_time_s / 2, costs.ssl_step_s * batch / p.ssl_batch_size
+    validation_s, planned_validation_s = validations[0] / len(data["val_x"]), planned.validation_s / (p.val_bboxes * p.axons_per_bbox * p.synapses_per_axon)
+    print(f"contrastive step at batch {batch}: {step_s:.1f} s (planned {planned_step_s:.1f} s); validation per cube: {validation_s:.2f} s "
+          f"(planned {planned_validation_s:.2f} s); peak RSS {peak_host_gb():.2f} GB (planned {planned.host_gb:.2f} GB)")
+    assert planned_step_s / 1.5 <= step_s <= planned_step_s * 1.5, (step_s, planned_step_s)
+    assert validation_s <= planned_validation_s * 1.5, (validation_s, planned_validation_s)
+    assert peak_host_gb() <= planned.host_gb, (peak_host_gb(), planned.host_gb)
+    assert sum(f.stat().st_size for f in (tmp_path / "run").glob("*.pt")) / 1e9 <= costs.checkpoint_gb
+    cache = next((tmp_path / "cache").glob("pretraining-*.npy")).stat().st_size
+    assert cache <= 6 * p.cube_size ** 3 * 4 + 4096                                  # the declared size: cubes x 80³ x 4 bytes (+ the header)

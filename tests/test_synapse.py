@@ -13,7 +13,8 @@ from project_lib.synapse.model import (VGG3D, ExtractionConfig, VGG3DStageExtrac
                                        extract_stage_specific_features, layer_table, load_checkpoint)
 from project_lib.synapse.stats import adjusted_rand, affine_r2, ari_permutation_test, kmeans_labels
 from project_lib.synapse.study import fit_probe, network_features, oracle_features
-from project_lib.synapse.train import ProxyTrainingConfig, proxy_targets, reestimate_batchnorm, train_proxy
+from project_lib.synapse.train import (ContrastiveConfig, InputRows, PretrainingSet, ProxyTrainingConfig, array_hash, proxy_targets,
+                                      reestimate_batchnorm, train_contrastive, train_proxy)
 
 TINY = GeneratorConfig(cube_size=16, voxel_nm=40.0, n_classes=3, n_bboxes=2, axons_per_bbox=3, synapses_per_axon=2)
 QUIET = ExtractionConfig(batch_size=4, progress=False)
@@ -337,8 +338,8 @@ def test_evaluation_refuses_when_the_trainings_are_missing(tmp_path):
     run = subprocess.run([Path(sys.executable).parent / "papermill", "-k", "python3", "--no-progress-bar", "--cwd", ".", "nbs/studies/synapse.ipynb",
                           out_nb, "-p", "profile", "tiny", "-p", "output_root", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode != 0
-    assert "training unit(s) under" in run.stderr and "run the training stage" in run.stderr, run.stderr[-3000:]
-    assert not (tmp_path / "tiny" / "synapse" / "runs").exists()                         # and it trained nothing
+    assert "no pretraining inputs" in run.stderr and "run the training stage" in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "tiny" / "synapse" / "runs").exists()                         # it trained nothing, nor rendered the cache
 
 
 @pytest.fixture(scope="module")
@@ -369,3 +370,66 @@ def test_a_unit_whose_data_changed_is_retrained(trained_units):
     assert retrained["proxy"]["history"] != records["proxy"]["history"]
     assert (root / "proxy" / "vgg3d.pt").stat().st_mtime_ns != before
     assert load_units(other, root).keys() == retrained.keys()
+
+
+# ---- the pretraining inputs on disk: the same bytes as in memory, read a batch at a time ----
+
+def test_pretraining_inputs_from_the_cache_are_the_inputs_rendered_in_memory(tmp_path):
+    from project_lib.core import load_study_params
+    from project_lib.synapse.units import SynapseStudyParams
+    spec = load_study_params("synapse", SynapseStudyParams, "tiny").pretraining_set()
+    memory, disk = spec.load(), spec.load(tmp_path)
+    assert isinstance(disk["train_x"], InputRows) and isinstance(memory["train_x"], torch.Tensor)
+    # the hashes in the tiny units' identities, as the in-memory stage computed them before the cache existed
+    assert (array_hash(memory["train_x"]), array_hash(memory["val_x"])) == ("f7692e23116fa01b", "d85b53fea16a9449")
+    assert (array_hash(disk["train_x"]), array_hash(disk["val_x"])) == ("f7692e23116fa01b", "d85b53fea16a9449")
+    assert torch.equal(torch.cat(list(disk["val_x"].split(5))), memory["val_x"])
+    pd.testing.assert_frame_equal(disk["train_metadata"], memory["train_metadata"])
+    assert [f.name for f in tmp_path.iterdir()] == [spec.cache_path(tmp_path).name]   # one file, named by the set and its code
+
+
+def _read_sizes(monkeypatch):
+    """Row counts of every read from an InputRows file, recorded."""
+    sizes, read = [], InputRows._read
+    def counting(self, rows):
+        sizes.append(len(rows))
+        return read(self, rows)
+    monkeypatch.setattr(InputRows, "_read", counting)
+    return sizes
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the stage's units train (2 threads on a busy 2-core machine are ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_contrastive_training_on_the_cache_is_the_training_on_tensors_and_reads_a_batch_at_a_time(tmp_path, monkeypatch, one_thread):
+    spec = PretrainingSet(GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=10, axons_per_bbox=4, synapses_per_axon=2), 3, 0, 1.0, 1)
+    config, runs = ContrastiveConfig(epochs=1, batch_size=4, lr=3e-3), []
+    memory = spec.load()
+    sizes = _read_sizes(monkeypatch)
+    disk = spec.load(tmp_path / "cache")
+    for name, d in (("memory", memory), ("disk", disk)):
+        torch.manual_seed(0)
+        backbone = VGG3D(input_size=16, classifier_hidden=8)
+        runs.append((train_contrastive(backbone, d["train_x"], d["val_x"], config, tmp_path / name, progress=False).history, backbone.state_dict()))
+    pd.testing.assert_frame_equal(runs[0][0], runs[1][0])                                   # the same losses, bit for bit
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())                # and the same weights
+    assert len(disk["train_x"]) == 72 and sizes and max(sizes) <= 16                        # never the whole set in one read (hashes: 16 rows)
+    assert sizes.count(config.batch_size) >= 72 // config.batch_size                         # training batches read as they are used
+
+
+def test_batchnorm_reestimation_and_features_from_the_cache_equal_those_from_tensors(tmp_path):
+    spec = PretrainingSet(TINY, 5, 0, 1.0, 1)
+    memory, disk = spec.load(), spec.load(tmp_path)
+    nets = []
+    for d in (memory, disk):
+        torch.manual_seed(1)
+        nets.append(reestimate_batchnorm(VGG3D(input_size=16, classifier_hidden=8), d["train_x"], batch_size=4))
+    assert all(torch.equal(v, nets[1].state_dict()[k]) for k, v in nets[0].state_dict().items())
+    a, b = (network_features(nets[0], d["val_x"], [20, 33], batch_size=4) for d in (memory, disk))
+    assert all(np.array_equal(a[n], b[n]) for n in (20, 33))

@@ -14,7 +14,8 @@ import pandas as pd
 from ..engine import Executor, TrainingUnit, code_hash, load_units, run_units
 from .active import STRATEGIES, AcquisitionSettings, acquire, measure
 from .data import Micrograph, MicrographConfig
-from .train import TrainConfig, choose_thresholds, data_hash, load_checkpoint, predict, score_picker, simulate_dataset, train
+from .train import (SimulatedMicrographs, TrainConfig, choose_thresholds, data_hash, load_checkpoint, predict, predict_maps,
+                                      score_picker, train)
 
 # %% auto #0
 __all__ = ['labelled_counts', 'ALStudyParams', 'simulate_sets', 'micrograph_hashes', 'check_disjoint', 'initial_labelled',
@@ -73,6 +74,7 @@ class ALStudyParams:
             unknown = set(getattr(self, name)) - ({f.name for f in dataclasses.fields(cls)} - exclude)
             if unknown: raise ValueError(f"{name} has unknown fields {sorted(unknown)}: expected fields of {cls.__name__}" + (f" but {sorted(exclude)}" if exclude else ""))
         config = self.train_config(0)   # TrainConfig and the settings validate their own values
+        if config.val_subset > self.n_val: raise ValueError(f"training.val_subset ({config.val_subset}) must not exceed n_val ({self.n_val}): training validates on the first val_subset validation micrographs")
         self.settings(); MicrographConfig(**self.micrograph)
         if "bald" in self.strategies and config.dropout <= 0: raise ValueError("strategy 'bald' needs training.dropout > 0 (MC dropout)")
 
@@ -83,17 +85,18 @@ class ALStudyParams:
     def settings(self) -> AcquisitionSettings: return AcquisitionSettings(**self.acquisition)
     def counts(self) -> list[int]: return labelled_counts(self.pool_size, self.labelled_fractions)
 
-
 # %% ../../nbs/29_cryoem_al.ipynb #c008
-def simulate_sets(p: ALStudyParams) -> dict[str, list[Micrograph]]:
-    "The pool, validation and test micrographs (disjoint positions of one simulated stream, checked disjoint on their data)."
-    mics = simulate_dataset(MicrographConfig(**p.micrograph), p.pool_size + p.n_val + p.n_test, p.data_seed)
+def simulate_sets(p: ALStudyParams) -> dict[str, SimulatedMicrographs]:
+    "The pool, validation and test micrographs: disjoint positions of one simulated stream, generated on access, checked disjoint on their data."
+    mics = SimulatedMicrographs(MicrographConfig(**p.micrograph), p.data_seed, range(p.pool_size + p.n_val + p.n_test))
     sets = {"pool": mics[:p.pool_size], "val": mics[p.pool_size:p.pool_size + p.n_val], "test": mics[p.pool_size + p.n_val:]}
+    mics.data_hash(*sets.values())   # one pass: the sets' hashes and every micrograph's, remembered (units and batch checks reuse them)
     check_disjoint(sets["pool"], {"validation": sets["val"], "test": sets["test"]})
     return sets
 
 def micrograph_hashes(micrographs: Sequence[Micrograph]) -> list[str]:
-    return [data_hash([m]) for m in micrographs]
+    "Each micrograph's `data_hash` (a `SimulatedMicrographs` remembers those it computed)."
+    return [data_hash(micrographs[i:i + 1]) for i in range(len(micrographs))]
 
 def check_disjoint(selected: Sequence[Micrograph], held_out: dict[str, Sequence[Micrograph]]):
     "Raise ValueError if any of `selected` is (by its data) one of the held-out micrographs."
@@ -119,24 +122,25 @@ _METRICS = ("particle_f1", "particle_auprc", "pixel_roc_auc")
 def _scores(rows: pd.DataFrame, prefix: str) -> dict:
     return {f"{prefix}_{k}": float(rows[k].mean()) for k in _METRICS}
 
-def train_round(config: TrainConfig, sets: dict[str, list[Micrograph]], labelled: Sequence[int], out_dir: Path, device: str = "cpu",
+def train_round(config: TrainConfig, sets: dict[str, SimulatedMicrographs], labelled: Sequence[int], out_dir: Path, device: str = "cpu",
                 init_from: Path | None = None, # warm start (the replay only)
                 checkpoint: str = "best", # "best" (on validation) or "last" (the replay)
                 thresholds: tuple[float, float] | None = None, # fixed (the replay's 0.5) instead of chosen on validation
                ) -> tuple[dict, pd.DataFrame, Path]: # (round summary, per-test-micrograph rows, the checkpoint used)
-    "Train on the labelled pool micrographs and score the model on validation, test and the unlabelled rest of the pool."
+    """Train on the labelled pool micrographs and score the model on validation, test and the unlabelled rest of the pool.
+    Holds the validation micrographs and their maps (the thresholds are chosen on them); test and pool maps are scored one batch at a time."""
     pool, labelled = sets["pool"], sorted(int(i) for i in labelled)
-    run = train(config, [pool[i] for i in labelled], sets["val"], out_dir, device=device, cache_dir=out_dir.parent / "cache",
-                init_from=init_from, progress=False)
+    chosen, rest = pool.subset(labelled), pool.subset(np.setdiff1d(np.arange(len(pool)), labelled))
+    run = train(config, chosen, sets["val"], out_dir, device=device, cache_dir=out_dir.parent / "cache", init_from=init_from, progress=False)
     path = run.best_checkpoint if checkpoint == "best" else run.best_checkpoint.with_name("last.pt")
     net = load_checkpoint(config, path, device)
-    val_maps, test_maps = predict(net, sets["val"], device), predict(net, sets["test"], device)
-    thresholds = thresholds or choose_thresholds(val_maps, sets["val"])
-    rest = [pool[i] for i in np.setdiff1d(np.arange(len(pool)), labelled)]
-    test_rows = score_picker(val_maps, test_maps, sets["val"], sets["test"], thresholds)[0]
-    summary = {"n_labelled": len(labelled), "n_particles": int(sum(len(pool[i].centres) for i in labelled)),
-               **_scores(score_picker(val_maps, val_maps, sets["val"], sets["val"], thresholds)[0], "val"), **_scores(test_rows, "test"),
-               **(_scores(score_picker(val_maps, predict(net, rest, device), sets["val"], rest, thresholds)[0], "pool") if rest else {}),
+    val = list(sets["val"])
+    val_maps = predict(net, val, device)
+    thresholds = thresholds or choose_thresholds(val_maps, val)
+    test_rows = score_picker(val_maps, predict_maps(net, sets["test"], device), val, sets["test"], thresholds)[0]
+    summary = {"n_labelled": len(labelled), "n_particles": int(sum(m["n_particles"] for m in chosen.metadata())),   # recorded when hashed: not simulated again
+               **_scores(score_picker(val_maps, val_maps, val, val, thresholds)[0], "val"), **_scores(test_rows, "test"),
+               **(_scores(score_picker(val_maps, predict_maps(net, rest, device), val, rest, thresholds)[0], "pool") if rest else {}),
                "threshold": thresholds[0], "best_epoch": run.best_epoch, "train_time_s": run.train_time_s,
                "train_hash": run.train_hash, "val_hash": run.val_hash, "test_hash": data_hash(sets["test"]), "budget_hash": run.budget_hash}
     return summary, test_rows, path
@@ -154,7 +158,7 @@ def _acquire_step(p: ALStudyParams, sets: dict, strategy: str, seed: int, round_
     model = load_checkpoint(p.train_config(seed), checkpoint, device) if strategy != "random" else None
     batch, seconds, peak_mb = measure(acquire, strategy, model, sets["pool"], labelled, counts[round_] - counts[round_ - 1],
                                       np.random.default_rng([seed, round_, 11]), p.settings(), device, seed * 1000 + round_)
-    check_disjoint([sets["pool"][i] for i in batch], {"validation": sets["val"], "test": sets["test"]})
+    check_disjoint(sets["pool"].subset(batch), {"validation": sets["val"], "test": sets["test"]})
     if set(batch) & set(labelled): raise RuntimeError(f"{strategy} chose already-labelled micrographs {sorted(set(batch) & set(labelled))}")
     return batch, seconds, peak_mb
 
@@ -233,7 +237,7 @@ def al_units(p: ALStudyParams, sets: dict, root: str | Path) -> tuple[list[Train
 class ALRun:
     "Everything the study produced."
     params: ALStudyParams
-    sets: dict[str, list[Micrograph]]
+    sets: dict[str, SimulatedMicrographs] # pool, val, test (generated on access)
     rounds: pd.DataFrame # one row per (strategy, seed, round), round 0 repeated for every strategy; the full-pool reference as round -1
     per_micrograph: pd.DataFrame # test metrics per (strategy, seed, round, micrograph)
     replay: pd.DataFrame # the original protocol and its control, per (arm, seed, round)

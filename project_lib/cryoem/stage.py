@@ -5,6 +5,7 @@
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce02
 from __future__ import annotations
 import argparse, dataclasses, json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from ..core import load_study_params, output_dir, select_device
 from ..engine import Executor, TrainingUnit, code_hash, distributed, finished_record, run_units
 from . import data as cryoem_data, models as cryoem_models, train as cryoem_train
 from .data import Micrograph, MicrographConfig
-from .train import TrainConfig, cache_micrographs, data_hash, make_split, run_record, simulate_dataset, train, write_manifest
+from .train import SimulatedMicrographs, TrainConfig, cache_micrographs, data_hash, make_split, run_record, train, write_manifest
 
 # %% auto #0
 __all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition', 'train_unit',
@@ -65,6 +66,8 @@ class CryoEMStudyParams:
     dice_weight: float
     augment: bool
     lr_schedule: str # "constant" or "cosine"
+    val_every: int # validate every k-th epoch (and the last): only validated epochs can be the best
+    val_subset: int # validate on the first n validation micrographs (0 = all); evaluation chooses the thresholds on all of them
     seeds: list[int]
     bootstrap_resamples: int
     equivalence_margin: float # ± particle F1 (and AUPRC) within which the arms are called equivalent
@@ -76,6 +79,8 @@ class CryoEMStudyParams:
         if self.reference_dose not in self.dose_levels: raise ValueError(f"reference_dose {self.reference_dose} must be one of dose_levels {self.dose_levels}")
         if self.equivalence_margin <= 0: raise ValueError(f"equivalence_margin must be positive, got {self.equivalence_margin}")
         if self.n_alt_sets < 2: raise ValueError(f"n_alt_sets must be >= 2 (the replay assigns two different sets), got {self.n_alt_sets}")
+        self.train_config("unet", 0)   # TrainConfig checks the training fields (val_every, val_subset, ...)
+        if self.val_subset > self.n_val: raise ValueError(f"val_subset ({self.val_subset}) must not exceed n_val ({self.n_val}): training validates on the first val_subset validation micrographs")
 
     def micrograph_config(self, dose_e_per_a2: float, min_separation: float | None = None) -> MicrographConfig:
         "The simulator's configuration at one dose (and crowding)."
@@ -106,8 +111,8 @@ class ConditionData:
     "One condition's micrographs: its split and, for the replay, the alternative validation sets."
     name: str
     config: MicrographConfig
-    sets: dict[str, list[Micrograph]] # train, val, test
-    alt_sets: dict[str, list[Micrograph]] # the replay's alternative validation sets (empty without replay)
+    sets: dict[str, SimulatedMicrographs] # train, val, test: generated on access, never held whole
+    alt_sets: dict[str, SimulatedMicrographs] # the replay's alternative validation sets (empty without replay)
     split: dict[str, list[int]] # ids of the train, val and test micrographs among all the condition's micrographs
     data_hash: str # `data_hash` of all the condition's micrographs, in order
 
@@ -116,20 +121,20 @@ class ConditionData:
 
 def simulate_condition(name: str, cfg: MicrographConfig, p, # study parameters (`CryoEMStudyParams`)
                        replay: bool) -> ConditionData:
-    "A condition's micrographs and split; with `replay`, also the alternative validation sets (data seed + 1)."
+    "A condition's micrographs (lazy) and split; with `replay`, also the alternative validation sets (data seed + 1). One pass hashes them all."
     n_total = p.n_train + p.n_val + p.n_test
-    micrographs = simulate_dataset(cfg, n_total, p.data_seed, None)
+    micrographs = SimulatedMicrographs(cfg, p.data_seed, range(n_total))
     split = make_split(n_total, (p.n_train / n_total, p.n_val / n_total, p.n_test / n_total), p.split_seed)
-    sets = {k: [micrographs[i] for i in split[k]] for k in ("train", "val", "test")}
-    alt = simulate_dataset(cfg, p.n_alt_val * p.n_alt_sets, p.data_seed + 1, None) if replay else []
+    sets = {k: micrographs.subset(split[k]) for k in ("train", "val", "test")}
+    alt = SimulatedMicrographs(cfg, p.data_seed + 1, range(p.n_alt_val * p.n_alt_sets))
     alt_sets = {f"alt{k}": alt[k * p.n_alt_val:(k + 1) * p.n_alt_val] for k in range(p.n_alt_sets)} if replay else {}
-    return ConditionData(name, cfg, sets, alt_sets, split, data_hash(micrographs))
+    return ConditionData(name, cfg, sets, alt_sets, split, micrographs.data_hash(*sets.values()))
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce31
 TRAINING_CODE = (cryoem_train, cryoem_models, cryoem_data, engine) # the modules a unit's training runs: a change retrains
 
-def train_unit(unit_dir: Path, device: str, config: TrainConfig, train_set: list[Micrograph], val_set: list[Micrograph],
-               extra_eval: dict[str, list[Micrograph]] | None) -> dict:
+def train_unit(unit_dir: Path, device: str, config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
+               extra_eval: dict[str, Sequence[Micrograph]] | None) -> dict:
     "Train one arm and seed of a condition into `unit_dir` (resuming its last.pt) from the condition's shared cache; its `run_record`."
     run = train(config, train_set, val_set, unit_dir, device=device, extra_eval=extra_eval, cache_dir=Path(unit_dir).parent / "cache", progress=False)
     return run_record(run, unit_dir)

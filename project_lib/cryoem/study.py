@@ -4,7 +4,8 @@
 
 # %% ../../nbs/27_cryoem_study.ipynb #c002
 from __future__ import annotations
-import dataclasses
+import dataclasses, functools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,13 +18,13 @@ from ..engine import load_units
 from .compare import paired_summary, picker_summary, verdict
 from .baselines import micrograph_ctf, oracle_probability_map, template_match_map
 from .data import Micrograph, MicrographConfig, edge_particles
-from .metrics import particle_metrics_by_image, pixel_metrics, recovered
 from .stage import ARMS, ConditionData, CryoEMStudyParams, study_units   # ARMS, CryoEMStudyParams: the study's names too
-from .train import (RunResult, TrainConfig, _picks_and_truth, cache_micrographs, check_comparable, choose_thresholds, load_best, predict,
-                                      run_from_record, score_picker, select_pixel_threshold, select_threshold, train, write_manifest)
+from .train import (PREDICT_BATCH, RunResult, TrainConfig, _truth, cache_micrographs, check_comparable, choose_thresholds, load_best,
+                                      predict_maps, run_from_record, score_micrograph, train, write_manifest)
 
 # %% auto #0
-__all__ = ['BASELINES', 'train_arms', 'ConditionRun', 'score_condition', 'evaluate_study', 'condition_table', 'plot_difficulty']
+__all__ = ['BASELINES', 'train_arms', 'ConditionRun', 'picker_maps', 'score_condition', 'evaluate_study', 'condition_table',
+           'plot_difficulty']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
 def _train_one(config: TrainConfig, train_set, val_set, out_dir: Path, device: str, extra_eval, cache_dir: Path, threads: int):
@@ -53,38 +54,51 @@ BASELINES = ("template_matching", "oracle")
 
 @dataclasses.dataclass
 class ConditionRun:
-    "Everything one condition produced."
+    "Everything one condition produced (no score map: each is dropped once scored)."
     name: str
     config: MicrographConfig
-    sets: dict[str, list[Micrograph]] # train, val, test
-    alt_sets: dict[str, list[Micrograph]] # the replay's alternative validation sets (empty without replay)
+    sets: dict[str, Sequence[Micrograph]] # train, val, test (generated on access)
+    alt_sets: dict[str, Sequence[Micrograph]] # the replay's alternative validation sets (empty without replay)
     split_hash: str
     runs: dict[tuple[str, int], RunResult]
     per_micrograph: pd.DataFrame # condition, model, seed, micrograph and the metrics of `score_picker`
     thresholds: dict[tuple[str, int], float] # validation-chosen picking threshold of every picker
-    test_maps: dict[tuple[str, int], np.ndarray] # score maps of the test set (figures)
+    test_picks: dict[tuple[str, int], pd.DataFrame] # every picker's picks on the test set at every score, with their image (figures)
+    test_truth: pd.DataFrame # the test set's true centres and radii, with their image (figures)
+    test_mean_probability: dict[tuple[str, int], float] # mean of every picker's test maps (accumulated in float64)
+
+def picker_maps(d: ConditionData, runs: dict[tuple[str, int], RunResult], templates: list[np.ndarray],
+                device: str = "cpu") -> dict[tuple[str, int], Callable[[Sequence[Micrograph]], Iterator[np.ndarray]]]:
+    "Every picker of a condition as a function from micrographs to their score maps, made one by one: each run's best checkpoint, template matching, the oracle."
+    cfg = d.config
+    makers = {key: functools.partial(predict_maps, load_best(r, device), device=device) for key, r in runs.items()}
+    makers[("template_matching", 0)] = lambda mics: (template_match_map(m.image, templates, micrograph_ctf(m, cfg), cfg.pixel_size_a) for m in mics)
+    makers[("oracle", 0)] = lambda mics: (oracle_probability_map(m) for m in mics)
+    return makers
 
 def score_condition(d: ConditionData, # the condition's micrographs (`cryoem.stage.simulate_condition`)
                     runs: dict[tuple[str, int], RunResult], # {(model, seed): run}, seeds then arms
                     split_hash: str, # of the split manifest the runs trained on
                     templates: list[np.ndarray], # template bank at the condition's pixel size
                     device: str = "cpu") -> ConditionRun:
-    "Check that the arms are comparable, then score every run's best checkpoint, template matching and the oracle on the test set."
-    seeds, sets, cfg = list(dict.fromkeys(s for _, s in runs)), d.sets, d.config
+    """Check that the arms are comparable, then score every run's best checkpoint, template matching and the oracle on the test set.
+    Holds the validation micrographs and one picker's validation maps (for its thresholds), then one batch of test micrographs and their maps."""
+    seeds = list(dict.fromkeys(s for _, s in runs))
     check_comparable([runs[(ARMS[0], s)] for s in seeds], [runs[(ARMS[1], s)] for s in seeds])
-    maps = {}
-    for key, r in runs.items():
-        net = load_best(r, device)
-        maps[key] = (predict(net, sets["val"], device), predict(net, sets["test"], device))
-    tm = lambda mics: np.stack([template_match_map(m.image, templates, micrograph_ctf(m, cfg), cfg.pixel_size_a) for m in mics])
-    maps[("template_matching", 0)] = (tm(sets["val"]), tm(sets["test"]))
-    maps[("oracle", 0)] = tuple(np.stack([oracle_probability_map(m) for m in sets[k]]) for k in ("val", "test"))
-    rows, thresholds = [], {}
-    for (model, seed), (val_maps, test_maps) in maps.items():
-        scored, thresholds[(model, seed)] = score_picker(val_maps, test_maps, sets["val"], sets["test"])
-        rows.append(scored.assign(condition=d.name, model=model, seed=seed))
-    return ConditionRun(d.name, cfg, sets, d.alt_sets, split_hash, runs, pd.concat(rows, ignore_index=True), thresholds,
-                        {k: v[1] for k, v in maps.items()})
+    makers, val, test = picker_maps(d, runs, templates, device), list(d.sets["val"]), d.sets["test"]
+    thresholds = {key: choose_thresholds(np.stack(list(maps(val))), val) for key, maps in makers.items()}
+    rows, picks, truth, total = {k: [] for k in makers}, {k: [] for k in makers}, [], dict.fromkeys(makers, 0.0)
+    for start in range(0, len(test), PREDICT_BATCH):   # the test set streamed once, in `predict`'s batches (the same maps)
+        batch = list(test[start:start + PREDICT_BATCH])
+        truth += [_truth(m, start + j) for j, m in enumerate(batch)]
+        for key, maps in makers.items():
+            for j, (prob, m) in enumerate(zip(maps(batch), batch, strict=True)):
+                row, pk = score_micrograph(prob, m, start + j, thresholds[key])
+                rows[key].append(row); picks[key].append(pk); total[key] += float(np.sum(prob, dtype=np.float64))
+    per_mic = pd.concat([pd.DataFrame(rows[k]).assign(condition=d.name, model=k[0], seed=k[1]) for k in makers], ignore_index=True)
+    pixels = len(test) * d.config.size_px ** 2
+    return ConditionRun(d.name, d.config, d.sets, d.alt_sets, split_hash, runs, per_mic, {k: t[0] for k, t in thresholds.items()},
+                        {k: pd.concat(v) for k, v in picks.items()}, pd.concat(truth), {k: t / pixels for k, t in total.items()})
 
 def evaluate_study(p: CryoEMStudyParams,
                    runs_root: str | Path, # the training stage's runs folder

@@ -4,8 +4,9 @@
 
 # %% ../../nbs/23_cryoem_train.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, math, json, shutil, tempfile
-from collections.abc import Sequence
+import copy, dataclasses, hashlib, math, json, numbers, shutil, tempfile
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ from .metrics import extract_picks, match_picks, particle_metrics, particle_metr
 from .models import AttentionUNet, UNet
 
 # %% auto #0
-__all__ = ['simulate_dataset', 'data_hash', 'make_split', 'write_manifest', 'cache_micrographs', 'TrainConfig', 'epoch_lr',
-           'budget_hash', 'build_model', 'focal_dice_loss', 'probabilities', 'predict', 'select_threshold',
-           'select_pixel_threshold', 'choose_thresholds', 'score_picker', 'RunResult', 'train', 'load_checkpoint',
+__all__ = ['PREDICT_BATCH', 'simulate_dataset', 'data_hash', 'SimulatedMicrographs', 'make_split', 'write_manifest',
+           'cache_micrographs', 'TrainConfig', 'validated_epochs', 'epoch_lr', 'budget_hash', 'build_model',
+           'focal_dice_loss', 'probabilities', 'predict_maps', 'predict', 'select_threshold', 'select_pixel_threshold',
+           'choose_thresholds', 'score_micrograph', 'score_picker', 'RunResult', 'train', 'load_checkpoint',
            'load_best', 'check_comparable', 'run_record', 'run_from_record']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
@@ -37,15 +39,95 @@ def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
 def _canonical_json(obj) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), default=lambda o: np.asarray(o).tolist())
 
+def _hash_update(h, m: Micrograph):
+    "Feed one micrograph to a SHA-256: its image (as float32), centres, per-particle and nominal diameters and metadata."
+    image = np.ascontiguousarray(m.image, np.float32)
+    h.update(repr(image.shape).encode()); h.update(image.tobytes())
+    h.update(_canonical_json({"centres": np.asarray(m.centres, float).tolist(), "diameters_px": np.asarray(m.diameters_px, float).tolist(),
+                              "diameter_px": float(m.diameter_px), "metadata": m.metadata}).encode())
+
 def data_hash(micrographs: Sequence[Micrograph]) -> str:
-    "SHA-256 (16 hex digits) of images (as float32), centres, per-particle and nominal diameters and metadata, in order."
+    "SHA-256 (16 hex digits) of images (as float32), centres, per-particle and nominal diameters and metadata, in order (streamed: one micrograph at a time)."
+    if isinstance(micrographs, SimulatedMicrographs): return micrographs.data_hash()
     h = hashlib.sha256()
-    for m in micrographs:
-        image = np.ascontiguousarray(m.image, np.float32)
-        h.update(repr(image.shape).encode()); h.update(image.tobytes())
-        h.update(_canonical_json({"centres": np.asarray(m.centres, float).tolist(), "diameters_px": np.asarray(m.diameters_px, float).tolist(),
-                                  "diameter_px": float(m.diameter_px), "metadata": m.metadata}).encode())
+    for m in micrographs: _hash_update(h, m)
     return h.hexdigest()[:16]
+
+class _Shared:
+    "What a `SimulatedMicrographs` shares with the subsets taken of it: the recently used micrographs (never pickled), the data hashes and metadata already computed."
+    def __init__(self, capacity: int):
+        self.capacity, self.recent, self.hashes, self.metadata = capacity, OrderedDict(), {}, {}
+    def __getstate__(self): return {**self.__dict__, "recent": OrderedDict()}
+
+def _check_int(name: str, value, minimum: int) -> int:
+    "`value` as an int, or a ValueError naming `name` if it is not an integer (bools are not) or is below `minimum`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral): raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum: raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+class SimulatedMicrographs(Sequence):
+    "Micrographs simulated on access: item k is `simulate_dataset(cfg, n, seed, structures)[ids[k]]` (any n > ids[k]); at most `cache` of them in memory."
+    def __init__(self, cfg: MicrographConfig, seed: int,
+                 ids: Sequence[int], # positions in the seed's stream of micrographs, e.g. range(n)
+                 structures=None, # passed to `simulate_micrograph`, as by `simulate_dataset`
+                 cache: int = 8, # micrographs kept in memory, the least recently used dropped first (one store for this sequence and its subsets)
+                ):
+        if not isinstance(cfg, MicrographConfig): raise ValueError(f"cfg must be a MicrographConfig, got {type(cfg).__name__}")
+        self.cfg, self.seed, self.structures = cfg, _check_int("seed", seed, 0), structures
+        self.ids = tuple(_check_int("ids", i, 0) for i in ids)
+        self._shared = _Shared(_check_int("cache", cache, 0))
+
+    def _view(self, ids: tuple[int, ...]) -> SimulatedMicrographs:
+        "The micrographs `ids` of the same stream, sharing this sequence's store."
+        view = copy.copy(self)
+        view.ids = ids
+        return view
+
+    def _micrograph(self, i: int) -> Micrograph:
+        "Micrograph i of the stream: from memory if recently used, else simulated from the i-th child seed."
+        s = self._shared
+        if i in s.recent:
+            s.recent.move_to_end(i)
+            return s.recent[i]
+        m = simulate_micrograph(self.cfg, np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(i,))), self.structures)
+        s.metadata[i] = m.metadata
+        if s.capacity:
+            s.recent[i] = m
+            if len(s.recent) > s.capacity: s.recent.popitem(last=False)
+        return m
+
+    def __len__(self) -> int: return len(self.ids)
+    def __iter__(self): return (self._micrograph(i) for i in self.ids)
+    def __repr__(self) -> str: return f"SimulatedMicrographs({len(self)} micrographs of {self.cfg.size_px}² px, seed {self.seed}, at most {self._shared.capacity} in memory)"
+
+    def __getitem__(self, k):
+        if isinstance(k, slice): return self._view(self.ids[k])
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral): raise TypeError(f"indices must be integers or slices (or use .subset), got {type(k).__name__}")
+        if not -len(self) <= k < len(self): raise IndexError(f"micrograph {k} is out of range: {len(self)} micrographs")
+        return self._micrograph(self.ids[k])
+
+    def subset(self, positions: Sequence[int]) -> SimulatedMicrographs:
+        "The micrographs at `positions` of this sequence (in that order), generated on access like it."
+        return self._view(tuple(self.ids[_check_int("positions", k, -len(self))] for k in positions))
+
+    def metadata(self) -> list[dict]:
+        "Every micrograph's metadata, in order: kept when it was generated (a few kB each), generated again only if it never was."
+        return [self._shared.metadata[i] if i in self._shared.metadata else self._micrograph(i).metadata for i in self.ids]
+
+    def data_hash(self, *parts: SimulatedMicrographs) -> str:
+        "`data_hash` of this sequence, computed once; `parts` (subsets of it, in its order) and each micrograph get theirs in the same pass."
+        s = self._shared
+        if any(p._shared is not s for p in parts): raise ValueError("parts must be subsets taken of this sequence")
+        missing = [p for p in (self, *parts) if p.ids not in s.hashes]
+        if missing:
+            hashers, done = [hashlib.sha256() for _ in missing], [0] * len(missing)
+            for i, m in zip(self.ids, self):
+                one = hashlib.sha256(); _hash_update(one, m); s.hashes[(i,)] = one.hexdigest()[:16]
+                for j, p in enumerate(missing):
+                    if done[j] < len(p.ids) and p.ids[done[j]] == i: _hash_update(hashers[j], m); done[j] += 1
+            if any(n != len(p.ids) for n, p in zip(done, missing)): raise ValueError("parts must hold their micrographs in this sequence's order")
+            s.hashes.update({p.ids: h.hexdigest()[:16] for p, h in zip(missing, hashers)})
+        return s.hashes[self.ids]
 
 def make_split(n: int, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[int]]:
     "Random train/val/test partition of ids 0..n-1."
@@ -120,6 +202,8 @@ class TrainConfig:
     dropout: float = 0.0 # Dropout2d on the bottleneck (MC dropout); 0 = none, the comparison's network
     crop_px: int = 0 # 0: train on whole micrographs; n > 0: on random n x n crops (a multiple of 16; cheaper steps, evaluation stays whole)
     samples_per_epoch: int = 0 # 0: an epoch is one pass over the training set; n > 0: n samples whatever the set's size (a budget fixed in steps)
+    val_every: int = 1 # validate after every k-th epoch (and the last); only validated epochs can be the best
+    val_subset: int = 0 # validate on the first n validation micrographs (held in memory while training); 0 = all of them
     seed: int = 0
 
     def __post_init__(self):
@@ -129,6 +213,11 @@ class TrainConfig:
         if self.crop_px < 0 or self.crop_px % 16: raise ValueError(f"crop_px must be 0 or a positive multiple of 16, got {self.crop_px}")
         if self.samples_per_epoch < 0: raise ValueError(f"samples_per_epoch must be >= 0, got {self.samples_per_epoch}")
         if self.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        _check_int("val_every", self.val_every, 1); _check_int("val_subset", self.val_subset, 0)
+
+def validated_epochs(config: TrainConfig) -> list[int]:
+    "The (1-based) epochs after which a training validates: every `val_every`-th, and the last."
+    return [e for e in range(1, config.epochs + 1) if e % config.val_every == 0 or e == config.epochs]
 
 def epoch_lr(config: TrainConfig, epoch: int, # 0-based
             ) -> float:
@@ -171,17 +260,30 @@ def probabilities(model: nn.Module, # maps (B, 1, H, W) to logits of the same sh
     if logits.shape != x.shape: raise ValueError(f"model must return logits of the input's shape {tuple(x.shape)}, got {tuple(logits.shape)}")
     return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 
-def predict(model: nn.Module, micrographs: Sequence[Micrograph], device: str = "cpu", batch_size: int = 8) -> np.ndarray:
+PREDICT_BATCH = 8 # micrographs per forward pass of prediction (a map's last bits may depend on its batch: streamed scoring uses the same batches)
+
+def predict_maps(model: nn.Module, micrographs: Sequence[Micrograph], device: str = "cpu", batch_size: int = PREDICT_BATCH) -> Iterator[np.ndarray]:
+    "Particle probability maps (H, W), one per micrograph in order, computed batch by batch when needed (a consumer that drops them holds one batch)."
+    for i in range(0, len(micrographs), batch_size):
+        yield from probabilities(model, torch.from_numpy(np.stack([np.asarray(m.image, np.float32) for m in micrographs[i:i + batch_size]]))[:, None], device)
+
+def predict(model: nn.Module, micrographs: Sequence[Micrograph], device: str = "cpu", batch_size: int = PREDICT_BATCH) -> np.ndarray:
     "Particle probability maps (n, H, W), computed batch by batch."
-    batches = (np.stack([np.asarray(m.image, np.float32) for m in micrographs[i:i + batch_size]]) for i in range(0, len(micrographs), batch_size))
-    return np.concatenate([probabilities(model, torch.from_numpy(x)[:, None], device) for x in batches])
+    return np.stack(list(predict_maps(model, micrographs, device, batch_size)))
+
+def _picks(prob: np.ndarray, m: Micrograph, i: int) -> pd.DataFrame:
+    "Picks (x, y, score, diameter, image) of micrograph `i`'s map."
+    return extract_picks(prob, m.diameter_px).assign(image=i)
+
+def _truth(m: Micrograph, i: int) -> pd.DataFrame:
+    "True centres (x, y, radius: half the particle's own diameter, image) of micrograph `i`."
+    xy = np.asarray(m.centres, float).reshape(-1, 2)
+    return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "radius": np.asarray(m.diameters_px, float) / 2, "image": i})
 
 def _picks_and_truth(probs, micrographs):
     "Picks (x, y, score, image) and true centres (x, y, radius: half the particle's own diameter, image)."
-    picks = pd.concat([extract_picks(p, m.diameter_px).assign(image=i) for i, (p, m) in enumerate(zip(probs, micrographs))])
-    truth = pd.concat([pd.DataFrame({"x": np.asarray(m.centres, float).reshape(-1, 2)[:, 0], "y": np.asarray(m.centres, float).reshape(-1, 2)[:, 1],
-                                     "radius": np.asarray(m.diameters_px, float) / 2, "image": i}) for i, m in enumerate(micrographs)])
-    return picks, truth
+    return (pd.concat([_picks(p, m, i) for i, (p, m) in enumerate(zip(probs, micrographs))]),
+            pd.concat([_truth(m, i) for i, m in enumerate(micrographs)]))
 
 def _quantile_candidates(values, levels: int) -> np.ndarray:
     "The distinct `levels`-quantiles of `values`: thresholds spread over the range the values take (0.5 if there are none: any threshold then scores 0)."
@@ -214,29 +316,36 @@ def select_pixel_threshold(probs: np.ndarray, micrographs: Sequence[Micrograph],
     return float(candidates[int(np.argmax(2 * tp / np.maximum(tp + fp + len(pos), 1)))])   # F1 = 2TP / (2TP + FP + FN)
 
 # %% ../../nbs/23_cryoem_train.ipynb #c047
-def choose_thresholds(val_maps: np.ndarray, val_set: list[Micrograph]) -> tuple[float, float]:
+def choose_thresholds(val_maps: np.ndarray, val_set: Sequence[Micrograph]) -> tuple[float, float]:
     "(picking threshold maximising particle F1, pixel threshold maximising pixel F1) on the validation micrographs."
     return select_threshold(val_maps, val_set)[0], select_pixel_threshold(val_maps, val_set)
 
-def score_picker(val_maps: np.ndarray, test_maps: np.ndarray, # (n, H, W) score maps in [0, 1]
-                 val_set: list[Micrograph], test_set: list[Micrograph],
+def score_micrograph(prob: np.ndarray, # (H, W) score map in [0, 1]
+                     m: Micrograph, i: int, # the test micrograph and its number
+                     thresholds: tuple[float, float], # (picking, pixel), chosen on validation
+                    ) -> tuple[dict, pd.DataFrame]: # (its row of `score_picker`, its picks at every score)
+    "One test micrograph's particle and pixel metrics at the validation-chosen thresholds."
+    threshold, pixel_threshold = thresholds
+    picks = _picks(prob, m, i)
+    rows = particle_metrics_by_image(picks, _truth(m, i), 0.0, threshold).set_index("image")
+    kept = picks[picks.score >= threshold][["x", "y"]].to_numpy()
+    found, edge = recovered(kept, m.centres, np.asarray(m.diameters_px, float) / 2), edge_particles(m)
+    px = pixel_metrics(prob, m.mask, pixel_threshold)
+    return ({"micrograph": i, **{f"particle_{k}": rows.loc[i, k] for k in ("precision", "recall", "f1", "auprc")},
+             "n_true": int(rows.loc[i, "n_true"]), "n_picked": int(rows.loc[i, "n_kept"]),
+             "edge_found": int(found[edge].sum()), "edge_total": int(edge.sum()),
+             "interior_found": int(found[~edge].sum()), "interior_total": int((~edge).sum()),
+             "pixel_f1": px["f1"], "pixel_roc_auc": px["roc_auc"]}, picks)
+
+def score_picker(val_maps: np.ndarray, # (n, H, W) score maps in [0, 1] of the validation micrographs
+                 test_maps: Iterable[np.ndarray], # one (H, W) map per test micrograph: an array, or maps made one by one (`predict_maps`), each dropped once scored
+                 val_set: Sequence[Micrograph], test_set: Sequence[Micrograph],
                  thresholds: tuple[float, float] | None = None, # (picking, pixel), e.g. from `choose_thresholds`; default: chosen here
                 ) -> tuple[pd.DataFrame, float]: # (one row per test micrograph, the picking threshold)
     "Per-test-micrograph particle and pixel metrics at thresholds chosen on validation."
-    threshold, pixel_threshold = thresholds if thresholds is not None else choose_thresholds(val_maps, val_set)
-    picks, truth = _picks_and_truth(test_maps, test_set)
-    rows = particle_metrics_by_image(picks, truth, 0.0, threshold).set_index("image")
-    out = []
-    for i, m in enumerate(test_set):
-        kept = picks[(picks.image == i) & (picks.score >= threshold)][["x", "y"]].to_numpy()
-        found, edge = recovered(kept, m.centres, np.asarray(m.diameters_px, float) / 2), edge_particles(m)
-        px = pixel_metrics(test_maps[i], m.mask, pixel_threshold)
-        out.append({"micrograph": i, **{f"particle_{k}": rows.loc[i, k] for k in ("precision", "recall", "f1", "auprc")},
-                    "n_true": int(rows.loc[i, "n_true"]), "n_picked": int(rows.loc[i, "n_kept"]),
-                    "edge_found": int(found[edge].sum()), "edge_total": int(edge.sum()),
-                    "interior_found": int(found[~edge].sum()), "interior_total": int((~edge).sum()),
-                    "pixel_f1": px["f1"], "pixel_roc_auc": px["roc_auc"]})
-    return pd.DataFrame(out), threshold
+    thresholds = thresholds if thresholds is not None else choose_thresholds(val_maps, val_set)
+    rows = [score_micrograph(prob, m, i, thresholds)[0] for i, (prob, m) in enumerate(zip(test_maps, test_set, strict=True))]
+    return pd.DataFrame(rows), thresholds[0]
 
 # %% ../../nbs/23_cryoem_train.ipynb #c013
 @dataclasses.dataclass
@@ -274,7 +383,7 @@ def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
 def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
           out_dir: str | Path, # checkpoints go here; an existing last.pt of the same config and data is resumed
           *, device: str | None = None, # default: CUDA when present
-          extra_eval: dict[str, Sequence[Micrograph]] | None = None, # other sets scored every epoch (e.g. the flawed protocol's)
+          extra_eval: dict[str, Sequence[Micrograph]] | None = None, # other sets scored at every validated epoch (e.g. the flawed protocol's)
           cache_dir: str | Path | None = None, # on-disk cache of the training set (default out_dir/cache); share it between arms
           init_from: str | Path | None = None, # warm start: the weights of this checkpoint instead of a fresh initialisation
           progress: bool = True) -> RunResult:
@@ -298,14 +407,24 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
         if config.augment: xb, yb = _augment(xb, yb, gen)
         return focal_dice_loss(net(xb.to(device, memory_format=torch.channels_last)).float(), yb.to(device), config)
 
+    # validation data (the first `val_subset`, or all if fewer) are held in memory while training; predictions run on the training device
+    val, extra = ((list(val_set[:config.val_subset or len(val_set)]), {k: list(v) for k, v in (extra_eval or {}).items()}) if rank == 0
+                  else ([], {}))   # rank 0 validates
+    validated, clock = set(validated_epochs(config)), {"epoch": 0}
+
+    def lr_at(epoch):   # the engine sets each epoch's rate as the epoch starts: `evaluate`, after it, scores that epoch
+        clock["epoch"] = epoch + 1
+        return epoch_lr(config, epoch)
+
     def evaluate(m):
-        row = dict(zip(("val_threshold", "val_f1"), select_threshold(predict(m, val_set, device), val_set)))
-        for name, mics in (extra_eval or {}).items():
+        if clock["epoch"] not in validated: return {"val_threshold": float("nan"), "val_f1": float("nan")}   # NaN: never the best epoch
+        row = dict(zip(("val_threshold", "val_f1"), select_threshold(predict(m, val, device), val)))
+        for name, mics in extra.items():
             row.update({f"{name}_{k}": v for k, v in _fixed_threshold_scores(predict(m, mics, device), mics).items()})
         return row
 
     run = fit(model, torch.optim.Adam(model.parameters(), lr=config.lr), batch_loss, n_train=len(train_set), epochs=config.epochs,
-              batch_size=config.batch_size, seed=config.seed, lr_at=lambda e: epoch_lr(config, e), evaluate=evaluate, select="val_f1",
+              batch_size=config.batch_size, seed=config.seed, lr_at=lr_at, evaluate=evaluate, select="val_f1",
               out_dir=out_dir, identity=identity, device=device, rank=rank, world=world, samples_per_epoch=config.samples_per_epoch,
               desc=f"{config.model} seed {config.seed}", progress=progress)
     best_row = run.history.set_index("epoch").loc[run.best_epoch]

@@ -17,19 +17,19 @@ from .data import SynapseCube, prepare_cube
 from .model import VGG3D, VGG3DStageExtractor
 from .stats import (adjusted_rand, ari_permutation_test, balanced_axon_folds, grouped_probe_accuracy, holm, kmeans_labels,
                                        paired_comparison, same_axon_retrieval)
-from .train import predict, prepared_inputs
+from .train import InputRows, predict, prepared_inputs
 from .units import SynapseStudyParams   # its parameters (kept importable from here)
 
 # %% auto #0
-__all__ = ['ORACLE_TRAITS', 'network_features', 'oracle_features', 'handcrafted_matrix', 'score_set', 'permutation_table',
-           'comparison_table', 'localisation_table', 'fit_probe', 'one_per_axon']
+__all__ = ['ORACLE_TRAITS', 'network_features', 'oracle_features', 'handcrafted_matrix', 'streamed_features', 'score_set',
+           'permutation_table', 'comparison_table', 'localisation_table', 'fit_probe', 'one_per_axon']
 
 # %% ../../nbs/36_synapse_study.ipynb #c007
 ORACLE_TRAITS = ("vesicle_diameter_nm", "vesicle_aspect", "vesicle_count", "vesicle_packing", "docked_count", "dense_core_count",
                  "psd_thickness_nm", "cleft_radius_nm", "bouton_radius_nm", "spine", "mitochondrion", "perforated")
 
-def network_features(model: VGG3D, inputs: torch.Tensor, layers: Sequence[int], batch_size: int, device: str = "cpu") -> dict[int, np.ndarray]:
-    "{layer: (n, C) pooled output} for the requested `features` indices (33 = the standard features), one pass per batch."
+def network_features(model: VGG3D, inputs: torch.Tensor | InputRows, layers: Sequence[int], batch_size: int, device: str = "cpu") -> dict[int, np.ndarray]:
+    "{layer: (n, C) pooled output} for the requested `features` indices (33 = the standard features), one pass per batch (an `InputRows` is read a batch at a time)."
     extractor, layers = VGG3DStageExtractor(model.to(device).eval()), sorted(set(layers))
     chunks = {n: [] for n in layers}
     with torch.no_grad():
@@ -46,6 +46,23 @@ def oracle_features(metadata: pd.DataFrame) -> np.ndarray:
 def handcrafted_matrix(cubes: Sequence[SynapseCube], seg_type: int, alpha: float, voxel_nm: float) -> np.ndarray:
     "Hand-crafted image statistics of every cube, one row each."
     return np.array([list(handcrafted_features(prepare_cube(c, seg_type, alpha), voxel_nm).values()) for c in cubes])
+
+# %% ../../nbs/36_synapse_study.ipynb #c008b
+def streamed_features(cubes: Sequence[SynapseCube], # a lazy dataset (e.g. `SyntheticSynapses`): a cube is rendered when indexed
+                      features_of: Callable[[list[SynapseCube]], dict[str, np.ndarray]], # a batch of cubes -> {name: (b, d) features}
+                      batch_size: int) -> dict[str, np.ndarray]:
+    "{name: (n, d)} of `features_of` over consecutive batches of `batch_size` cubes, each batch rendered and dropped in turn: memory holds one batch of cubes, whatever the set's size."
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not len(cubes): raise ValueError("cubes is empty")
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(cubes), batch_size):
+        batch = [cubes[i] for i in range(start, min(start + batch_size, len(cubes)))]
+        got = features_of(batch)
+        if chunks and list(got) != list(chunks): raise ValueError(f"features_of must return the same names for every batch: {list(chunks)}, then {list(got)}")
+        for name, f in got.items():
+            if len(f) != len(batch): raise ValueError(f"features_of gave {len(f)} rows of {name!r} for a batch of {len(batch)} cubes")
+            chunks.setdefault(name, []).append(np.asarray(f))
+    return {name: np.concatenate(c) for name, c in chunks.items()}
 
 # %% ../../nbs/36_synapse_study.ipynb #c010
 def score_set(x: np.ndarray, metadata: pd.DataFrame, n_clusters: int, seed: int) -> tuple[dict, np.ndarray]:

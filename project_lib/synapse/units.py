@@ -96,7 +96,7 @@ class SynapseStudyParams:
         return self.train_seeds[set_index % len(self.train_seeds)]
 
 # %% ../../nbs/37_synapse_units.ipynb #c031
-def training_units(p: SynapseStudyParams, data: dict, # `p.pretraining_set().load()`
+def training_units(p: SynapseStudyParams, data: dict, # `p.pretraining_set().load(cache_dir)` (or `.load()`: the same hashes)
                   ) -> list[engine.TrainingUnit]:
     "The study's trainings: `contrastive-s<seed>` for every training seed, then `proxy` (seeded by the first)."
     spec, code = p.pretraining_set(), code_hash(engine, synapse_data, synapse_model, synapse_train)
