@@ -93,7 +93,7 @@ def test_cryoem_paper_plan_holds_for_measured_steps_and_validation(tmp_path):
     validation_s = time.perf_counter() - t0 - run.train_time_s
     step_s, planned_step_s = run.train_time_s / 2, planned.step_s / p.batch_size
     assert planned_step_s / 1.5 <= step_s <= planned_step_s * 1.5, (step_s, planned_step_s)
-    planned_validation_s = planned.validation_s / p.n_val
+    planned_validation_s = planned.validation_s / (p.val_subset or p.n_val)   # a validation pass covers val_subset micrographs
     assert validation_s <= planned_validation_s * 1.5 + 5, (validation_s, planned_validation_s)   # + cache writing and set-up
     checkpoints_gb = sum(f.stat().st_size for f in (tmp_path / "run").glob("*.pt")) / 1e9
     n_params = sum(t.numel() for t in build_picker(config).parameters())
