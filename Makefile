@@ -52,7 +52,7 @@ test: data
 	@if [ -n "$$(git status --porcelain -- project_lib)" ]; then \
 	  echo "project_lib/ is out of sync with nbs/: run nbdev_export and commit"; \
 	  git status --porcelain -- project_lib; exit 1; fi
-	pytest
+	pytest -n 2
 	nbdev_test --n_workers 2
 
 lab: venv
