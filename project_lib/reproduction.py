@@ -186,13 +186,14 @@ def _html_table(record: dict) -> str:
 
 def write_reproduction_page(table: list[dict], # `reproduction_table` records
                             path: str | Path, # the page to write, e.g. reports/reproduction.html
+                            intro: str | None = None, # a first paragraph saying what the two runs are (e.g. how the reference run differs)
                            ) -> Path:
     "Write the reproduction check as a self-contained HTML page (atomically): per study its commits, machines, table and summary."
     esc = html.escape
     sections = "".join(f'<section id="{esc(r["report"])}"><h2>{esc(r["report"])}</h2>\n<p class="meta">{esc(_heading(r))}</p>\n'
                        f'{_html_table(r)}<p><b>{esc(study_summary(r))}</b></p></section>\n' for r in table)
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Reproduction check</title>\n'
-            f'<style>{_PAGE_STYLE}</style></head><body>\n<h1>Reproduction check</h1>\n'
+            f'<style>{_PAGE_STYLE}</style></head><body>\n<h1>Reproduction check</h1>\n' + (f'<p><b>{esc(intro)}</b></p>\n' if intro else '') +
             '<p>The numbers of the regenerated reports beside those of the committed ones. <b>Identical</b>: exactly the committed '
             'value; <b>within the stated uncertainty</b>: inside the committed 95 % interval; <b>outside it</b>: outside that interval, '
             'or changed where no interval was stated (counts, yes/no answers), or present in one run only. Written by '
@@ -213,13 +214,14 @@ def main(argv: list[str] | None = None):
         p.add_argument("--rev", default="HEAD", help="the commit whose reports to compare with (default HEAD)")
         p.add_argument("--against", type=Path, help="compare with this folder of reports instead (e.g. a run on another machine or with other kernels)")
         p.add_argument("--out", type=Path, help="the page to write (default: reports_dir/reproduction.html)")
+        p.add_argument("--intro", help="a first paragraph for the page: what the two runs are")
     args = parser.parse_args(argv)
     try: table = reproduction_table(args.reports_dir, args.rev, args.against)
     except NothingCommitted as e:
         if args.command == "check": parser.exit(2, f"cannot check: {e}\n")
         print(f"no reproduction check: {e}"); return
     print(format_table(table))
-    print(write_reproduction_page(table, args.out or args.reports_dir / "reproduction.html"))
+    print(write_reproduction_page(table, args.out or args.reports_dir / "reproduction.html", args.intro))
     if args.command == "check" and any(failed(r) for r in table): sys.exit(1)
 
 # %% ../nbs/03_reproduction.ipynb #c017
