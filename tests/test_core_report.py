@@ -10,7 +10,7 @@ import pytest
 from project_lib.core import (PROFILES, load_study_params, output_dir, params_hash, read_params, select_device,
                               start_provenance, validate_section)
 from project_lib.mfn.analysis import MFNStudyParams
-from project_lib.report import (answer_values, check_index, external_references, fill_answer, index_page, render_index, render_report, save_figure,
+from project_lib.report import (_CHECK_PAGES, answer_values, check_index, external_references, fill_answer, index_page, render_index, render_report, save_figure,
                                 verdict_words, write_headline,
                                 write_metrics)
 
@@ -201,7 +201,7 @@ def test_render_refuses_a_corrupt_notebook(tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
-NOT_STUDY_REPORTS = ("index.html", "reproduction.html")      # the front page and the reproduction check (make repro)
+NOT_STUDY_REPORTS = ("index.html", *_CHECK_PAGES)      # the front page and the reproduction checks' pages (make repro)
 
 
 def test_committed_reports_are_offline_and_indexed():
