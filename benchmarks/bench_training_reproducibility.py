@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from project_lib.cryoem.train import load_best, run_from_record
+from timing import MACHINE_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "this machine (reference)": {},
     "this machine, again": {},
     "2 threads instead of 1": {"BENCH_THREADS": "2"},
-    "AVX2 kernels (torch, oneDNN, MKL)": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "scalar / SSE4.1 kernels": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    **MACHINE_VARIANTS,
 }
 TRAIN = """
 import sys, json, torch

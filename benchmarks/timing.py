@@ -32,3 +32,10 @@ def peak_rss_mb():
     """This process's peak RSS (VmHWM, MB; Linux). Unlike `resource.getrusage(RUSAGE_SELF).ru_maxrss`, it counts only this
     process's own memory: a child started by subprocess (vfork + exec) reports in ru_maxrss at least its parent's peak."""
     return _status_mb("VmHWM")
+
+
+# Kernel switches that imitate another CPU on this one (what an AVX2-only or an older x86-64 machine runs).
+MACHINE_VARIANTS = {
+    "AVX2 kernels (torch, oneDNN, MKL)": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "scalar / SSE4.1 kernels": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, json, os, platform, random, subprocess, sys, tempfile, time, types, typing
+import dataclasses, hashlib, json, math, os, platform, random, subprocess, sys, tempfile, time, types, typing
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -16,12 +17,12 @@ import yaml
 import project_lib
 
 # %% auto #0
-__all__ = ['PROFILES', 'GENERATED_PATHS', 'project_root', 'atomic_write_bytes', 'atomic_write_text', 'validate_section',
-           'read_params', 'resolve_profile', 'load_study_params', 'to_jsonable', 'params_hash', 'file_sha256',
-           'seed_everything', 'select_device', 'output_dir', 'run_git', 'git_state', 'committed_text',
-           'package_versions', 'isa_level', 'cpu_kind', 'describe_cpu', 'machine_label', 'same_machine_kind',
-           'is_x86_64', 'numerics', 'require_portable', 'Provenance', 'start_provenance', 'mean_ci',
-           'summarise_over_seeds']
+__all__ = ['PROFILES', 'GENERATED_PATHS', 'project_root', 'atomic_write_bytes', 'atomic_write_text', 'NpyRowWriter', 'npy_layout',
+           'read_npy_rows', 'validate_section', 'read_params', 'resolve_profile', 'load_study_params', 'to_jsonable',
+           'params_hash', 'file_sha256', 'seed_everything', 'select_device', 'output_dir', 'run_git', 'git_state',
+           'committed_text', 'package_versions', 'isa_level', 'cpu_kind', 'describe_cpu', 'machine_label',
+           'same_machine_kind', 'is_x86_64', 'numerics', 'require_portable', 'Provenance', 'start_provenance',
+           'mean_ci', 'summarise_over_seeds']
 
 # %% ../nbs/00_core.ipynb #c005
 def project_root(start: str | Path | None = None, # folder to start looking from; default: the working directory
@@ -34,26 +35,96 @@ def project_root(start: str | Path | None = None, # folder to start looking from
     raise FileNotFoundError(f"no params.yaml + settings.ini found in {here} or any parent: run from inside the repository")
 
 # %% ../nbs/00_core.ipynb #c008
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    "(descriptor, path) of a new hidden temporary file in `path`'s folder (created if needed): renamed onto `path` when complete."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return fd, Path(tmp)
+
+def _publish(tmp: Path, path: Path):
+    "Give a complete temporary file normal permissions (mkstemp creates 0600) and rename it onto `path` in one step."
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
 def atomic_write_bytes(path: str | Path, # destination file
                        data: bytes, # the complete content
                       ) -> Path:
     "Write `data` to `path` so that readers see either the old file or the complete new one."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f: f.write(data)
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "`atomic_write_bytes` for UTF-8 text."
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+# %% ../nbs/00_core.ipynb #c009n
+class NpyRowWriter:
+    """A C-ordered .npy file of `n` rows written one row at a time (memory holds a row, never the array): `with NpyRowWriter(path, n) as w: w.write(row)`.
+    Every row has the first one's shape and dtype; the file appears at `path` only when all `n` rows are written (an error or a kill leaves no partial file)."""
+    def __init__(self, path: str | Path, n: int, name: str = "rows"): # `name`: what the rows are, for error messages
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
+        self.path, self.n, self.name, self.count, self._first = Path(path), n, name, 0, None
+
+    def __enter__(self) -> "NpyRowWriter":
+        fd, self._tmp = _temporary_beside(self.path)
+        self._file = os.fdopen(fd, "wb")
+        return self
+
+    def write(self, row: np.ndarray):
+        "Append one row."
+        row = np.ascontiguousarray(row)
+        if self._first is None:
+            self._first = (row.shape, row.dtype)
+            np.lib.format.write_array_header_1_0(self._file, {"descr": np.lib.format.dtype_to_descr(row.dtype), "fortran_order": False, "shape": (self.n, *row.shape)})
+        elif (row.shape, row.dtype) != self._first:
+            raise ValueError(f"{self.name} must share one shape and dtype: item {self.count} is {row.shape} {row.dtype}, item 0 {self._first[0]} {self._first[1]}")
+        if self.count == self.n: raise ValueError(f"{self.name}: more than the {self.n} rows declared")
+        self._file.write(row.data); self.count += 1
+
+    def __exit__(self, kind, error, trace):
+        complete = kind is None and self.count == self.n
+        try:
+            if complete: self._file.flush(); os.fsync(self._file.fileno())   # on disk before it appears under its name
+        except BaseException:
+            complete = False
+            raise
+        finally:
+            self._file.close()
+            if complete: _publish(self._tmp, self.path)
+            else: self._tmp.unlink(missing_ok=True)
+        if kind is None and self.count != self.n: raise ValueError(f"{self.name}: {self.count} rows written, {self.n} declared")
+
+def npy_layout(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    "(shape, dtype, offset of the data) of a complete C-ordered .npy file; a ValueError naming the file when it is unreadable, Fortran-ordered, truncated or padded."
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+            offset = f.tell()
+    except Exception as e: raise ValueError(f"{path} is not a readable .npy file: {e}") from e
+    if fortran: raise ValueError(f"{path} holds a Fortran-ordered array; expected C order")
+    size, expected = path.stat().st_size, offset + math.prod(shape) * dtype.itemsize
+    if size != expected: raise ValueError(f"{path} has {size} bytes; its header declares {expected} (truncated, padded or corrupt)")
+    return tuple(int(s) for s in shape), dtype, offset
+
+def read_npy_rows(path: str | Path, rows: Sequence[int]) -> np.ndarray:
+    "Rows `rows` (any order, repeats allowed) of a C-ordered .npy file (`npy_layout`), read from disk one by one: memory holds only them."
+    shape, dtype, offset = npy_layout(path)
+    out = np.empty((len(rows), *shape[1:]), dtype)
+    with open(path, "rb") as f:
+        for k, i in enumerate(rows):
+            if not 0 <= int(i) < shape[0]: raise IndexError(f"row {int(i)} is not within the {shape[0]} rows of {path}")
+            f.seek(offset + int(i) * out[k].nbytes); f.readinto(out[k])
+    return out
 
 # %% ../nbs/00_core.ipynb #c011
 PROFILES = ("tiny", "cpu", "paper")

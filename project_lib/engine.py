@@ -17,19 +17,23 @@ from tqdm.auto import tqdm
 from .core import atomic_write_text, params_hash, to_jsonable
 
 # %% auto #0
-__all__ = ['STATE_DICT_KEYS', 'is_cuda', 'autocast', 'distributed', 'rank_shard', 'epoch_order', 'wrap_ddp', 'mean_over_ranks',
-           'from_rank0', 'file_hash', 'save_checkpoint', 'load_checkpoint_state', 'load_weights', 'FitResult',
-           'train_step', 'fit', 'TrainingUnit', 'Executor', 'code_hash', 'plan_workers', 'finished_record', 'run_units',
-           'load_units']
+__all__ = ['STATE_DICT_KEYS', 'is_cuda', 'uses_amp', 'autocast', 'distributed', 'rank_shard', 'epoch_order', 'wrap_ddp',
+           'mean_over_ranks', 'from_rank0', 'file_hash', 'save_checkpoint', 'load_checkpoint_state', 'load_weights',
+           'FitResult', 'train_step', 'fit', 'TrainingUnit', 'Executor', 'code_hash', 'plan_workers', 'finished_record',
+           'run_units', 'load_units']
 
 # %% ../nbs/02_engine.ipynb #c005
 def is_cuda(device) -> bool:
     "Whether `device` (a string or torch.device) is a CUDA device."
     return torch.device(device).type == "cuda"
 
-def autocast(device):
-    "Mixed precision on CUDA, nothing elsewhere."
-    return torch.autocast(device_type="cuda", enabled=is_cuda(device))
+def uses_amp(model: nn.Module, device) -> bool:
+    "Whether training `model` on `device` runs in mixed precision: a float32 model on CUDA (a float64 model, such as the cascade's forgers, keeps its precision)."
+    return is_cuda(device) and next(model.parameters()).dtype == torch.float32
+
+def autocast(device, enabled: bool = True):
+    "Mixed precision on CUDA when `enabled`, nothing elsewhere."
+    return torch.autocast(device_type="cuda", enabled=enabled and is_cuda(device))
 
 def distributed(device: str) -> tuple[int, int, str]:
     "(rank, world size, this rank's device); under torchrun, joins the process group and pins GPU LOCAL_RANK."
@@ -137,7 +141,7 @@ class FitResult:
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, loss: Callable[[nn.Module], torch.Tensor], device: str) -> float:
     "One optimiser step on the loss `loss(net)` (computed under AMP on CUDA); returns the loss."
-    with autocast(device):
+    with autocast(device, uses_amp(net, device)):
         value = loss(net)
     opt.zero_grad(set_to_none=True)
     scaler.scale(value).backward(); scaler.step(opt); scaler.update()
@@ -168,7 +172,7 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
     if batch_size % world: raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({world})")
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
-    scaler = torch.amp.GradScaler("cuda", enabled=is_cuda(device))
+    scaler = torch.amp.GradScaler("cuda", enabled=uses_amp(model, device))
     history, start, best_score, elapsed = _resume(last, identity, model, opt, scaler, device) if last.exists() else ([], 0, -np.inf, 0.0)
     net, per_rank = wrap_ddp(model, world, device), batch_size // world
     for epoch in tqdm(range(start, epochs), desc=desc, disable=not progress or rank > 0, leave=False):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_plan.ipynb #p002
 from __future__ import annotations
-import argparse, dataclasses, math, os, time
+import argparse, dataclasses, math, os, pickle, time
 from collections.abc import Callable
 
 import numpy as np
@@ -16,8 +16,8 @@ from .engine import Executor
 
 # %% auto #0
 __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'peak_host_gb', 'peak_device_gb', 'worker_count', 'worker_threads',
-           'plan_cryoem', 'plan_cryoem_al', 'plan_mfn', 'SynapseUnitCosts', 'synapse_unit_costs', 'plan_synapse',
-           'plan_cascade', 'plan_profile', 'main']
+           'plan_cryoem', 'plan_cryoem_al', 'MFNUnitCosts', 'mfn_unit_costs', 'plan_mfn', 'SynapseUnitCosts',
+           'synapse_unit_costs', 'plan_synapse', 'plan_cascade', 'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -175,37 +175,58 @@ def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     full_predict_s = _unet_costs(config, cfg.size_px, device)[1] if config.crop_px else predict_s
     picker_s, counts = _picker_s(cfg.size_px, cfg.diameter_px), p.counts()
     simulate_s = time_call(lambda: simulate_micrograph(cfg, np.random.default_rng(0)), 1)
+    stored = pickle.dumps(simulate_micrograph(cfg, np.random.default_rng(0)), protocol=5)   # one micrograph in the store (`simulate_sets(p, store)`)
+    read_s = time_call(lambda: pickle.loads(stored).mask, 3)                               # read back, with its mask
     rounds, val_used, n_total = len(counts) - 1, config.val_subset or p.n_val, p.pool_size + p.n_val + p.n_test
     trainings = len(p.seeds) * (2 + len(p.strategies) * rounds + 2 * (len(p.replay_fractions) - 1))   # round 0 + full pool, chains, replay (upper bound)
     steps = math.ceil((config.samples_per_epoch or p.pool_size) / config.batch_size) * config.epochs
     mc, scanning = p.settings().mc_samples, [s for s in p.strategies if s != "random"]
-    # micrographs are simulated when read (the sets are hashed once): every acquisition scans the pool; every training reads its labelled set
-    # (its cache), its validation micrographs, then scores validation, test and the rest of the pool
-    scans = len(p.seeds) * rounds * p.pool_size * (full_predict_s * sum(mc if s == "bald" else 1 for s in scanning) + simulate_s * len(scanning))
-    scoring = trainings * ((p.n_val + p.n_test + p.pool_size) * (full_predict_s + picker_s + simulate_s) + val_used * simulate_s) + n_total * simulate_s
+    # every micrograph is simulated once into the store, then read: every acquisition scans the pool; every training reads its batches and its
+    # validation micrographs, then scores validation, test and the rest of the pool
+    scans = len(p.seeds) * rounds * p.pool_size * (full_predict_s * sum(mc if s == "bald" else 1 for s in scanning) + read_s * len(scanning))
+    scoring = (trainings * ((p.n_val + p.n_test + p.pool_size) * (full_predict_s + picker_s + read_s) + (val_used + steps * config.batch_size) * read_s)
+               + n_total * simulate_s)
     how = f"{threads} thread(s) per worker, step at {config.crop_px or cfg.size_px}² px, width {config.width}, on {device}" + f", batch {config.batch_size}"
     return [StageCost("train_cryoem_al", trainings, steps, step_s, len(validated_epochs(config)), val_used * (full_predict_s + picker_s), scans + scoring,
                       peak_host_gb() + max(_scoring_gb(p.n_val, cfg.size_px), _micrographs_gb(val_used + PREDICT_BATCH, cfg.size_px)), device_gb,
-                      p.pool_size * cfg.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), worker_count(p.n_jobs), how),
-            StageCost("evaluate_cryoem_al", 0, 0, 0.0, 0, 0.0, 60.0 + n_total * simulate_s, peak_host_gb(), 0.0, 0.01, 1,
-                      "hashing the simulated sets once, tables and bootstraps (about a minute)")]
+                      n_total * len(stored) / 1e9 + trainings * _checkpoint_gb(n_params), worker_count(p.n_jobs), how + ", micrographs simulated once into the store"),
+            StageCost("evaluate_cryoem_al", 0, 0, 0.0, 0, 0.0, 60.0 + n_total * read_s, peak_host_gb(), 0.0, 0.01, 1,
+                      "hashing the stored sets once, tables and bootstraps (about a minute)")]
 
 # %% ../nbs/50_plan.ipynb #p015
-def plan_mfn(profile: str, device: str | None = None) -> list[StageCost]:
+@dataclasses.dataclass(frozen=True)
+class MFNUnitCosts:
+    "The MFN sweep's unit of work at a profile's grid sizes, measured on this machine (what `plan_mfn` multiplies by the counts)."
+    step_s: dict[int, float] # seconds per step at each grid size: a run of the profile's fewest steps (features included) / its steps, averaged over the sweep's dynamics x Turing on/off
+    workers: int # simulations at once: the stage's joblib workers
+    threads: int # numba threads of each worker, as the stage sets them (the runs were timed with these)
+
+def mfn_unit_costs(p) -> MFNUnitCosts:
+    "Time one run per grid size, dynamics and Turing setting of `p` (a `MFNStudyParams`) as one of the stage's workers runs it: `simulate_row` with its numba threads."
+    from project_lib.mfn.dataset import simulate_row, thread_budget
+    from project_lib.mfn.sim import SimulationConfig
+    workers, threads = thread_budget(p.n_jobs)
+    steps, variants = min(p.steps), [(d, t) for d in p.dynamics for t in (True, False)]
+    def run(n: int, dynamics: str, turing: bool) -> float:
+        config = SimulationConfig(grid_size=n, steps=steps, alpha=p.alphas[0], spike_probability=p.spike_probability, turing_enabled=turing, dynamics=dynamics)
+        return time_call(lambda: simulate_row(0, config, numba_threads=threads), 1)
+    return MFNUnitCosts({n: float(np.mean([run(n, d, t) for d, t in variants])) / steps for n in p.grid_sizes}, workers, threads)
+
+def plan_mfn(profile: str, device: str | None = None,
+             costs: MFNUnitCosts | None = None, # unit costs measured before (default: measured now)
+            ) -> list[StageCost]:
     "simulate_mfn and evaluate_mfn of `profile` (CPU work: no trainings)."
     from project_lib.mfn.analysis import MFNStudyParams
-    from project_lib.mfn.sim import SimulationConfig, simulate
     p = load_study_params("mfn", MFNStudyParams, profile)
-    probe_steps = 20
-    per_step = {n: time_call(lambda: simulate(SimulationConfig(grid_size=n, steps=probe_steps, seed=0)), 1) / probe_steps for n in p.grid_sizes}
+    c = costs or mfn_unit_costs(p)
     runs_per_size = len(p.alphas) * len(p.seeds) * 2 * len(p.dynamics)
-    sweep_s = sum(per_step[n] * t * runs_per_size for n in p.grid_sizes for t in p.steps)
-    clamp_s = sum(per_step[n] * t * len(p.alphas) * len(p.seeds) * 2 * 2 for n in p.grid_sizes if n <= 256 for t in p.steps if t <= 300)
-    workers = os.cpu_count() if p.n_jobs == -1 else max(1, p.n_jobs)
+    sweep_s = sum(c.step_s[n] * t * runs_per_size for n in p.grid_sizes for t in p.steps)
+    clamp_s = sum(c.step_s[n] * t * len(p.alphas) * len(p.seeds) * 2 * 2 for n in p.grid_sizes if n <= 256 for t in p.steps if t <= 300)
     rows = runs_per_size * len(p.grid_sizes) * len(p.steps)
     big = max(p.grid_sizes) ** 2 * 8 * 12 / 1e9   # a run's fields and accumulators (float64)
-    return [StageCost("simulate_mfn", 0, 0, 0.0, 0, 0.0, (sweep_s + clamp_s) / workers, peak_host_gb() + big * workers, 0.0, rows * 400 / 1e9, workers,
-                      f"{probe_steps} steps timed per grid size; wall = work / {workers} workers"),
+    return [StageCost("simulate_mfn", 0, 0, 0.0, 0, 0.0, (sweep_s + clamp_s) / c.workers, peak_host_gb() + big * c.workers, 0.0, rows * 400 / 1e9, c.workers,
+                      f"a run of {min(p.steps)} steps timed per grid size, dynamics and Turing setting, {c.threads} numba thread(s) per worker; "
+                      f"wall = work / {c.workers} workers"),
             StageCost("evaluate_mfn", 0, 0, 0.0, 0, 0.0, 60.0 + rows * 0.02, peak_host_gb(), 0.0, 0.01, 1, "tables, bootstraps and cross-validation")]
 
 # %% ../nbs/50_plan.ipynb #p018
@@ -286,7 +307,7 @@ def plan_synapse(profile: str, device: str | None = None,
 # %% ../nbs/50_plan.ipynb #p021
 def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cascade (the two forgers, then every detector role x seed: one row per role) and evaluate_cascade of `profile`."
-    from project_lib.cascade.data import FORGER_UPS, Forger, _sample_plan, real_photographs, to_input
+    from project_lib.cascade.data import FORGER_DTYPE, FORGER_UPS, Forger, _sample_plan, real_photographs, to_input
     from project_lib.cascade.models import build_model, detector_loss
     from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config
     p = load_study_params("cascade", CascadeParams, profile)
@@ -298,7 +319,7 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
     n_train, n_val = round(n * p.split["train"]), round(n * p.split["val"])
     images_gb = n * p.px ** 2 * 3 / 1e9
     rows = []
-    forger, x = Forger(FORGER_UPS[0]).to(device), torch.rand(1, 3, p.px, p.px)
+    forger, x = Forger(FORGER_UPS[0]).to(device), torch.rand(1, 3, p.px, p.px, dtype=FORGER_DTYPE)   # the forgers train in float64
     opt = torch.optim.Adam(forger.parameters(), lr=2e-3)
     def forger_at(batch):
         xb = x.expand(batch, -1, -1, -1).contiguous().to(device)

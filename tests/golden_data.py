@@ -51,6 +51,16 @@ def cascade() -> dict:
         _, bench = load_data(p, Path(runs))
     return {"cascade crops": _hash(draft.forger_crops()), "cascade benchmark": bench.data_hash()}
 
+def cascade_forger() -> dict:
+    "A forger at the cpu profile's size and epochs, on 256 of its crops (short): in float32 this training followed the CPU's kernels."
+    from project_lib.cascade.data import load_forger, render, train_forger
+    from project_lib.cascade.units import CascadeParams, benchmark_draft
+    p = load_study_params("cascade", CascadeParams, "cpu")
+    draft = benchmark_draft(p)
+    with tempfile.TemporaryDirectory() as unit:
+        record = train_forger(unit, "cpu", draft.forger_crops(256), "transposed", p.forger_epochs, p.data_seed)
+        return {"cascade forger at the cpu profile": _hash(render(load_forger(unit, record), draft.crops[:256]))}
+
 def mfn() -> dict:
     from project_lib.mfn.dataset import generate_dataset
     from project_lib.mfn.stage import MFNStudyParams, study_units
@@ -61,7 +71,7 @@ def mfn() -> dict:
         return {"mfn dataset values": _hash(df.select_dtypes("number").to_numpy(np.float64)),
                 "mfn dataset parquet": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
 
-STUDIES = {"cryoem": cryoem, "cryoem_al": cryoem_al, "synapse": synapse, "cascade": cascade, "mfn": mfn}
+STUDIES = {"cryoem": cryoem, "cryoem_al": cryoem_al, "synapse": synapse, "cascade": cascade, "cascade_forger": cascade_forger, "mfn": mfn}
 
 if __name__ == "__main__":
     print(json.dumps({k: v for s in (sys.argv[1:] or STUDIES) for k, v in STUDIES[s]().items()}, sort_keys=True, indent=1))

@@ -203,16 +203,40 @@ def test_lazy_micrographs_refuse_bad_indices():
 
 
 def test_a_training_on_lazy_micrographs_is_the_training_on_lists(tmp_path):
+    "Lists (batches from the on-disk cache), lazy sequences (the same cache) and stored lazy sequences (batches read from the store, no cache) train alike."
     torch.set_num_threads(1)
     listed, lazy = simulate_dataset(SMALL, 6, 0), SimulatedMicrographs(SMALL, 0, range(6))
-    runs = [train(TINY, train_set, val_set, tmp_path / name, device="cpu", progress=False, extra_eval={"alt": extra})
-            for name, (train_set, val_set, extra) in (("list", (listed[:4], listed[4:5], listed[5:])), ("lazy", (lazy[:4], lazy[4:5], lazy[5:])))]
-    records = [run_record(r, tmp_path / name) for r, name in zip(runs, ("list", "lazy"))]
+    stored = SimulatedMicrographs(SMALL, 0, range(6), cache=0, store=tmp_path / "store")
+    names = ("list", "lazy", "stored")
+    runs = [train(TINY, s[:4], s[4:5], tmp_path / name, device="cpu", progress=False, extra_eval={"alt": s[5:]}) for name, s in zip(names, (listed, lazy, stored))]
+    records = [run_record(r, tmp_path / name) for r, name in zip(runs, names)]
     for r in records: r.pop("train_time_s")
-    assert records[0] == records[1]                                               # history, best epoch, threshold, hashes
-    pd.testing.assert_frame_equal(runs[0].history, runs[1].history, check_exact=True)
-    assert all(torch.equal(a, b) for a, b in zip(*(torch.load(r.best_checkpoint, weights_only=True)["model"].values() for r in runs)))
+    assert records[0] == records[1] == records[2]                                 # history, best epoch, threshold, hashes
+    for other in runs[1:]: pd.testing.assert_frame_equal(runs[0].history, other.history, check_exact=True)
+    weights = [torch.load(r.best_checkpoint, weights_only=True)["model"] for r in runs]
+    assert all(torch.equal(w[k], weights[0][k]) for w in weights[1:] for k in weights[0])
     assert (tmp_path / "list" / "cache").exists() and os.listdir(tmp_path / "list" / "cache") == os.listdir(tmp_path / "lazy" / "cache")
+    assert not (tmp_path / "stored" / "cache").exists()                            # read from the store: no second copy of the training set
+
+
+def test_stored_micrographs_are_simulated_once_and_read_back_exactly(tmp_path, monkeypatch):
+    reference = simulate_dataset(SMALL, 3, 5)
+    calls = []
+    real = train_module.simulate_micrograph
+    monkeypatch.setattr(train_module, "simulate_micrograph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = SimulatedMicrographs(SMALL, 5, range(3), cache=0, store=tmp_path)
+    assert all(_same_micrograph(a, b) for a, b in zip(first, reference)) and len(calls) == 3
+    assert sorted(p.name for p in first.store.iterdir()) == ["0.pkl", "1.pkl", "2.pkl"]
+    again = SimulatedMicrographs(SMALL, 5, range(3), cache=0, store=tmp_path)     # another process's sequence: reads the files
+    assert all(_same_micrograph(a, b) for a, b in zip(again, reference)) and len(calls) == 3
+    assert data_hash(again) == data_hash(reference) and again.metadata() == [m.metadata for m in reference]
+    (again.store / "1.pkl").write_bytes(b"truncated")                              # a damaged file is simulated and written again
+    assert _same_micrograph(again[1], reference[1]) and len(calls) == 4 and _same_micrograph(SimulatedMicrographs(SMALL, 5, [1], store=tmp_path)[0], reference[1])
+    # another seed or configuration never reads these files
+    assert SimulatedMicrographs(SMALL, 6, range(1), store=tmp_path).store != first.store
+    assert SimulatedMicrographs(dataclasses.replace(SMALL, dose_e_per_a2=SMALL.dose_e_per_a2 * 2), 5, range(1), store=tmp_path).store != first.store
+    with pytest.raises(ValueError, match="structures must be None"):
+        SimulatedMicrographs(SMALL, 5, range(1), structures={}, store=tmp_path)
 
 
 def test_streamed_scoring_is_the_whole_set_computation(mics, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from project_lib.engine import fit, load_checkpoint_state, load_weights, rank_shard, save_checkpoint
+from project_lib.engine import fit, load_checkpoint_state, load_weights, rank_shard, save_checkpoint, uses_amp
 
 
 @pytest.mark.parametrize("n, world", [(11, 2), (11, 3), (8, 4), (3, 5)])
@@ -52,3 +52,23 @@ def test_strict_loading_names_the_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(np.arange(10).tobytes())
     with pytest.raises(ValueError, match=r"bad\.pt cannot be read"):
         load_weights(nn.Conv2d(3, 8, 3), tmp_path / "bad.pt")
+
+
+def test_mixed_precision_only_for_float32_models_on_cuda():
+    "float64 models (the cascade's forgers, part of a data generator) keep full precision on every device."
+    f32, f64 = nn.Linear(2, 2), nn.Linear(2, 2, dtype=torch.float64)
+    assert [uses_amp(f32, "cuda"), uses_amp(f32, "cuda:1"), uses_amp(f32, "cpu")] == [True, True, False]
+    assert [uses_amp(f64, "cuda"), uses_amp(f64, "cpu")] == [False, False]
+
+
+def test_a_float64_model_trains_in_float64(tmp_path):
+    "fit keeps a float64 model's precision: its weights after one epoch equal an independent float64 SGD loop's."
+    torch.manual_seed(0)
+    model, data = nn.Linear(1, 1, bias=False, dtype=torch.float64), torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+    w0 = float(model.weight)
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda net, idx, gen: ((net(data[idx]) - 3 * data[idx]) ** 2).mean(),
+        n_train=8, epochs=1, batch_size=8, seed=0, lr_at=lambda e: 0.1, evaluate=lambda m: {"s": 0.0}, select="s",
+        out_dir=tmp_path, identity={"config": {}}, progress=False)
+    w, x = w0, data[:, 0].numpy()
+    w -= 0.1 * float(np.mean(2 * (w - 3) * x * x))    # one full-batch step, by hand
+    assert model.weight.dtype == torch.float64 and float(model.weight) == pytest.approx(w, rel=1e-15)

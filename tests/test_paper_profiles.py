@@ -178,3 +178,99 @@ def test_synapse_paper_plan_holds_for_measured_steps_and_validation(tmp_path, mo
     assert sum(f.stat().st_size for f in (tmp_path / "run").glob("*.pt")) / 1e9 <= costs.checkpoint_gb
     cache = next((tmp_path / "cache").glob("pretraining-*.npy")).stat().st_size
     assert cache <= 6 * p.cube_size ** 3 * 4 + 4096                                  # the declared size: cubes x 80³ x 4 bytes (+ the header)
+
+
+def _timed(fn, seconds: list):
+    """`fn`, appending the seconds each call takes to `seconds`."""
+    import time
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try: return fn(*args, **kwargs)
+        finally: seconds.append(time.perf_counter() - t0)
+    return timed
+
+
+@slow
+def test_cryoem_al_paper_plan_holds_for_measured_round_and_acquisition(tmp_path, monkeypatch):
+    """One round of the active-learning study at paper sizes, by the library's own functions on micrographs of the paper's stream (3 of the
+    pool, the first validation and test micrographs), simulated once into a store as the stage keeps them and read back from it on every
+    pass (nothing kept in memory: at paper sizes, 6192 micrographs, none still is): `train_round` trains 2 steps (batch 1) on 2 labelled
+    micrographs, validates on 1, then scores validation, test and the unlabelled rest of the pool (1 each); `acquire` (entropy) then scans
+    the 3-micrograph pool. The step lies within a factor 1.5 of the plan's (scaled to batch 1); validation, scoring and scanning per
+    micrograph at most 1.5 times the plan's prediction and picking cost per micrograph (its validation pass over val_subset micrographs:
+    the plan prices scoring with it plus a read from the store, milliseconds, and scanning with the prediction alone, a little less);
+    the peak RSS within its host memory; the checkpoints within its per-training figure, the store within its disk per micrograph."""
+    import dataclasses
+    import time
+    from project_lib.cryoem import al, train as cryoem_train
+    from project_lib.cryoem.active import acquire, measure
+    from project_lib.cryoem.data import MicrographConfig
+    from project_lib.cryoem.train import SimulatedMicrographs, load_checkpoint
+    from project_lib.plan import _checkpoint_gb, peak_host_gb, plan_cryoem_al
+    steps, labelled = 2, [0, 1]
+    p = load_study_params("cryoem_al", ALStudyParams, "paper")
+    planned = plan_cryoem_al("paper", "cpu")[0]                  # sets the worker's torch threads
+    paper_config = p.train_config(p.seeds[0])
+    planned_per_micrograph = planned.validation_s / (paper_config.val_subset or p.n_val)
+    mics = SimulatedMicrographs(MicrographConfig(**p.micrograph), p.data_seed, [0, 1, 2, p.pool_size, p.pool_size + p.n_val],
+                                cache=0, store=tmp_path / "micrographs")
+    sets = {"pool": mics[:3], "val": mics[3:4], "test": mics[4:]}
+    mics.data_hash(*sets.values())                               # as `simulate_sets`: every micrograph simulated once, into the store
+    trainings, validations, fit = [], [], cryoem_train.fit
+    monkeypatch.setattr(cryoem_train, "fit", lambda *args, evaluate, **kwargs: fit(*args, evaluate=_timed(evaluate, validations), **kwargs))
+    monkeypatch.setattr(al, "train", _timed(al.train, trainings))
+    config = dataclasses.replace(paper_config, epochs=1, batch_size=1, samples_per_epoch=steps)
+    t0 = time.perf_counter()
+    summary, _, checkpoint = al.train_round(config, sets, labelled, tmp_path / "runs" / "round", device="cpu")
+    scored = len(sets["val"]) + len(sets["test"]) + len(sets["pool"]) - len(labelled)
+    scoring_s = (time.perf_counter() - t0 - trainings[0]) / scored
+    net = load_checkpoint(config, checkpoint)
+    _, scan_s, scan_mb = measure(acquire, "entropy", net, sets["pool"], labelled, 1, np.random.default_rng(0), p.settings())
+    step_s, planned_step_s = summary["train_time_s"] / steps, planned.step_s / paper_config.batch_size
+    validation_s, scan_s = validations[0] / len(sets["val"]), scan_s / len(sets["pool"])
+    checkpoints_gb = sum(f.stat().st_size for f in checkpoint.parent.glob("*.pt")) / 1e9
+    planned_checkpoints_gb = _checkpoint_gb(sum(t.numel() for t in net.parameters()))
+    stored = [f.stat().st_size for f in (tmp_path / "micrographs").rglob("*.pkl")]
+    planned_stored = (planned.disk_gb - planned.trainings * planned_checkpoints_gb) * 1e9 / (p.pool_size + p.n_val + p.n_test)
+    print(f"step at batch 1: {step_s:.1f} s (planned {planned_step_s:.1f}); per micrograph: validation {validation_s:.1f} s, scoring "
+          f"{scoring_s:.1f} s, entropy scan {scan_s:.1f} s (planned {planned_per_micrograph:.1f}, prediction and picking); checkpoints "
+          f"{checkpoints_gb:.3f} GB (planned {planned_checkpoints_gb:.3f}); stored micrograph {np.mean(stored) / 1e6:.2f} MB (planned "
+          f"{planned_stored / 1e6:.2f}); peak RSS {peak_host_gb():.2f} GB (planned {planned.host_gb:.2f}; the scan's rise {scan_mb / 1e3:.2f})")
+    assert len(validations) == 1 and len(stored) == len(mics)
+    assert planned_step_s / 1.5 <= step_s <= planned_step_s * 1.5, (step_s, planned_step_s)
+    for name, seconds in (("validation", validation_s), ("scoring", scoring_s), ("scan", scan_s)):
+        assert seconds <= planned_per_micrograph * 1.5, (name, seconds, planned_per_micrograph)
+    assert checkpoints_gb <= planned_checkpoints_gb and np.mean(stored) <= planned_stored * 1.01, (checkpoints_gb, stored, planned_stored)
+    assert peak_host_gb() <= planned.host_gb, (peak_host_gb(), planned.host_gb)
+
+
+@slow
+def test_mfn_paper_plan_holds_for_measured_simulations(tmp_path, monkeypatch):
+    """The paper's sweep for one alpha and one seed (every grid size x step count x Turing on/off x dynamics: 60 runs, the sweep's mix),
+    simulated and written by the stage's own unit function as one of its workers (its numba threads, in this process): the mean time per
+    simulation within a factor 1.5 of the plan's unit cost (seconds per step at each grid size) times the runs' steps, the peak RSS within
+    its host memory, the Parquet bytes per row within its disk per row of the profile's datasets."""
+    import time
+    from project_lib.mfn import dataset
+    from project_lib.mfn.dataset import sweep
+    from project_lib.mfn.features import FeatureConfig
+    from project_lib.mfn.stage import simulate_dataset, study_units
+    from project_lib.plan import mfn_unit_costs, peak_host_gb, plan_mfn
+    p = load_study_params("mfn", MFNStudyParams, "paper")
+    costs = mfn_unit_costs(p)
+    planned = plan_mfn("paper", costs=costs)[0]
+    configs = [c for d in p.dynamics for c in sweep(p.grid_sizes, p.alphas[:1], p.seeds[:1], p.steps, dynamics=d, spike_probability=p.spike_probability)]
+    monkeypatch.setattr(dataset, "thread_budget", lambda n_jobs: (1, costs.threads))   # one of the stage's workers, here
+    t0 = time.perf_counter()
+    record = simulate_dataset(tmp_path, "cpu", configs, FeatureConfig(), p.n_jobs)
+    per_simulation_s = (time.perf_counter() - t0) / len(configs)
+    planned_per_simulation_s = sum(costs.step_s[c.grid_size] * c.steps for c in configs) / len(configs)
+    rows = sum(len(u.kwargs["configs"]) for u in study_units(p) if u.key.startswith("dataset-"))
+    bytes_per_row, planned_bytes_per_row = (tmp_path / record["file"]).stat().st_size / record["n_simulations"], planned.disk_gb * 1e9 / rows
+    print(f"{len(configs)} simulations, {costs.threads} numba thread(s): {per_simulation_s:.3f} s each (planned {planned_per_simulation_s:.3f}); "
+          f"{bytes_per_row:.0f} Parquet bytes per row (planned {planned_bytes_per_row:.0f}); peak RSS {peak_host_gb():.2f} GB (planned {planned.host_gb:.2f})")
+    assert record["n_simulations"] == len(configs) == 60
+    assert planned_per_simulation_s / 1.5 <= per_simulation_s <= planned_per_simulation_s * 1.5, (per_simulation_s, planned_per_simulation_s)
+    assert bytes_per_row <= planned_bytes_per_row, (bytes_per_row, planned_bytes_per_row)
+    assert peak_host_gb() <= planned.host_gb, (peak_host_gb(), planned.host_gb)

@@ -12,15 +12,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..core import atomic_write_bytes, atomic_write_text
-from ..core import require_portable
+from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, npy_layout, require_portable
 
 # %% auto #0
-__all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'FORGER_UPS', 'real_photographs', 'crop_resize', 'jpeg', 'finish',
-           'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger',
-           'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers', 'MappedImages',
-           'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc',
-           'group_split', 'read_manifest', 'load_image', 'manifest_cache', 'load_manifest', 'write_manifest']
+__all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'FORGER_DTYPE', 'FORGER_UPS', 'real_photographs', 'crop_resize',
+           'jpeg', 'finish', 'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile',
+           'match_spectrum', 'Forger', 'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers',
+           'MappedImages', 'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc',
+           'pipeline_cue_auc', 'group_split', 'read_manifest', 'load_image', 'manifest_cache', 'load_manifest',
+           'write_manifest']
 
 # %% ../../nbs/40_cascade_data.ipynb #c005
 PHOTOS = {   # name: (loader, package, licence)
@@ -151,19 +151,21 @@ def match_spectrum(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
 import torch
 from torch import nn
 
+FORGER_DTYPE = torch.float64 # the forgers generate data: their renderings must not depend on the machine's kernels
+
 class Forger(nn.Module):
-    "Encoder (3 stride-2 convolutions) and decoder that up-samples by `up`: 'bilinear' (+ conv) or 'transposed'."
+    "Encoder (3 stride-2 convolutions) and decoder that up-samples by `up`: 'bilinear' (+ conv) or 'transposed'; parameters in `FORGER_DTYPE`."
     def __init__(self, up: str = "transposed", width: int = 16):
         super().__init__()
         if up not in ("bilinear", "transposed"): raise ValueError(f"up must be 'bilinear' or 'transposed', got {up!r}")
-        w = [3, width, 2 * width, 4 * width]
-        self.encoder = nn.Sequential(*[m for i in range(3) for m in (nn.Conv2d(w[i], w[i + 1], 3, 2, 1), nn.ReLU())])
+        w, dt = [3, width, 2 * width, 4 * width], {"dtype": FORGER_DTYPE}   # initialised in float64 too (a float32 draw differs by an ulp between kernels)
+        self.encoder = nn.Sequential(*[m for i in range(3) for m in (nn.Conv2d(w[i], w[i + 1], 3, 2, 1, **dt), nn.ReLU())])
         layers = []
         for i in range(3, 0, -1):
-            layers += ([nn.ConvTranspose2d(w[i], w[i - 1] if i > 1 else width, 4, 2, 1)] if up == "transposed" else
-                       [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(w[i], w[i - 1] if i > 1 else width, 3, 1, 1)])
+            layers += ([nn.ConvTranspose2d(w[i], w[i - 1] if i > 1 else width, 4, 2, 1, **dt)] if up == "transposed" else
+                       [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(w[i], w[i - 1] if i > 1 else width, 3, 1, 1, **dt)])
             layers.append(nn.ReLU())
-        self.decoder = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, 1, 1))
+        self.decoder = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, 1, 1, **dt))
     def forward(self, x): return self.decoder(self.encoder(x))
 
 def to_input(images: np.ndarray, device="cpu") -> torch.Tensor:
@@ -180,7 +182,7 @@ def render(forger: Forger, images: np.ndarray, batch_size: int = 64) -> np.ndarr
     "The forger's rendering of uint8 images (N, px, px, 3)."
     forger.eval()
     with torch.no_grad():
-        return np.concatenate([to_uint8(forger(to_input(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)])
+        return np.concatenate([to_uint8(forger(to_input(images[i:i + batch_size]).to(FORGER_DTYPE))) for i in range(0, len(images), batch_size)])
 
 FORGER_UPS = ("bilinear", "transposed") # the swapper and the generator
 
@@ -190,7 +192,7 @@ def train_forger(unit_dir: str | Path, device: str, # a training unit's folder a
     "Train one forger to reconstruct the crops (L1), best epoch on a held-out tenth; its record (checkpoint relative to `unit_dir`)."
     from project_lib.core import seed_everything
     from project_lib.engine import fit
-    x = to_input(crops, device)
+    x = to_input(crops, device).to(FORGER_DTYPE)
     n_val = max(len(x) // 10, 1)
     train_x, val_x = x[n_val:], x[:n_val]
     seed_everything(seed)
@@ -231,17 +233,9 @@ def _array_hash(a) -> str:
 # %% ../../nbs/40_cascade_data.ipynb #c015b
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
     "(shape, offset of the data) of a complete, C-ordered uint8 .npy file of RGB images (N, H, W, 3); anything else (absent, truncated, another array) is a ValueError naming the file."
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-            offset = f.tell()
-    except Exception as e: raise ValueError(f"{path} is not a readable .npy file: {e}") from e
-    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{path} holds a {shape} {dtype} array{' (Fortran order)' if fortran else ''}; expected C-ordered (N, H, W, 3) uint8 images")
-    size, expected = Path(path).stat().st_size, offset + int(np.prod(shape))
-    if size != expected: raise ValueError(f"{path} has {size} bytes; its header declares {expected} (incomplete or corrupt)")
-    return tuple(int(s) for s in shape), offset
+    shape, dtype, offset = npy_layout(path)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3: raise ValueError(f"{path} holds a {shape} {dtype} array; expected (N, H, W, 3) uint8 images")
+    return shape, offset
 
 class _ImageFile:
     "One .npy file of uint8 images (N, H, W, 3), mapped read-only; pickles as its path (the receiver maps the file again)."
@@ -497,10 +491,8 @@ def manifest_cache(path: str | Path, px: int,
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{folder.name}-"))
     try:
-        with open(tmp / "images.npy", "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), px, px, 3)})
-            for p in rows.path: f.write(load_image(p, px).tobytes())
-            f.flush(); os.fsync(f.fileno())
+        with NpyRowWriter(tmp / "images.npy", len(rows), "the manifest's images") as images:
+            for p in rows.path: images.write(load_image(p, px))
         shutil.rmtree(folder, ignore_errors=True)   # a corrupt cache of the same key
         tmp.rename(folder)
     except BaseException:

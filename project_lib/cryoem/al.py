@@ -86,9 +86,11 @@ class ALStudyParams:
     def counts(self) -> list[int]: return labelled_counts(self.pool_size, self.labelled_fractions)
 
 # %% ../../nbs/29_cryoem_al.ipynb #c008
-def simulate_sets(p: ALStudyParams) -> dict[str, SimulatedMicrographs]:
+def simulate_sets(p: ALStudyParams,
+                  store: str | Path | None = None, # a folder keeping each micrograph once simulated (every round reads the pool: read, not simulated again)
+                 ) -> dict[str, SimulatedMicrographs]:
     "The pool, validation and test micrographs: disjoint positions of one simulated stream, generated on access, checked disjoint on their data."
-    mics = SimulatedMicrographs(MicrographConfig(**p.micrograph), p.data_seed, range(p.pool_size + p.n_val + p.n_test))
+    mics = SimulatedMicrographs(MicrographConfig(**p.micrograph), p.data_seed, range(p.pool_size + p.n_val + p.n_test), store=store)
     sets = {"pool": mics[:p.pool_size], "val": mics[p.pool_size:p.pool_size + p.n_val], "test": mics[p.pool_size + p.n_val:]}
     mics.data_hash(*sets.values())   # one pass: the sets' hashes and every micrograph's, remembered (units and batch checks reuse them)
     check_disjoint(sets["pool"], {"validation": sets["val"], "test": sets["test"]})

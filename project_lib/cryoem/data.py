@@ -14,8 +14,7 @@ from scipy import ndimage
 from scipy.fft import next_fast_len
 from scipy.spatial.transform import Rotation
 
-from ..core import project_root
-from ..core import require_portable
+from ..core import project_root, require_portable
 
 # %% auto #0
 __all__ = ['POTENTIAL_PER_SCATTERING', 'CONTRAST_IN_ICE', 'Structure', 'read_structure', 'load_structure',

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/23_cryoem_train.ipynb #c002
 from __future__ import annotations
-import copy, dataclasses, hashlib, math, json, numbers, shutil, tempfile
+import copy, dataclasses, hashlib, math, json, numbers, pickle, shutil, tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core import atomic_write_text, params_hash, seed_everything, select_device, to_jsonable
-from ..engine import autocast, distributed, file_hash, fit, load_weights
+from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, params_hash, read_npy_rows, seed_everything, select_device, to_jsonable
+from ..engine import autocast, code_hash, distributed, file_hash, fit, load_weights
+from . import data as cryoem_data
 from .data import Micrograph, MicrographConfig, edge_particles, simulate_micrograph
 from .metrics import extract_picks, match_picks, particle_metrics, particle_metrics_by_image, pixel_metrics, recovered
 from .models import AttentionUNet, UNet
@@ -66,16 +67,20 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 class SimulatedMicrographs(Sequence):
-    "Micrographs simulated on access: item k is `simulate_dataset(cfg, n, seed, structures)[ids[k]]` (any n > ids[k]); at most `cache` of them in memory."
+    "Micrographs simulated on access: item k is `simulate_dataset(cfg, n, seed, structures)[ids[k]]` (any n > ids[k]); at most `cache` of them in memory, optionally each kept on disk once simulated."
     def __init__(self, cfg: MicrographConfig, seed: int,
                  ids: Sequence[int], # positions in the seed's stream of micrographs, e.g. range(n)
                  structures=None, # passed to `simulate_micrograph`, as by `simulate_dataset`
                  cache: int = 8, # micrographs kept in memory, the least recently used dropped first (one store for this sequence and its subsets)
+                 store: str | Path | None = None, # a folder keeping every micrograph once simulated (one file each, ~3 MB at 768² px): later passes read it
                 ):
         if not isinstance(cfg, MicrographConfig): raise ValueError(f"cfg must be a MicrographConfig, got {type(cfg).__name__}")
+        if store is not None and structures is not None: raise ValueError("store keeps micrographs of the built-in structures only: structures must be None")
         self.cfg, self.seed, self.structures = cfg, _check_int("seed", seed, 0), structures
         self.ids = tuple(_check_int("ids", i, 0) for i in ids)
         self._shared = _Shared(_check_int("cache", cache, 0))
+        # the store's sub-folder is named by what the micrographs are made from: another configuration, seed or generator never reads these files
+        self.store = None if store is None else Path(store) / params_hash({"cfg": cfg, "seed": self.seed, "generator": code_hash(cryoem_data)})
 
     def _view(self, ids: tuple[int, ...]) -> SimulatedMicrographs:
         "The micrographs `ids` of the same stream, sharing this sequence's store."
@@ -89,12 +94,23 @@ class SimulatedMicrographs(Sequence):
         if i in s.recent:
             s.recent.move_to_end(i)
             return s.recent[i]
-        m = simulate_micrograph(self.cfg, np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(i,))), self.structures)
+        m = self._stored(i)
+        if m is None:
+            m = simulate_micrograph(self.cfg, np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(i,))), self.structures)
+            if self.store: atomic_write_bytes(self.store / f"{i}.pkl", pickle.dumps(m, protocol=5))
         s.metadata[i] = m.metadata
         if s.capacity:
             s.recent[i] = m
             if len(s.recent) > s.capacity: s.recent.popitem(last=False)
         return m
+
+    def _stored(self, i: int) -> Micrograph | None:
+        "Micrograph i from the store; None when there is no store, no file, or an unreadable one (it is then simulated and written again)."
+        path = self.store / f"{i}.pkl" if self.store else None
+        if path is None or not path.exists(): return None
+        try: m = pickle.loads(path.read_bytes())
+        except Exception: return None
+        return m if isinstance(m, Micrograph) else None
 
     def __len__(self) -> int: return len(self.ids)
     def __iter__(self): return (self._micrograph(i) for i in self.ids)
@@ -161,29 +177,21 @@ def cache_micrographs(micrographs: Sequence[Micrograph], # all of the same shape
     if folder.is_dir(): return folder, h
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{h}-"))
-    shape = np.shape(micrographs[0].image)
     try:
-        with open(tmp / "images.npy", "wb") as fi, open(tmp / "masks.npy", "wb") as fm:
-            for f, dtype in ((fi, np.float32), (fm, np.bool_)):
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                                                         "shape": (len(micrographs), 1, *shape)})
-            for i, m in enumerate(micrographs):
-                if np.shape(m.image) != shape: raise ValueError(f"micrographs must all have the same shape: micrograph {i} is {np.shape(m.image)}, micrograph 0 {shape}")
-                fi.write(np.ascontiguousarray(m.image, np.float32).tobytes()); fm.write(np.ascontiguousarray(m.mask, np.bool_).tobytes())
+        with NpyRowWriter(tmp / "images.npy", len(micrographs), "micrographs") as fi, NpyRowWriter(tmp / "masks.npy", len(micrographs), "masks") as fm:
+            for m in micrographs: fi.write(np.asarray(m.image, np.float32)[None]); fm.write(np.asarray(m.mask, np.bool_)[None])
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder, h
 
-def _read_rows(path: Path, idx: Sequence[int]) -> np.ndarray:
-    "Rows `idx` of a C-ordered .npy file, read from disk one by one."
-    with open(path, "rb") as f:
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f) if np.lib.format.read_magic(f) == (1, 0) else np.lib.format.read_array_header_2_0(f)
-        start, out = f.tell(), np.empty((len(idx), *shape[1:]), dtype)
-        for k, i in enumerate(idx):
-            f.seek(start + int(i) * out[k].nbytes); f.readinto(out[k])
-    return out
+def _training_batch(train_set: Sequence[Micrograph], folder: Path | None, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Images (B, 1, N, N) and float masks of training items `idx`: rows of the cache `folder` (`cache_micrographs`), or with no folder the micrographs themselves (a stored `SimulatedMicrographs` reads them from its store): the same values."
+    if folder is not None: return torch.from_numpy(read_npy_rows(folder / "images.npy", idx)), torch.from_numpy(read_npy_rows(folder / "masks.npy", idx).astype(np.float32))
+    ms = [train_set[int(i)] for i in idx]
+    return (torch.from_numpy(np.stack([np.ascontiguousarray(m.image, np.float32) for m in ms])[:, None]),
+            torch.from_numpy(np.stack([m.mask for m in ms])[:, None].astype(np.float32)))
 
 # %% ../../nbs/23_cryoem_train.ipynb #c008
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +400,8 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = distributed(device or select_device())
     if rank > 0: torch.distributed.barrier()   # rank 0 writes the cache...
-    folder, train_hash = cache_micrographs(train_set, cache_dir or out_dir / "cache")
+    folder, train_hash = ((None, data_hash(train_set)) if getattr(train_set, "store", None)   # a stored sequence is read from its store
+                          else cache_micrographs(train_set, cache_dir or out_dir / "cache"))
     if rank == 0 and world > 1: torch.distributed.barrier()   # ...before the others read it
     extendable = config.lr_schedule == "constant"   # a constant-lr run may be resumed with more epochs; a cosine one may not
     identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs" or not extendable}, "train_hash": train_hash,
@@ -402,7 +411,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     if init_from: load_weights(model, init_from, device)   # strict: any mismatch is an error
 
     def batch_loss(net, idx, gen):
-        xb, yb = torch.from_numpy(_read_rows(folder / "images.npy", idx)), torch.from_numpy(_read_rows(folder / "masks.npy", idx).astype(np.float32))
+        xb, yb = _training_batch(train_set, folder, idx)
         if config.crop_px: xb, yb = _crop(xb, yb, config.crop_px, gen)
         if config.augment: xb, yb = _augment(xb, yb, gen)
         return focal_dice_loss(net(xb.to(device, memory_format=torch.channels_last)).float(), yb.to(device), config)

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..core import atomic_write_bytes, to_jsonable
-from ..core import require_portable
+from ..core import atomic_write_bytes, require_portable, to_jsonable
 from .features import FEATURE_NAMES, FeatureConfig
 from .sim import DYNAMICS, V_MIN_V, SimulationConfig, simulate
 

@@ -15,8 +15,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from ..core import atomic_write_bytes
-from ..core import require_portable
+from ..core import atomic_write_bytes, require_portable
 
 # %% auto #0
 __all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'SYNAPSE_TABLE_COLUMNS', 'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS',

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/34_synapse_train.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, itertools, math, os, tempfile
+import dataclasses, hashlib, itertools, math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import params_hash
+from ..core import NpyRowWriter, npy_layout, params_hash, read_npy_rows
 from ..engine import FitResult, code_hash, fit, load_weights
 from .data import GeneratorConfig, SynapseCube, SyntheticSynapses, prepare_cube
 from .model import VGG3D, check_input, cubes_to_input
@@ -33,15 +33,10 @@ class InputRows:
 
     def __init__(self, path: str | Path, start: int = 0, stop: int | None = None):
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-            self._offset = f.tell()
-        if dtype != self.dtype or fortran or len(shape) != 5 or shape[1] != 1 or len(set(shape[2:])) != 1:
-            raise ValueError(f"{self.path} must hold C-ordered float32 inputs of shape (n, 1, S, S, S), got {dtype} {shape}")
-        self._row_shape, self._row_bytes = tuple(shape[1:]), math.prod(shape[1:]) * self.dtype.itemsize
-        if self.path.stat().st_size != self._offset + shape[0] * self._row_bytes:
-            raise ValueError(f"{self.path} is truncated or padded: {self.path.stat().st_size} bytes for {shape[0]} rows of {self._row_bytes}")
+        shape, dtype, _ = npy_layout(self.path)   # complete and C-ordered, or a ValueError naming the file
+        if dtype != self.dtype or len(shape) != 5 or shape[1] != 1 or len(set(shape[2:])) != 1:
+            raise ValueError(f"{self.path} must hold float32 inputs of shape (n, 1, S, S, S), got {dtype} {shape}")
+        self._row_shape = tuple(shape[1:])
         stop = shape[0] if stop is None else stop
         if not 0 <= start <= stop <= shape[0]: raise ValueError(f"rows [{start}, {stop}) are not within the file's {shape[0]} rows")
         self.start, self.stop = int(start), int(stop)
@@ -68,12 +63,7 @@ class InputRows:
         if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return (self[np.arange(i, min(i + batch_size, len(self)))] for i in range(0, len(self), batch_size))
 
-    def _read(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), *self._row_shape), self.dtype)
-        with open(self.path, "rb") as f:
-            for k, r in enumerate(rows.tolist()):
-                f.seek(self._offset + r * self._row_bytes); f.readinto(out[k])
-        return out
+    def _read(self, rows: np.ndarray) -> np.ndarray: return read_npy_rows(self.path, rows.tolist())
 
 def cache_inputs(cubes: Sequence[SynapseCube], # e.g. a `SyntheticSynapses`: cubes are rendered when indexed
                  seg_type: int, alpha: float, # how a cube becomes an input (`prepared_inputs`)
@@ -83,23 +73,8 @@ def cache_inputs(cubes: Sequence[SynapseCube], # e.g. a `SyntheticSynapses`: cub
     path = Path(path)
     if path.exists(): return InputRows(path)
     if not len(cubes): raise ValueError("cubes is empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for i in range(len(cubes)):
-                row = prepared_inputs([cubes[i]], seg_type, alpha).numpy()
-                if i == 0:
-                    first = row.shape
-                    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(row.dtype), "fortran_order": False,
-                                                             "shape": (len(cubes), *first[1:])})
-                elif row.shape != first: raise ValueError(f"cubes must share one size: cube {i} gives inputs {row.shape[1:]}, cube 0 {first[1:]}")
-                f.write(row.tobytes())
-        os.chmod(tmp, 0o644)   # mkstemp's 0600 would hide the cache from other users of the runs folder
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with NpyRowWriter(path, len(cubes), "cubes' inputs") as rows:
+        for i in range(len(cubes)): rows.write(prepared_inputs([cubes[i]], seg_type, alpha).numpy()[0])
     return InputRows(path)
 
 def check_rows(inputs: torch.Tensor | InputRows, size: int, name: str = "inputs", min_rows: int = 1) -> torch.Tensor | InputRows:
