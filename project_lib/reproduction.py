@@ -100,7 +100,8 @@ def reproduction_table(reports_dir: str | Path = "reports", # the working tree's
                        rev: str = "HEAD", # the commit whose reports they are compared with
                        against: str | Path | None = None, # instead of git: a folder of reports to compare with (another machine's or kernels' run)
                       ) -> list[dict]:
-    """One record per study report: `report`, `rev`, `rev_commit`, the `committed_commit`/`regenerated_commit` and the
+    """One record per study report: `report`, `rev`, `rev_commit`, `reference` (what the first run is called on the page: 'committed', or
+    'reference' for a folder given by `against`), the `committed_commit`/`regenerated_commit` and the
     `committed_machine`/`regenerated_machine` of its two runs, `same_kind` (None when either machine is unknown),
     `missing` ('new': not committed at `rev`; 'not regenerated': absent from `reports_dir`; or None) and its `rows` (`compare_runs`)."""
     reports_dir = Path(reports_dir)
@@ -110,7 +111,8 @@ def reproduction_table(reports_dir: str | Path = "reports", # the working tree's
     table = []
     for name in sorted(set(committed) | set(regenerated)):
         c_meta, r_meta = (report_meta(pages.get(name, "")) for pages in (committed, regenerated))
-        record = {"report": name, "rev": rev, "rev_commit": rev_commit, "committed_commit": c_meta.get("commit"),
+        record = {"report": name, "rev": rev, "rev_commit": rev_commit, "reference": "committed" if against is None else "reference",
+                  "committed_commit": c_meta.get("commit"),
                   "regenerated_commit": r_meta.get("commit"), "committed_machine": c_meta.get("machine"),
                   "regenerated_machine": r_meta.get("machine"), "same_kind": same_machine_kind(c_meta.get("machine"), r_meta.get("machine")),
                   "missing": None, "rows": []}
@@ -125,8 +127,15 @@ def failed(record: dict) -> bool:
     "Whether a study fails the check: a row outside the stated uncertainty, or a committed report that was not regenerated."
     return record["missing"] == "not regenerated" or any(r["status"] == OUTSIDE for r in record["rows"])
 
+def _say(record: dict, text: str) -> str:
+    "`text` in the record's words: the first run is 'the committed' one, or (`--against`) 'the reference' one."
+    return text.replace("committed", record.get("reference", "committed"))
+
 def study_summary(record: dict) -> str:
     "A `reproduction_table` record in plain words: how its numbers compare, and on which kinds of machine."
+    return _say(record, _summary(record))
+
+def _summary(record: dict) -> str:
     if record["missing"] == "new": return f'{record["report"]}: new, not committed at {record["rev"]}: nothing to compare with.'
     if record["missing"]: return f'{record["report"]}: committed at {record["rev"]} but not regenerated (absent from the working tree).'
     rows = record["rows"]
@@ -157,7 +166,7 @@ def _short(commit: str | None) -> str:
     return (commit or "unknown")[:10]
 
 def _heading(record: dict) -> str:
-    return (f'{record["report"]}: committed run made at {_short(record["committed_commit"])} (reports of {record["rev"]} = {_short(record["rev_commit"])}), '
+    return _say(record, f'{record["report"]}: committed run made at {_short(record["committed_commit"])} (reports of {record["rev"]} = {_short(record["rev_commit"])}), '
             f'regenerated run at {_short(record["regenerated_commit"])}; machines: committed {record["committed_machine"] or "not recorded"}, '
             f'regenerated {record["regenerated_machine"] or "not recorded"}')
 
@@ -165,7 +174,8 @@ def format_table(table: list[dict]) -> str:
     "The `reproduction_table` records as plain text: per study, a heading, its rows in aligned columns, its summary."
     out = []
     for record in table:
-        cells = [_COLUMNS] + [tuple(_cell(row[c]) for c in _COLUMNS) for row in record["rows"]]
+        cells = [tuple(_say(record, c) for c in _COLUMNS)] + [tuple(_say(record, _cell(row[c])) if c == "note" else _cell(row[c]) for c in _COLUMNS)
+                                                              for row in record["rows"]]
         widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
         out += [_heading(record)] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells if record["rows"]]
         out += ["  " + study_summary(record), ""]
@@ -178,9 +188,10 @@ _PAGE_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;pad
 def _html_table(record: dict) -> str:
     esc = html.escape
     status_class = {IDENTICAL: "identical", WITHIN: "within", OUTSIDE: "outside"}
-    head = "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS)
+    head = "".join(f"<th>{esc(_say(record, c))}</th>" for c in _COLUMNS)
     body = "".join(f'<tr class="{status_class[r["status"]]}">' + "".join(
-        f'<td{" class=n" if c in ("committed", "regenerated", "difference", "interval") else ""}>{esc(_cell(r[c]))}</td>' for c in _COLUMNS) + "</tr>\n"
+        f'<td{" class=n" if c in ("committed", "regenerated", "difference", "interval") else ""}>{esc(_say(record, _cell(r[c])) if c == "note" else _cell(r[c]))}</td>'
+        for c in _COLUMNS) + "</tr>\n"
         for r in record["rows"])
     return f"<table><tr>{head}</tr>\n{body}</table>\n" if record["rows"] else ""
 
@@ -194,11 +205,11 @@ def write_reproduction_page(table: list[dict], # `reproduction_table` records
                        f'{_html_table(r)}<p><b>{esc(study_summary(r))}</b></p></section>\n' for r in table)
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Reproduction check</title>\n'
             f'<style>{_PAGE_STYLE}</style></head><body>\n<h1>Reproduction check</h1>\n' + (f'<p><b>{esc(intro)}</b></p>\n' if intro else '') +
-            '<p>The numbers of the regenerated reports beside those of the committed ones. <b>Identical</b>: exactly the committed '
-            'value; <b>within the stated uncertainty</b>: inside the committed 95 % interval; <b>outside it</b>: outside that interval, '
-            'or changed where no interval was stated (counts, yes/no answers), or present in one run only. Written by '
-            '<code>python -m project_lib.reproduction report</code> at the end of <code>make repro</code>; '
-            '<code>make check-reproduction</code> fails when a number is outside.</p>\n'
+            _say(table[0] if table else {}, '<p>The numbers of the regenerated reports beside those of the committed ones. <b>Identical</b>: '
+            'exactly the committed value; <b>within the stated uncertainty</b>: inside the committed 95 % interval; <b>outside it</b>: outside '
+            'that interval, or changed where no interval was stated (counts, yes/no answers), or present in one run only. Written by '
+            '<code>python -m project_lib.reproduction report</code> (at the end of <code>make repro</code>, against the reports in git '
+            'at HEAD; with <code>--against</code>, against another folder of reports); <code>make check-reproduction</code> fails when a number is outside.</p>\n') +
             f'<p><a href="index.html">Back to the reports</a></p>\n{sections}</body></html>\n')
     return atomic_write_text(path, page)
 

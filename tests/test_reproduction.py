@@ -191,6 +191,8 @@ def test_against_another_folder_of_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "alpha: 1 of 7 outside the stated uncertainty: random_aulc. Made on different kinds of machine" in out
     assert f"reports of {theirs}" in out and (tmp_path / "variation.html").is_file() and not (ours / "reproduction.html").exists()
+    page = (tmp_path / "variation.html").read_text()   # the other folder's run is the reference, not a commit
+    assert "<th>reference</th>" in page and "committed" not in page
     with pytest.raises(SystemExit) as exit_:
         main(["check", str(ours), "--against", str(theirs), "--out", str(tmp_path / "variation.html")])
     assert exit_.value.code == 1
