@@ -4,20 +4,24 @@
 
 # %% ../nbs/50_plan.ipynb #p002
 from __future__ import annotations
-import argparse, dataclasses, math, os, pickle, time
+import argparse, ast, dataclasses, functools, json, math, os, pickle, subprocess, sys, time
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .core import load_study_params, select_device
+from .core import load_study_params, project_root, select_device
 from .engine import Executor
 
 # %% auto #0
-__all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'peak_host_gb', 'peak_device_gb', 'worker_count', 'worker_threads',
-           'plan_cryoem', 'plan_cryoem_al', 'MFNUnitCosts', 'mfn_unit_costs', 'plan_mfn', 'SynapseUnitCosts',
-           'synapse_unit_costs', 'plan_synapse', 'plan_cascade', 'plan_profile', 'main']
+__all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'time_once', 'peak_host_gb', 'peak_device_gb', 'worker_count',
+           'worker_threads', 'evaluation_threads', 'study_cells', 'import_lines', 'startup_s', 'figure_s', 'figures_s',
+           'evaluation_stage', 'CryoEMEvaluationCosts', 'cryoem_evaluation_costs', 'cryoem_evaluation_parts',
+           'plan_cryoem', 'ALEvaluationCosts', 'al_evaluation_costs', 'al_evaluation_parts', 'plan_cryoem_al',
+           'MFNUnitCosts', 'mfn_unit_costs', 'MFNEvaluationCosts', 'mfn_evaluation_costs', 'mfn_evaluation_parts',
+           'plan_mfn', 'SynapseUnitCosts', 'synapse_unit_costs', 'plan_synapse', 'CascadeEvaluationCosts',
+           'cascade_evaluation_costs', 'cascade_evaluation_parts', 'plan_cascade', 'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,12 @@ def time_call(fn: Callable[[], object], repeat: int = 2) -> float:
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
+def time_once(fn: Callable[[], object]) -> float:
+    "Seconds of one call of fn (for work that a stage also does once, cold)."
+    t0 = time.perf_counter(); fn()
+    if torch.cuda.is_available(): torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
 def peak_host_gb() -> float:
     "This process's peak resident memory so far (Linux VmHWM), GB."
     try:
@@ -91,10 +101,82 @@ def worker_threads(workers: int, device: str) -> int:
     torch.set_num_threads(threads)
     return threads
 
+_FRESH_TORCH_THREADS = torch.get_num_threads()   # what a new process (an evaluation notebook's kernel) starts with
+
+def evaluation_threads() -> int:
+    "Give torch and numba the threads of a fresh process (an evaluation notebook sets none) and return torch's: evaluation costs are timed with them."
+    import numba
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    torch.set_num_threads(_FRESH_TORCH_THREADS)
+    return _FRESH_TORCH_THREADS
+
+# %% ../nbs/50_plan.ipynb #p009b
+def study_cells(name: str) -> list[str]:
+    "The code cells of the study notebook `nbs/studies/<name>.ipynb`, the one a stage runs."
+    path = project_root() / "nbs" / "studies" / f"{name}.ipynb"
+    if not path.is_file(): raise FileNotFoundError(f"no study notebook {path}: name must be a stage's notebook, e.g. 'cryoem'")
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+def import_lines(cells: list[str]) -> list[str]:
+    "The top-level import statements of notebook cells, in order, each once (a cell that is not plain Python is skipped)."
+    lines = []
+    for source in cells:
+        try: tree = ast.parse(source)
+        except SyntaxError: continue
+        lines += [ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return list(dict.fromkeys(lines))
+
+@functools.cache
+def startup_s(name: str) -> float:
+    "Seconds to start a Jupyter kernel and run the import statements of study notebook `name` in it (what papermill does before the first cell's work)."
+    from jupyter_client.manager import start_new_kernel
+    code = "\n".join(import_lines(study_cells(name)))
+    t0 = time.perf_counter()
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(project_root()))
+    try:
+        reply = kc.execute_interactive(code, timeout=600, output_hook=lambda msg: None)
+        if reply["content"]["status"] != "ok": raise RuntimeError(f"the imports of study notebook {name!r} failed: {reply['content'].get('evalue')}")
+        return time.perf_counter() - t0
+    finally:
+        kc.stop_channels(); km.shutdown_kernel(now=True)
+
+@functools.cache
+def figure_s() -> float:
+    "Seconds to draw a six-panel report figure (a 96² image and a 200-point curve per panel) and write it twice: `save_figure`'s PNG and a notebook's inline PNG."
+    import io, tempfile
+    from matplotlib.figure import Figure
+    from project_lib.report import save_figure
+    rng = np.random.default_rng(0)
+    def draw():
+        fig = Figure(figsize=(11, 6))
+        for ax in fig.subplots(2, 3).flat:
+            ax.imshow(rng.normal(size=(96, 96)), cmap="gray"); ax.plot(rng.uniform(0, 96, 200), rng.uniform(0, 96, 200), lw=0.8, label="a curve")
+            ax.set_title("a panel"); ax.legend(fontsize=7)
+        fig.tight_layout()
+        with tempfile.TemporaryDirectory() as folder: save_figure(fig, "timing", folder)
+        fig.savefig(io.BytesIO(), format="png", bbox_inches="tight")
+    return time_call(draw, 1)
+
+def figures_s(name: str) -> float:
+    "Seconds for the figures of study notebook `name`: its `save_figure` calls times `figure_s`."
+    return sum(source.count("save_figure(") for source in study_cells(name)) * figure_s()
+
+def evaluation_stage(stage: str, parts: dict[str, float], # {what: measured seconds}
+                     host_gb: float, device_gb: float = 0.0) -> StageCost:
+    "An evaluation stage (one process, no trainings): the sum of its measured parts, each named with its seconds in the note."
+    return StageCost(stage, 0, 0, 0.0, 0, 0.0, sum(parts.values()), host_gb, device_gb, 0.01, 1,
+                     "; ".join(f"{k} {v:.3g} s" for k, v in parts.items()))
+
 # %% ../nbs/50_plan.ipynb #p011
+def _predict_s(config, size_px: int, device: str) -> float:
+    "Seconds of one micrograph's probability map by an arm's network, with this process's threads."
+    from project_lib.cryoem.train import build_model, probabilities
+    net = build_model(config).to(device)
+    return time_call(lambda: probabilities(net, torch.randn(1, 1, size_px, size_px), device), 1)
+
 def _unet_costs(config, size_px: int, device: str) -> tuple[float, float, float, int]:
     "(seconds per step at config.batch_size, seconds per predicted micrograph, device GB, parameter count) of one arm."
-    from project_lib.cryoem.train import build_model, focal_dice_loss, probabilities
+    from project_lib.cryoem.train import build_model, focal_dice_loss
     net = build_model(config).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     def step_s(batch: int) -> float:
@@ -106,8 +188,7 @@ def _unet_costs(config, size_px: int, device: str) -> tuple[float, float, float,
     one = step_s(1)   # at the real batch on a GPU, or on a CPU when that is cheap (< 5 s a step); else scaled from batch 1
     real_batch = device != "cpu" or one * config.batch_size < 5
     step = step_s(config.batch_size) if real_batch else one * config.batch_size
-    predict_s = time_call(lambda: probabilities(net, torch.randn(1, 1, size_px, size_px), device), 1)
-    return step, predict_s, peak_device_gb(), sum(p.numel() for p in net.parameters())
+    return step, _predict_s(config, size_px, device), peak_device_gb(), sum(p.numel() for p in net.parameters())
 
 def _picker_s(size_px: int, diameter_px: float) -> float:
     "Seconds of the picker on one probability map with particle-like blobs."
@@ -126,6 +207,85 @@ def _micrographs_gb(n: int, size_px: int) -> float: return n * size_px ** 2 * 5 
 def _scoring_gb(n_val: int, size_px: int) -> float:
     "Host memory of choosing one picker's thresholds: its validation micrographs and maps (float32), the pixel search's float64 copy and its quantile's."
     return n_val * size_px ** 2 * (5 + 4 + 8 + 8) / 1e9
+
+def _scoring_s(micrographs: list) -> tuple[float, float]:
+    "(seconds of the threshold search per validation micrograph, of scoring one test micrograph) on `micrographs`, with their true masks as the maps (as many picks as particles)."
+    from project_lib.cryoem.baselines import oracle_probability_map
+    from project_lib.cryoem.train import choose_thresholds, score_micrograph
+    maps = np.stack([oracle_probability_map(m) for m in micrographs])
+    thresholds = choose_thresholds(maps, micrographs)
+    search_s = time_call(lambda: choose_thresholds(maps, micrographs), 1)
+    score_s = time_call(lambda: [score_micrograph(q, m, i, thresholds) for i, (q, m) in enumerate(zip(maps, micrographs))], 1)
+    return search_s / len(micrographs), score_s / len(micrographs)
+
+def _real_micrographs_s(p, predict_s: float, picker_s: float) -> float:
+    """Seconds of the notebook's real-micrograph work, per .mrc file in data/cryoem (0 without the files): a look-alike simulated at its size
+    and pixel size (the realism check, timed) and each arm's picks (a prediction and the picker, scaled by pixels from the profile's
+    micrograph to the file on the model's pixel grid)."""
+    from project_lib.cryoem.data import simulate_micrograph
+    from project_lib.cryoem.io import read_micrograph
+    from project_lib.cryoem.pick import to_model_grid
+    from project_lib.cryoem.stage import ARMS
+    cfg, total = p.micrograph_config(p.reference_dose), 0.0
+    for path in sorted((project_root() / "data" / "cryoem").glob("*.mrc")):
+        image, pixel = read_micrograph(path)
+        look_alike = dataclasses.replace(cfg, size_px=min(image.shape) // 16 * 16, pixel_size_a=pixel, particles_min=30, particles_max=60)
+        total += time_once(lambda: simulate_micrograph(look_alike, np.random.default_rng(0)))
+        total += len(ARMS) * (predict_s + picker_s) * to_model_grid(image, pixel, p.pixel_size_a)[0].size / p.size_px ** 2
+    return total
+
+@dataclasses.dataclass(frozen=True)
+class CryoEMEvaluationCosts:
+    "evaluate_cryoem's units of work, measured on this machine in one process with a fresh process's threads (what `plan_cryoem` multiplies by the counts)."
+    startup_s: float # a kernel started and the notebook's imports run
+    simulate_s: float # simulating one micrograph (each read of a lazy set)
+    predict_s: float # one network's probability map of a micrograph
+    match_s: float # one template-matching map
+    bank_s: float # the template bank (structures read and projected), made once
+    search_s: float # the threshold search's share of one validation micrograph: its picks, matched at every candidate threshold, and its pixels
+    score_s: float # scoring one test micrograph: its picks, particle and pixel metrics
+    real_s: float # the real micrographs: per file a simulated look-alike (the realism check) and each arm's picks
+    table_s: float # one `condition_table` (bootstraps of every picker and the difference) of one condition and metric
+    coverage_s: float # one simulation of `interval_coverage` (a two-level bootstrap of a seeds x test matrix)
+    figures_s: float # the notebook's figures
+
+def cryoem_evaluation_costs(p, simulate_s: float, predict_s: float, picker_s: float, # one micrograph simulated, a network's map of it and the
+                            device: str) -> CryoEMEvaluationCosts:   # picker, timed before (a training worker's threads: on a CPU an upper bound)
+    "Time evaluate_cryoem's other units at the sizes and resample counts of `p` (a `CryoEMStudyParams`) on `device`."
+    from project_lib.cryoem.baselines import micrograph_ctf, template_bank, template_match_map
+    from project_lib.cryoem.compare import interval_coverage
+    from project_lib.cryoem.data import load_structure, simulate_micrograph
+    from project_lib.cryoem.stage import ARMS
+    from project_lib.cryoem.study import BASELINES, condition_table
+    evaluation_threads()
+    cfg, rng = p.micrograph_config(p.reference_dose), np.random.default_rng(0)
+    mics = [simulate_micrograph(cfg, np.random.default_rng(i)) for i in range(4)]
+    t0 = time.perf_counter()
+    bank = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, p.template_orientations, seed=p.data_seed)
+    bank_s = time.perf_counter() - t0
+    per_mic = pd.DataFrame([{"condition": "c", "model": m, "seed": s, "micrograph": i, "particle_f1": rng.uniform()}
+                            for m, seeds in [*((a, p.seeds) for a in ARMS), *((b, [0]) for b in BASELINES)] for s in seeds for i in range(p.n_test)])
+    return CryoEMEvaluationCosts(
+        startup_s("cryoem"), simulate_s, predict_s,
+        time_call(lambda: template_match_map(mics[0].image, bank, micrograph_ctf(mics[0], cfg), p.pixel_size_a), 1), bank_s, *_scoring_s(mics),
+        _real_micrographs_s(p, predict_s, picker_s),
+        time_once(lambda: condition_table(per_mic, "particle_f1", ARMS, BASELINES, p.equivalence_margin, p.bootstrap_resamples)),
+        time_once(lambda: interval_coverage(rng.normal(size=(len(p.seeds), p.n_test)), 20)) / 20, figures_s("cryoem"))
+
+def cryoem_evaluation_parts(p, e: CryoEMEvaluationCosts) -> dict[str, float]:
+    "evaluate_cryoem's seconds by part: the counts of `p` (a `CryoEMStudyParams`) times the unit costs `e`."
+    from project_lib.cryoem.stage import ARMS
+    from project_lib.cryoem.study import BASELINES
+    conditions, networks = len(p.dose_levels) + 1, len(ARMS) * len(p.seeds)
+    reads = p.n_train + p.n_val + p.n_test + p.n_val + p.n_test   # every micrograph once to hash the condition, then validation (held) and test (streamed)
+    per_condition = (reads * e.simulate_s + (p.n_val + p.n_test) * (networks * e.predict_s + e.match_s)
+                     + (networks + len(BASELINES)) * (p.n_val * e.search_s + p.n_test * e.score_s))
+    return {"start-up": e.startup_s,
+            "scoring": e.bank_s + conditions * per_condition + p.n_alt_val * p.n_alt_sets * e.simulate_s,   # + the replay's sets, hashed once
+            "real micrographs": e.real_s,
+            "difficulty table": len(p.dose_levels) * 8 * e.simulate_s,   # 8 micrographs per dose
+            "bootstraps": conditions * (2 * e.table_s + p.coverage_simulations * e.coverage_s),   # particle F1 and AUPRC tables, the coverage check
+            "figures": e.figures_s}
 
 def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem and evaluate_cryoem of `profile`."
@@ -147,21 +307,36 @@ def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     train = StageCost("train_cryoem", trainings, math.ceil(p.n_train / p.batch_size) * p.epochs, step_s, len(validated_epochs(config)),
                       val_used * (predict_s + picker_s), simulated * simulate_s, peak_host_gb() + _micrographs_gb(val_used + alt + PREDICT_BATCH, p.size_px),
                       device_gb, conditions * p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), workers, how)
-    from project_lib.cryoem.baselines import micrograph_ctf, template_bank, template_match_map
-    from project_lib.cryoem.data import load_structure
-    mic = simulate_micrograph(cfg, np.random.default_rng(0))
-    t0 = time.perf_counter()
-    bank = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, p.template_orientations)
-    bank_s = time.perf_counter() - t0
-    match_s = time_call(lambda: template_match_map(mic.image, bank, micrograph_ctf(mic, cfg), p.pixel_size_a), 1)
-    scoring = (trainings * (p.n_val + p.n_test) * (predict_s + picker_s) + (conditions * (n_total + p.n_val + p.n_test) + alt) * simulate_s
-               + conditions * (bank_s + (p.n_val + p.n_test) * (match_s + picker_s)))
-    evaluate = StageCost("evaluate_cryoem", 0, 0, 0.0, 0, 0.0, scoring, peak_host_gb() + _scoring_gb(p.n_val, p.size_px), device_gb, 0.01, 1,
-                         "scoring every network and template matching on validation and test, one condition and one picker's validation maps at a time "
-                         "(the real-micrograph picks not counted)")
-    return [train, evaluate]
+    parts = cryoem_evaluation_parts(p, cryoem_evaluation_costs(p, simulate_s, predict_s, picker_s, device))
+    return [train, evaluation_stage("evaluate_cryoem", parts, peak_host_gb() + _scoring_gb(p.n_val, p.size_px), device_gb)]
 
 # %% ../nbs/50_plan.ipynb #p013
+@dataclasses.dataclass(frozen=True)
+class ALEvaluationCosts:
+    "evaluate_cryoem_al's units of work, measured on this machine in one process with a fresh process's threads (what `plan_cryoem_al` multiplies by the counts)."
+    startup_s: float # a kernel started and the notebook's imports run
+    read_s: float # reading one stored micrograph with its mask (the sets are hashed once, the pool read again by every scan)
+    scan_s: float # one pool micrograph in the collapse replay's two `scan_pool` passes: two predictions, the pixel scores under both aggregations
+    figures_s: float # the notebook's figures
+
+def al_evaluation_costs(p, read_s: float, predict_s: float, # a stored micrograph's read and a whole micrograph's prediction, timed before
+                        ) -> ALEvaluationCosts:            # (a training worker's threads: on a CPU an upper bound)
+    "Time evaluate_cryoem_al's other units at the sizes of `p` (an `ALStudyParams`): the pool scans' pixel scores and aggregations."
+    from project_lib.cryoem.active import PIXEL_SCORES, aggregate
+    from project_lib.cryoem.data import MicrographConfig
+    evaluation_threads()
+    settings, size = p.settings(), MicrographConfig(**p.micrograph).size_px
+    prob = np.random.default_rng(0).uniform(size=(settings.batch_size, size, size)).astype(np.float32)   # a batch of probability maps
+    scores_s = sum(time_call(lambda how=how: [aggregate(score(prob), how, settings.top_fraction) for score in PIXEL_SCORES.values()], 1)
+                   for how in ("mean", "top_k")) / settings.batch_size
+    return ALEvaluationCosts(startup_s("cryoem_al"), read_s, 2 * predict_s + scores_s, figures_s("cryoem_al"))
+
+def al_evaluation_parts(p, e: ALEvaluationCosts) -> dict[str, float]:
+    "evaluate_cryoem_al's seconds by part: the counts of `p` (an `ALStudyParams`) times the unit costs `e` (its tables and bootstraps, well under a second, not counted)."
+    return {"start-up": e.startup_s, "reading the store": (p.pool_size + p.n_val + p.n_test) * e.read_s,
+            "collapse replay": len(p.seeds) * p.pool_size * (e.scan_s + 2 * e.read_s),   # per seed, its round-0 network scans the pool twice
+            "figures": e.figures_s}
+
 def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem_al (every strategy x seed x round, the full-pool reference and the replay) and evaluate_cryoem_al of `profile`."
     from project_lib.cryoem.al import ALStudyParams
@@ -172,7 +347,7 @@ def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     threads = worker_threads(worker_count(p.n_jobs), device)
     config, cfg = p.train_config(p.seeds[0]), MicrographConfig(**p.micrograph)
     step_s, predict_s, device_gb, n_params = _unet_costs(config, config.crop_px or cfg.size_px, device)
-    full_predict_s = _unet_costs(config, cfg.size_px, device)[1] if config.crop_px else predict_s
+    full_predict_s = _predict_s(config, cfg.size_px, device) if config.crop_px else predict_s
     picker_s, counts = _picker_s(cfg.size_px, cfg.diameter_px), p.counts()
     simulate_s = time_call(lambda: simulate_micrograph(cfg, np.random.default_rng(0)), 1)
     stored = pickle.dumps(simulate_micrograph(cfg, np.random.default_rng(0)), protocol=5)   # one micrograph in the store (`simulate_sets(p, store)`)
@@ -187,11 +362,11 @@ def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     scoring = (trainings * ((p.n_val + p.n_test + p.pool_size) * (full_predict_s + picker_s + read_s) + (val_used + steps * config.batch_size) * read_s)
                + n_total * simulate_s)
     how = f"{threads} thread(s) per worker, step at {config.crop_px or cfg.size_px}² px, width {config.width}, on {device}" + f", batch {config.batch_size}"
-    return [StageCost("train_cryoem_al", trainings, steps, step_s, len(validated_epochs(config)), val_used * (full_predict_s + picker_s), scans + scoring,
+    train = StageCost("train_cryoem_al", trainings, steps, step_s, len(validated_epochs(config)), val_used * (full_predict_s + picker_s), scans + scoring,
                       peak_host_gb() + max(_scoring_gb(p.n_val, cfg.size_px), _micrographs_gb(val_used + PREDICT_BATCH, cfg.size_px)), device_gb,
-                      n_total * len(stored) / 1e9 + trainings * _checkpoint_gb(n_params), worker_count(p.n_jobs), how + ", micrographs simulated once into the store"),
-            StageCost("evaluate_cryoem_al", 0, 0, 0.0, 0, 0.0, 60.0 + n_total * read_s, peak_host_gb(), 0.0, 0.01, 1,
-                      "hashing the stored sets once, tables and bootstraps (about a minute)")]
+                      n_total * len(stored) / 1e9 + trainings * _checkpoint_gb(n_params), worker_count(p.n_jobs), how + ", micrographs simulated once into the store")
+    e = al_evaluation_costs(p, read_s, full_predict_s)
+    return [train, evaluation_stage("evaluate_cryoem_al", al_evaluation_parts(p, e), peak_host_gb())]
 
 # %% ../nbs/50_plan.ipynb #p015
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +375,13 @@ class MFNUnitCosts:
     step_s: dict[int, float] # seconds per step at each grid size: a run of the profile's fewest steps (features included) / its steps, averaged over the sweep's dynamics x Turing on/off
     workers: int # simulations at once: the stage's joblib workers
     threads: int # numba threads of each worker, as the stage sets them (the runs were timed with these)
+    startup_s: float # the notebook's start-up, then its workers' (they start at once): an interpreter importing the simulator and loading its compiled kernels
+
+def _worker_start_s() -> float:
+    "Seconds for a fresh interpreter to import the simulator and run one small simulation (its compiled kernels loaded from numba's cache), as a joblib worker starts."
+    code = ("import project_lib\nfrom project_lib.mfn.dataset import simulate_row\nfrom project_lib.mfn.sim import SimulationConfig\n"
+            "simulate_row(0, SimulationConfig(grid_size=16, steps=10), numba_threads=1)")
+    return time_once(lambda: subprocess.run([sys.executable, "-c", code], cwd=project_root(), check=True, capture_output=True))
 
 def mfn_unit_costs(p) -> MFNUnitCosts:
     "Time one run per grid size, dynamics and Turing setting of `p` (a `MFNStudyParams`) as one of the stage's workers runs it: `simulate_row` with its numba threads."
@@ -210,10 +392,56 @@ def mfn_unit_costs(p) -> MFNUnitCosts:
     def run(n: int, dynamics: str, turing: bool) -> float:
         config = SimulationConfig(grid_size=n, steps=steps, alpha=p.alphas[0], spike_probability=p.spike_probability, turing_enabled=turing, dynamics=dynamics)
         return time_call(lambda: simulate_row(0, config, numba_threads=threads), 1)
-    return MFNUnitCosts({n: float(np.mean([run(n, d, t) for d, t in variants])) / steps for n in p.grid_sizes}, workers, threads)
+    return MFNUnitCosts({n: float(np.mean([run(n, d, t) for d, t in variants])) / steps for n in p.grid_sizes}, workers, threads,
+                        startup_s("mfn_simulate") + _worker_start_s())
+
+@dataclasses.dataclass(frozen=True)
+class MFNEvaluationCosts:
+    "evaluate_mfn's units of work, measured on this machine in one process with a fresh process's numba threads (what `plan_mfn` multiplies by the counts)."
+    startup_s: float # a kernel started and the notebook's imports run
+    example_step_s: float # one step of an example run (example_grid_size, features included), mean over dynamics x Turing on/off
+    experimental_s: float # the experimental features of one example field
+    predictability_s: float # `predictability` of one dynamics' dataset at the profile's size: cross-validated LightGBM, importances, seed bootstraps
+    turing_s: float # one `turing_effect` (a bootstrap over seeds per feature) at the profile's size
+    alpha_s: float # one `alpha_effect`
+    figures_s: float # the notebook's figures
+
+def _stand_in_dataset(p) -> pd.DataFrame:
+    "A stand-in for one dynamics' dataset of `p` (every grid size x steps x alpha x seed, Turing on and off): 18 features that follow alpha and Turing, with noise."
+    from project_lib.mfn.features import FEATURE_NAMES
+    runs = pd.MultiIndex.from_product([p.grid_sizes, p.steps, p.alphas, p.seeds, (True, False)],
+                                      names=["grid_size", "steps", "alpha", "random_seed", "turing_enabled"]).to_frame(index=False)
+    rng = np.random.default_rng(0)
+    signal = np.outer(runs.alpha, rng.normal(0, 10, len(FEATURE_NAMES))) + np.outer(runs.turing_enabled, rng.normal(0, 1, len(FEATURE_NAMES)))
+    return runs.assign(**dict(zip(FEATURE_NAMES, (signal + rng.normal(size=signal.shape)).T)))
+
+def mfn_evaluation_costs(p) -> MFNEvaluationCosts:
+    "Time evaluate_mfn's units at the sizes and resample counts of `p` (a `MFNStudyParams`): example runs of up to 100 steps, the analyses on a stand-in dataset."
+    from project_lib.mfn.analysis import alpha_effect, per_cell, predictability, turing_effect
+    from project_lib.mfn.features import compute_experimental_features
+    from project_lib.mfn.sim import SimulationConfig, simulate
+    evaluation_threads()
+    steps = min(p.example_steps, 100)
+    configs = [SimulationConfig(grid_size=p.example_grid_size, steps=steps, alpha=0.1, seed=p.example_seed, turing_enabled=t, dynamics=d,
+                                spike_probability=p.spike_probability) for d in p.dynamics for t in (True, False)]
+    example_s = np.mean([time_once(lambda c=c: simulate(c)) for c in configs]) / steps
+    field, data = simulate(configs[0]).field, _stand_in_dataset(p)
+    return MFNEvaluationCosts(startup_s("mfn"), float(example_s), time_call(lambda: compute_experimental_features(field), 1),
+                              time_once(lambda: predictability(data, n_splits=min(5, len(p.seeds)), n_resamples=p.bootstrap_resamples // 5, seed=p.bootstrap_seed)),
+                              time_once(lambda: turing_effect(per_cell(data), p.bootstrap_resamples, p.bootstrap_seed)),
+                              time_once(lambda: alpha_effect(per_cell(data), p.bootstrap_resamples, p.bootstrap_seed)), figures_s("mfn"))
+
+def mfn_evaluation_parts(p, e: MFNEvaluationCosts) -> dict[str, float]:
+    "evaluate_mfn's seconds by part: the counts of `p` (a `MFNStudyParams`) times the unit costs `e`."
+    variants, experimental = 2 * len(p.dynamics), min(5, len(p.seeds))   # dynamics x Turing on/off; the experimental features of the first 5 seeds of each
+    return {"start-up": e.startup_s, "example runs": variants * ((1 + experimental) * p.example_steps * e.example_step_s + experimental * e.experimental_s),
+            "predictability": len(p.dynamics) * e.predictability_s,
+            "effects": len(p.dynamics) * e.turing_s + e.alpha_s,   # Turing under each dynamics, alpha under the main one
+            "figures": e.figures_s}
 
 def plan_mfn(profile: str, device: str | None = None,
              costs: MFNUnitCosts | None = None, # unit costs measured before (default: measured now)
+             evaluation: MFNEvaluationCosts | None = None, # evaluate_mfn's unit costs measured before (default: measured now)
             ) -> list[StageCost]:
     "simulate_mfn and evaluate_mfn of `profile` (CPU work: no trainings)."
     from project_lib.mfn.analysis import MFNStudyParams
@@ -224,10 +452,10 @@ def plan_mfn(profile: str, device: str | None = None,
     clamp_s = sum(c.step_s[n] * t * len(p.alphas) * len(p.seeds) * 2 * 2 for n in p.grid_sizes if n <= 256 for t in p.steps if t <= 300)
     rows = runs_per_size * len(p.grid_sizes) * len(p.steps)
     big = max(p.grid_sizes) ** 2 * 8 * 12 / 1e9   # a run's fields and accumulators (float64)
-    return [StageCost("simulate_mfn", 0, 0, 0.0, 0, 0.0, (sweep_s + clamp_s) / c.workers, peak_host_gb() + big * c.workers, 0.0, rows * 400 / 1e9, c.workers,
-                      f"a run of {min(p.steps)} steps timed per grid size, dynamics and Turing setting, {c.threads} numba thread(s) per worker; "
-                      f"wall = work / {c.workers} workers"),
-            StageCost("evaluate_mfn", 0, 0, 0.0, 0, 0.0, 60.0 + rows * 0.02, peak_host_gb(), 0.0, 0.01, 1, "tables, bootstraps and cross-validation")]
+    return [StageCost("simulate_mfn", 0, 0, 0.0, 0, 0.0, c.startup_s + (sweep_s + clamp_s) / c.workers, peak_host_gb() + big * c.workers, 0.0, rows * 400 / 1e9,
+                      c.workers, f"a run of {min(p.steps)} steps timed per grid size, dynamics and Turing setting, {c.threads} numba thread(s) per worker; "
+                      f"wall = start-up ({c.startup_s:.3g} s: the notebook's and a worker's) + work / {c.workers} workers"),
+            evaluation_stage("evaluate_mfn", mfn_evaluation_parts(p, evaluation or mfn_evaluation_costs(p)), peak_host_gb())]
 
 # %% ../nbs/50_plan.ipynb #p018
 def _scaled_step_s(step_at: Callable[[int], float], batch: int, device: str, smallest: int = 1) -> tuple[float, bool]:
@@ -305,9 +533,70 @@ def plan_synapse(profile: str, device: str | None = None,
                       "generating the evaluation and sweep cubes and 4 networks' features of each, a batch at a time (clustering and nulls not counted)")]
 
 # %% ../nbs/50_plan.ipynb #p021
+@dataclasses.dataclass(frozen=True)
+class CascadeEvaluationCosts:
+    "evaluate_cascade's units of work, measured on this machine in one process with a fresh process's threads (what `plan_cascade` multiplies by the counts)."
+    startup_s: float # a kernel started and the notebook's imports run
+    draft_s: float # the benchmark's plan and crops (`benchmark_draft`), made once
+    fake_s: float # one image of `build_benchmark`: the two forgers' renderings of its crop (float64) and its processing
+    predict_s: dict[str, float] # per detector role: one image through `predict` (eval mode, batches of 128)
+    logistic_s: float # one `fit_logistic` on the blend split's stage-3 features (C chosen on grouped folds, refitted)
+    lightgbm_s: float # one `fit_lightgbm` on them (rounds chosen on grouped folds, refitted)
+    bootstrap_s: float # one `paired_bootstrap` of two methods' test scores over seeds x photographs
+    spectral_s: float # the spectral baseline's features of one image
+    figures_s: float # the notebook's figures
+
+def cascade_evaluation_costs(p, nets: dict, # {role: a detector of the role, untrained} on `device`
+                             n_images: dict[str, int], groups: dict[str, int], # images and photographs per split
+                             device: str) -> CascadeEvaluationCosts:
+    """Time evaluate_cascade's units at the sizes and resample counts of `p` (a `CascadeParams`): the detectors' scores and the stacks
+    (their inputs from the untrained detectors) on a sample of the benchmark's real crops with their labels and photographs."""
+    from project_lib.cascade.data import FORGER_UPS, Benchmark, Forger, build_benchmark
+    from project_lib.cascade.stack import fit_lightgbm, fit_logistic, paired_bootstrap, predict, stage3_features
+    from project_lib.cascade.study import spectral_features
+    from project_lib.cascade.units import EXPERTS, benchmark_draft
+    evaluation_threads()
+    t0 = time.perf_counter(); draft = benchmark_draft(p); draft_s = time.perf_counter() - t0
+    k, rng = min(len(draft.plan), max(8, 64 * 64 ** 2 // p.px ** 2)), np.random.default_rng(0)   # 64 images of 64 px, or as many pixels
+    part = dataclasses.replace(draft, plan=draft.plan[:k], crops=draft.crops[:k], rows=draft.rows[:k])
+    fake_s = time_once(lambda: build_benchmark(part, {up: Forger(up) for up in FORGER_UPS})) / k
+    # a sample of the benchmark's real crops (at most 512 of 64 px, fewer of larger ones: as many pixels); the stacks' inputs from it at the
+    # blend split's size (rows beyond the sample drawn again from it, with a little noise)
+    k, n_rows = min(n_images["blend"], max(8, 512 * 64 ** 2 // p.px ** 2)), n_images["blend"]
+    idx = np.sort(rng.permutation(len(draft.plan))[:k])
+    sample = Benchmark(draft.crops[idx], np.array([draft.plan[i]["label"] for i in idx]), np.array([str(draft.plan[i]["photo"]) for i in idx]),
+                       pd.DataFrame(index=range(len(idx))))
+    outs, predict_s = {}, {}
+    for role, net in nets.items():
+        t0 = time.perf_counter(); outs[role] = predict(net, sample, device); predict_s[role] = (time.perf_counter() - t0) / len(idx)
+    rows = np.sort(np.r_[np.arange(len(idx)), rng.integers(0, len(idx), n_rows - len(idx))])
+    features = stage3_features({r: outs[r] for r in EXPERTS}, outs["filter"]["prob"]).iloc[rows].reset_index(drop=True)
+    features += rng.normal(0, 1e-3, features.shape) * features.std().to_numpy()
+    labels, photographs = sample.label[rows], sample.group[rows]
+    test_y, scores = np.arange(n_images["test"]) % 2, rng.uniform(size=(2, len(p.seeds), n_images["test"]))
+    test_groups = np.arange(len(test_y)) % max(groups["test"], 2)
+    return CascadeEvaluationCosts(startup_s("cascade"), draft_s, fake_s, predict_s,
+                                  time_once(lambda: fit_logistic(features, labels, photographs, p.stack_folds)),
+                                  time_once(lambda: fit_lightgbm(features, labels, photographs, p.seeds[0], p.stack_folds, p.lgbm_max_rounds)),
+                                  time_once(lambda: paired_bootstrap(test_y, test_groups, scores[0], scores[1], n_resamples=p.bootstrap_resamples)),
+                                  time_call(lambda: spectral_features(sample.images[:128]), 1) / len(sample.images[:128]), figures_s("cascade"))
+
+def cascade_evaluation_parts(p, n_images: dict[str, int], e: CascadeEvaluationCosts) -> dict[str, float]:
+    "evaluate_cascade's seconds by part: the counts of `p` (a `CascadeParams`) and its splits' `n_images` times the unit costs `e`."
+    from project_lib.cascade.units import EXPERTS
+    scored = n_images["val"] + n_images["blend"] + n_images["test"]
+    experts = sum(e.predict_s[r] for r in EXPERTS)
+    return {"start-up": e.startup_s, "benchmark": e.draft_s + sum(n_images.values()) * e.fake_s,
+            "scoring": len(p.seeds) * ((e.predict_s["filter"] + experts) * scored + e.predict_s["null"] * n_images["test"]),   # per seed; the null on test only
+            "stacking": len(p.seeds) * (e.logistic_s + e.lightgbm_s),
+            "bootstraps": (len(EXPERTS) + 6) * e.bootstrap_s,   # the paired comparisons: 3 against the best expert, the stack against the others, 4 more
+            "end-to-end timing": p.timing_images * (2 * e.predict_s["filter"] + (1 + p.routing_budget) * experts),   # always-expert, then the cascade
+            "spectral baseline": (n_images["train"] + n_images["test"]) * e.spectral_s,
+            "figures": e.figures_s}
+
 def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cascade (the two forgers, then every detector role x seed: one row per role) and evaluate_cascade of `profile`."
-    from project_lib.cascade.data import FORGER_DTYPE, FORGER_UPS, Forger, _sample_plan, real_photographs, to_input
+    from project_lib.cascade.data import FORGER_DTYPE, FORGER_UPS, Forger, _sample_plan, real_photographs
     from project_lib.cascade.models import build_model, detector_loss
     from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config
     p = load_study_params("cascade", CascadeParams, profile)
@@ -315,10 +604,12 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
     workers = worker_count(p.n_jobs)
     threads = worker_threads(workers, device)
     if p.data == "manifests": raise ValueError("make plan counts the generated benchmark; for manifests it needs the manifests' sizes (not planned)")
-    n = len(_sample_plan(real_photographs(p.n_faces), p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed))
-    n_train, n_val = round(n * p.split["train"]), round(n * p.split["val"])
+    photos = real_photographs(p.n_faces)
+    n = len(_sample_plan(photos, p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed))
+    n_images, groups = {k: round(n * f) for k, f in p.split.items()}, {k: round(len(photos) * f) for k, f in p.split.items()}
+    n_train, n_val = n_images["train"], n_images["val"]
     images_gb = n * p.px ** 2 * 3 / 1e9
-    rows = []
+    rows, nets = [], {}
     forger, x = Forger(FORGER_UPS[0]).to(device), torch.rand(1, 3, p.px, p.px, dtype=FORGER_DTYPE)   # the forgers train in float64
     opt = torch.optim.Adam(forger.parameters(), lr=2e-3)
     def forger_at(batch):
@@ -334,7 +625,7 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
                           f"{threads} thread(s) per worker, {p.px} px, batch 32"))
     for role in DETECTORS:
         config = detector_config(p, role)
-        net = build_model(config).to(device)
+        net = nets[role] = build_model(config).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
         def at(batch, net=net, opt=opt):
@@ -350,9 +641,8 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
         rows.append(StageCost(f"train_cascade: {role}", len(p.seeds), math.ceil(n_train / config.batch_size) * config.epochs, step_s, config.epochs,
                               n_val * forward_s, 0.0, peak_host_gb() + images_gb, peak_device_gb(), len(p.seeds) * (n_params * 4 * 4 + 2e6) / 1e9,
                               min(workers, len(p.seeds)), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")))
-    scoring = sum(r.validation_s / n_val * n * r.trainings for r in rows[1:])
-    rows.append(StageCost("evaluate_cascade", 0, 0, 0.0, 0, 0.0, scoring + n * 0.002, peak_host_gb() + 2 * images_gb, peak_device_gb(), 0.01, 1,
-                          "every detector scores every image once; stacking, routing and bootstraps not counted"))
+    e = cascade_evaluation_costs(p, nets, n_images, groups, device)
+    rows.append(evaluation_stage("evaluate_cascade", cascade_evaluation_parts(p, n_images, e), peak_host_gb() + 2 * images_gb, peak_device_gb()))
     return rows
 
 # %% ../nbs/50_plan.ipynb #p031
