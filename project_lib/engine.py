@@ -137,7 +137,7 @@ class FitResult:
     best_epoch: int # 1-based epoch with the highest `select` value (the first of ties)
     train_time_s: float # training time (evaluation excluded), summed over resumed sessions
     best_checkpoint: Path
-    last_checkpoint: Path
+    last_checkpoint: Path | None # the last epoch's weights (with `keep_last`), else None
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, loss: Callable[[nn.Module], torch.Tensor], device: str) -> float:
     "One optimiser step on the loss `loss(net)` (computed under AMP on CUDA); returns the loss."
@@ -147,13 +147,18 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, loss: Callabl
     scaler.scale(value).backward(); scaler.step(opt); scaler.update()
     return float(value.detach())
 
-def _resume(last: Path, identity: dict, model, opt, scaler, device) -> tuple[list, int, float, float]:
-    "(history, epochs done, best selected value, training time) of an existing last.pt of this identity."
+def _resume(last: Path, identity: dict, model, opt, scaler, device, epochs: int, keep_last: bool) -> tuple[list, int, float, float]:
+    "(history, epochs done, best selected value, training time) of an existing last.pt of this identity; a finished run's record is not continued."
     state = load_checkpoint_state(last, device)
     differ = [k for k, v in identity.items() if state.get(k) != v]
     if differ: raise ValueError(f"{last} belongs to a run with a different {' and '.join(differ)}; use another out_dir")
-    model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
-    if state["scaler"]: scaler.load_state_dict(state["scaler"])   # empty when saved by a CPU run (scaler disabled)
+    if "optimizer" in state:
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
+        if state["scaler"]: scaler.load_state_dict(state["scaler"])   # empty when saved by a CPU run (scaler disabled)
+    elif state["epoch"] < epochs:
+        raise ValueError(f"{last} is a finished run of {state['epoch']} epochs whose optimiser state was dropped; it cannot go on to {epochs}: use another out_dir")
+    elif "model" in state: model.load_state_dict(state["model"])
+    elif keep_last: raise ValueError(f"{last} is a finished run that did not keep its last weights (keep_last=False); use another out_dir")
     return state["history"], state["epoch"], state["best_score"], state["train_time_s"]
 
 def fit(model: nn.Module, # built and seeded by the caller, on `device`
@@ -165,7 +170,9 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
         select: str, # the key of `evaluate`'s dict that selects the best epoch (maximised)
         out_dir: str | Path, identity: dict, # identity: what a resumed last.pt must match (config, data hashes)
         device: str = "cpu", rank: int = 0, world: int = 1, # from `distributed`
-        samples_per_epoch: int = 0, desc: str = "", progress: bool = True) -> FitResult:
+        samples_per_epoch: int = 0, desc: str = "", progress: bool = True,
+        keep_last: bool = False, # keep the last epoch's weights in last.pt once finished (a warm start reads them)
+       ) -> FitResult:
     "Train for `epochs` seeded epochs, evaluating and checkpointing after each; resume an existing last.pt of the same identity."
     if n_train < 1: raise ValueError("n_train must be >= 1")
     if epochs < 1 or batch_size < 1: raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -173,7 +180,7 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     scaler = torch.amp.GradScaler("cuda", enabled=uses_amp(model, device))
-    history, start, best_score, elapsed = _resume(last, identity, model, opt, scaler, device) if last.exists() else ([], 0, -np.inf, 0.0)
+    history, start, best_score, elapsed = _resume(last, identity, model, opt, scaler, device, epochs, keep_last) if last.exists() else ([], 0, -np.inf, 0.0)
     net, per_rank = wrap_ddp(model, world, device), batch_size // world
     for epoch in tqdm(range(start, epochs), desc=desc, disable=not progress or rank > 0, leave=False):
         t0 = time.perf_counter()
@@ -194,9 +201,12 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
             if improved: save_checkpoint(best, {"model": model.state_dict(), "epoch": epoch + 1, "metrics": row})
             save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                                    "history": history, "best_score": best_score, "train_time_s": elapsed, **identity})
+    if rank == 0:   # finished: the record of the run (and the last weights only when asked for), without the optimiser's state
+        save_checkpoint(last, {**({"model": model.state_dict()} if keep_last else {}), "epoch": epochs, "history": history,
+                               "best_score": best_score, "train_time_s": elapsed, **identity})
     if world > 1: torch.distributed.barrier()   # every rank returns once the checkpoints are written
     hist = pd.DataFrame(history)
-    return FitResult(hist, int(hist.loc[hist[select].idxmax(), "epoch"]), elapsed, best, last)
+    return FitResult(hist, int(hist.loc[hist[select].idxmax(), "epoch"]), elapsed, best, last if keep_last else None)
 
 # %% ../nbs/02_engine.ipynb #c021
 @dataclasses.dataclass(frozen=True)

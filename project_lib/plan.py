@@ -18,10 +18,11 @@ from .engine import Executor
 __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'time_once', 'peak_host_gb', 'peak_device_gb', 'worker_count',
            'worker_threads', 'evaluation_threads', 'study_cells', 'import_lines', 'startup_s', 'figure_s', 'figures_s',
            'evaluation_stage', 'CryoEMEvaluationCosts', 'cryoem_evaluation_costs', 'cryoem_evaluation_parts',
-           'plan_cryoem', 'ALEvaluationCosts', 'al_evaluation_costs', 'al_evaluation_parts', 'plan_cryoem_al',
-           'MFNUnitCosts', 'mfn_unit_costs', 'MFNEvaluationCosts', 'mfn_evaluation_costs', 'mfn_evaluation_parts',
-           'plan_mfn', 'SynapseUnitCosts', 'synapse_unit_costs', 'plan_synapse', 'CascadeEvaluationCosts',
-           'cascade_evaluation_costs', 'cascade_evaluation_parts', 'plan_cascade', 'plan_profile', 'main']
+           'plan_cryoem', 'ALEvaluationCosts', 'al_evaluation_costs', 'al_evaluation_parts', 'al_checkpoints_gb',
+           'plan_cryoem_al', 'MFNUnitCosts', 'mfn_unit_costs', 'MFNEvaluationCosts', 'mfn_evaluation_costs',
+           'mfn_evaluation_parts', 'plan_mfn', 'SynapseUnitCosts', 'synapse_unit_costs', 'plan_synapse',
+           'CascadeEvaluationCosts', 'cascade_evaluation_costs', 'cascade_evaluation_parts', 'plan_cascade',
+           'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +201,15 @@ def _picker_s(size_px: int, diameter_px: float) -> float:
     prob = np.clip(ndimage.gaussian_filter(spots, diameter_px / 4) * (diameter_px ** 2), 0, 1)
     return time_call(lambda: extract_picks(prob, diameter_px), 1)
 
-def _checkpoint_gb(n_params: int) -> float: return (n_params * 4 * 4 + 2e6) / 1e9   # best (weights) + last (weights, Adam's two moments), + 1 MB per file (history, archive)
+_RECORD_GB = 2e-3   # a finished training's history and records (last.pt's record, unit.json), generously
+
+def _checkpoint_gb(n_params: int, last_weights: bool = False) -> float:
+    "One finished training on disk: its best weights (and its last, kept for a warm start) and its record."
+    return n_params * 4 * (1 + last_weights) / 1e9 + _RECORD_GB
+
+def _running_gb(n_params: int) -> float:
+    "What a training under way holds beyond a finished one: last.pt with the weights and Adam's two moments."
+    return n_params * 4 * 3 / 1e9
 
 def _micrographs_gb(n: int, size_px: int) -> float: return n * size_px ** 2 * 5 / 1e9   # micrographs held in memory: image float32 + mask
 
@@ -306,7 +315,8 @@ def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     simulated = conditions * (n_total + p.n_train) + alt * (1 + len(ARMS) * len(p.seeds)) + trainings * val_used
     train = StageCost("train_cryoem", trainings, math.ceil(p.n_train / p.batch_size) * p.epochs, step_s, len(validated_epochs(config)),
                       val_used * (predict_s + picker_s), simulated * simulate_s, peak_host_gb() + _micrographs_gb(val_used + alt + PREDICT_BATCH, p.size_px),
-                      device_gb, conditions * p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params), workers, how)
+                      device_gb, p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params) + workers * _running_gb(n_params),   # one condition's cache at a time
+                      workers, how)
     parts = cryoem_evaluation_parts(p, cryoem_evaluation_costs(p, simulate_s, predict_s, picker_s, device))
     return [train, evaluation_stage("evaluate_cryoem", parts, peak_host_gb() + _scoring_gb(p.n_val, p.size_px), device_gb)]
 
@@ -337,6 +347,13 @@ def al_evaluation_parts(p, e: ALEvaluationCosts) -> dict[str, float]:
             "collapse replay": len(p.seeds) * p.pool_size * (e.scan_s + 2 * e.read_s),   # per seed, its round-0 network scans the pool twice
             "figures": e.figures_s}
 
+def al_checkpoints_gb(p, n_params: int, workers: int) -> float:
+    """Peak disk of train_cryoem_al's checkpoints (`p` an `ALStudyParams`): a chain or replay keeps its last round only; round 0 and the replay
+    keep their last weights too (warm starts read them); each worker's unit holds its rounds until it finishes, and one training under way."""
+    finished = len(p.seeds) * ((1 + len(p.strategies)) * _checkpoint_gb(n_params) + 3 * _checkpoint_gb(n_params, last_weights=True))   # full pool, chains; round 0, 2 replays
+    in_flight = workers * ((len(p.replay_fractions) - 1) * _checkpoint_gb(n_params, last_weights=True) + _running_gb(n_params))   # the replay's rounds: the longest unit
+    return finished + in_flight
+
 def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cryoem_al (every strategy x seed x round, the full-pool reference and the replay) and evaluate_cryoem_al of `profile`."
     from project_lib.cryoem.al import ALStudyParams
@@ -364,7 +381,8 @@ def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     how = f"{threads} thread(s) per worker, step at {config.crop_px or cfg.size_px}² px, width {config.width}, on {device}" + f", batch {config.batch_size}"
     train = StageCost("train_cryoem_al", trainings, steps, step_s, len(validated_epochs(config)), val_used * (full_predict_s + picker_s), scans + scoring,
                       peak_host_gb() + max(_scoring_gb(p.n_val, cfg.size_px), _micrographs_gb(val_used + PREDICT_BATCH, cfg.size_px)), device_gb,
-                      n_total * len(stored) / 1e9 + trainings * _checkpoint_gb(n_params), worker_count(p.n_jobs), how + ", micrographs simulated once into the store")
+                      n_total * len(stored) / 1e9 + al_checkpoints_gb(p, n_params, worker_count(p.n_jobs)), worker_count(p.n_jobs),
+                      how + ", micrographs simulated once into the store")
     e = al_evaluation_costs(p, read_s, full_predict_s)
     return [train, evaluation_stage("evaluate_cryoem_al", al_evaluation_parts(p, e), peak_host_gb())]
 
@@ -473,7 +491,7 @@ class SynapseUnitCosts:
     forward_s: float # one cube through the contrastive network, evaluation mode
     host_gb: float # peak host memory of the measuring process (imports, a cube, a step at the timed batch)
     device_gb: float # peak device memory (0 on CPU)
-    checkpoint_gb: float # one training's checkpoints: best (weights) + last (weights, AdamW's two moments), + 1 MB per file
+    checkpoint_gb: float # one finished training's checkpoints: its best weights and its record
     note: str # how they were measured
 
 def synapse_unit_costs(p, device: str) -> SynapseUnitCosts:
@@ -505,7 +523,7 @@ def synapse_unit_costs(p, device: str) -> SynapseUnitCosts:
     with torch.no_grad(): forward_s = time_call(lambda: net(x1), 1)
     n_params = sum(t.numel() for t in net.parameters())
     how = f"{threads} thread(s) per worker, {p.cube_size}³ cubes on {device}, batch {p.ssl_batch_size}" + ("" if real else " (scaled from batch 2)")
-    return SynapseUnitCosts(cube_s, ssl_s, proxy_s, forward_s, peak_host_gb(), peak_device_gb(), (n_params * 4 * 4 + 2e6) / 1e9, how)
+    return SynapseUnitCosts(cube_s, ssl_s, proxy_s, forward_s, peak_host_gb(), peak_device_gb(), _checkpoint_gb(n_params), how)
 
 def plan_synapse(profile: str, device: str | None = None,
                  costs: SynapseUnitCosts | None = None, # unit costs measured before (default: measured now)
@@ -525,10 +543,11 @@ def plan_synapse(profile: str, device: str | None = None,
     per_set = p.n_bboxes * p.axons_per_bbox * p.synapses_per_axon
     eval_cubes = per_set * (len(p.eval_seeds) + p.sweep_sets * len(p.sweep_separations))
     eval_batch_gb = p.batch_size * voxels * (9 + 4 * len(p.seg_types)) / 1e9   # a batch of cubes (raw, instance, semantic) and its inputs per type
+    workers = min(worker_count(p.n_jobs), trainings)
     return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * c.ssl_step_s + proxy_steps * c.proxy_step_s) / all_steps,
                       round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), 2 * n_val * c.forward_s,
-                      n * c.cube_s, c.host_gb + held_gb, c.device_gb, trainings * c.checkpoint_gb + n * voxels * 4 / 1e9,
-                      min(worker_count(p.n_jobs), trainings), c.note),
+                      n * c.cube_s, c.host_gb + held_gb, c.device_gb, (trainings + 3 * workers) * c.checkpoint_gb + n * voxels * 4 / 1e9,   # + AdamW's moments under way
+                      workers, c.note),
             StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_cubes * (c.cube_s + 4 * c.forward_s), c.host_gb + eval_batch_gb, c.device_gb, 0.01, 1,
                       "generating the evaluation and sweep cubes and 4 networks' features of each, a batch at a time (clustering and nulls not counted)")]
 
@@ -639,7 +658,8 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
         with torch.no_grad(): forward_s = time_call(lambda: net(xv, gen=gen), 1) / config.batch_size
         n_params = sum(t.numel() for t in net.parameters())
         rows.append(StageCost(f"train_cascade: {role}", len(p.seeds), math.ceil(n_train / config.batch_size) * config.epochs, step_s, config.epochs,
-                              n_val * forward_s, 0.0, peak_host_gb() + images_gb, peak_device_gb(), len(p.seeds) * (n_params * 4 * 4 + 2e6) / 1e9,
+                              n_val * forward_s, 0.0, peak_host_gb() + images_gb, peak_device_gb(),
+                              len(p.seeds) * _checkpoint_gb(n_params) + min(workers, len(p.seeds)) * _running_gb(n_params),
                               min(workers, len(p.seeds)), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")))
     e = cascade_evaluation_costs(p, nets, n_images, groups, device)
     rows.append(evaluation_stage("evaluate_cascade", cascade_evaluation_parts(p, n_images, e), peak_host_gb() + 2 * images_gb, peak_device_gb()))

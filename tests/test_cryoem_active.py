@@ -219,6 +219,29 @@ def test_finished_units_are_reused_and_changed_ones_retrained(tiny_runs, tmp_pat
     assert load_al_run(changed, sets, runs).rounds.query("round == 0").test_particle_f1.tolist() == a.rounds.query("round == 0").test_particle_f1.tolist()
 
 
+def test_only_what_is_read_again_stays_on_disk_and_a_pruned_chain_retrains_the_same(tmp_path):
+    """A chain or replay of two rounds keeps its last round's folder only; round 0 keeps its last weights (the replay starts from
+    them), other trainings only their best weights and a record; a chain killed after pruning (no unit.json) retrains to the same record."""
+    import json
+    p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy"], labelled_fractions=[0.2, 0.4, 0.6], replay_fractions=[0.2, 0.4, 0.6])
+    root, sets = tmp_path / "runs", simulate_sets(p)
+    train_al_units(p, sets, root)
+    for unit in ["s3/entropy", "s3/replay-warmstart", "s3/replay-control"]:
+        assert len([d for d in (root / unit).iterdir() if d.is_dir()]) == 1, unit   # two rounds trained, one folder left
+    state = lambda path: torch.load(path, weights_only=True)
+    round0 = next(d for d in (root / "s3/round-0").iterdir() if d.is_dir())
+    assert "model" in state(round0 / "last.pt") and "optimizer" not in state(round0 / "last.pt")
+    chain = next(d for d in (root / "s3/entropy").iterdir() if d.is_dir())
+    assert chain.name.startswith("s3-n6-")                                          # the last round's (6 of 10 labelled)
+    assert sorted(state(chain / "last.pt")) == ["best_score", "config", "epoch", "history", "init_hash", "train_hash", "train_time_s", "val_hash"]
+    first = json.loads((root / "s3/entropy/unit.json").read_text())["record"]
+    (root / "s3/entropy/unit.json").unlink()
+    again = json.loads(json.dumps(train_al_units(p, sets, root)["s3/entropy"]))
+    untimed = lambda record: [{**{k: v for k, v in r.items() if k not in ("acquisition_s", "acquisition_peak_mb", "summary")},
+                               "summary": [kv for kv in r["summary"] if kv[0] != "train_time_s"]} for r in record["rounds"]]
+    assert len(first["rounds"]) == 2 and untimed(again) == untimed(first)
+
+
 def _project_imports(module: str) -> set[str]:
     "The project_lib modules `module` imports, transitively (from the source files)."
     seen, todo = set(), [module]

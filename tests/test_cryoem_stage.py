@@ -128,7 +128,8 @@ def test_one_unit_trains_under_torchrun_through_the_stage_entry_point(params_fil
     record = load_units([unit], root)[unit.key]                                          # the stage's own record of that unit
     assert len(record["history"]["epoch"]) == p.epochs and (root / unit.key / record["best_checkpoint"]).is_file()
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {unit.key: {"best_epoch": record["best_epoch"], "threshold": record["threshold"]}}
-    assert sorted(f.name for f in (root / "dose-20").iterdir()) == ["attention_unet-s0", "cache", "split.json"]   # one unit, nothing else trained
+    assert sorted(f.name for f in (root / "dose-20").iterdir()) == ["attention_unet-s0", "split.json"]   # one unit, nothing else trained
+    assert (tmp_path / "tiny" / "cryoem" / "cache" / "dose-20").is_dir()              # its training cache, outside the DVC output
 
 
 def _same(a, b):

@@ -54,19 +54,37 @@ def test_guard_refuses_arms_validated_on_other_micrographs(mics, tmp_path):
         check_comparable([unet], [dataclasses.replace(same, config=dataclasses.replace(same.config, seed=9))])
 
 
-def test_resume_refuses_other_data_and_otherwise_continues_exactly(mics, tmp_path):
+def _killed_in_validation(monkeypatch, n: int, *args, **kwargs):
+    "`train`, stopped by an exception in its n-th validation: what a SIGKILL there leaves behind (the previous epoch's checkpoints)."
+    calls = []
+    def killing(*a, **k):
+        calls.append(1)
+        if len(calls) == n: raise InterruptedError("killed")
+        return select_threshold(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "select_threshold", killing)
+        with pytest.raises(InterruptedError): train(*args, **kwargs)
+
+
+def test_resume_refuses_other_data_and_otherwise_continues_exactly(mics, tmp_path, monkeypatch):
     straight = fit(TINY, mics[:4], mics[4:5], tmp_path / "straight")
-    fit(dataclasses.replace(TINY, epochs=1), mics[:4], mics[4:5], tmp_path / "resumed")
+    _killed_in_validation(monkeypatch, 2, TINY, mics[:4], mics[4:5], tmp_path / "resumed", progress=False)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(ValueError, match="different val_hash"):
         fit(TINY, mics[:4], mics[5:6], tmp_path / "resumed")
     with pytest.raises(ValueError, match="different train_hash"):
         fit(TINY, mics[1:5], mics[4:5], tmp_path / "resumed")
     with pytest.raises(ValueError, match="different config"):
         fit(dataclasses.replace(TINY, lr=0.5), mics[:4], mics[4:5], tmp_path / "resumed")
+    with pytest.raises(ValueError, match="different config"):                           # epochs are part of the identity
+        fit(dataclasses.replace(TINY, epochs=3), mics[:4], mics[4:5], tmp_path / "resumed")
     resumed = fit(TINY, mics[:4], mics[4:5], tmp_path / "resumed")
     pd.testing.assert_frame_equal(resumed.history, straight.history)
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("straight", "resumed"))
+    a, b = (torch.load(tmp_path / d / "best.pt", weights_only=True)["model"] for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)   # the same weights, bit for bit
+    kept = fit(TINY, mics[:4], mics[4:5], tmp_path / "kept", keep_last=True)           # kept last weights: the same as an uninterrupted run's
+    assert torch.load(kept.best_checkpoint, weights_only=True)["epoch"] == straight.best_epoch
+    assert "model" in torch.load(tmp_path / "kept" / "last.pt", weights_only=True)
 
 
 def test_checkpoint_holding_a_pickled_object_is_refused_without_running_it(mics, tmp_path):
@@ -83,14 +101,16 @@ def test_checkpoint_holding_a_pickled_object_is_refused_without_running_it(mics,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GradScaler is enabled on CUDA only")
-def test_gradscaler_state_is_checkpointed_and_restored(mics, tmp_path):
-    train(dataclasses.replace(TINY, epochs=1), mics[:4], mics[4:5], tmp_path, device="cuda", progress=False)
+def test_gradscaler_state_is_checkpointed_and_restored(mics, tmp_path, monkeypatch):
+    three = dataclasses.replace(TINY, epochs=3)
+    _killed_in_validation(monkeypatch, 2, three, mics[:4], mics[4:5], tmp_path, device="cuda", progress=False)   # last.pt: epoch 1
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] == 65536.0   # torch's initial scale, no overflow in 2 steps
     state["scaler"]["scale"] = 1024.0            # as if it had backed off earlier
     torch.save(state, tmp_path / "last.pt")
-    train(TINY, mics[:4], mics[4:5], tmp_path, device="cuda", progress=False)
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]["scale"] <= 1024.0   # continued, not reset
+    _killed_in_validation(monkeypatch, 2, three, mics[:4], mics[4:5], tmp_path, device="cuda", progress=False)   # resumed: last.pt at epoch 2
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["scaler"]["scale"] <= 1024.0   # continued, not reset
 
 
 def test_ddp_synchronises_gradients_and_ranks_agree(tmp_path):

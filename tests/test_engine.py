@@ -17,24 +17,34 @@ def test_rank_shards_are_those_of_torch_distributed_sampler(n, world):
     assert len({len(s) for s in shards}) == 1 and set(torch.cat(shards).tolist()) == set(order.tolist())
 
 
-def _noisy_quadratic(out_dir, epochs, target=3.0):
-    """w fitted to `target` by SGD on seeded noisy batches; the validation number is -(w - 3)^2."""
+def _noisy_quadratic(out_dir, epochs, target=3.0, killed_at=0, keep_last=False):
+    """w fitted to `target` by SGD on seeded noisy batches; the validation number is -(w - 3)^2. With `killed_at`, the run stops
+    with an exception in that validation (as a SIGKILL would), after the previous epoch's checkpoints."""
     torch.manual_seed(0)
     model = nn.Linear(1, 1, bias=False)
     data = torch.linspace(-1, 1, 16)[:, None]
+    validated = []
     def batch_loss(net, idx, gen):
         noise = torch.randn(len(idx), 1, generator=gen)
         return ((net(data[idx]) - target * data[idx] - 0.5 * noise) ** 2).mean()
+    def evaluate(m):
+        validated.append(1)
+        if len(validated) == killed_at: raise InterruptedError("killed")
+        return {"score": -float((m.weight.detach() - 3) ** 2)}
     return fit(model, torch.optim.SGD(model.parameters(), lr=0.5), batch_loss, n_train=16, epochs=epochs, batch_size=4, seed=1,
-               lr_at=lambda e: 0.5 * 0.5 ** e, evaluate=lambda m: {"score": -float((m.weight.detach() - 3) ** 2)}, select="score",
-               out_dir=out_dir, identity={"config": {"target": target}}, progress=False)
+               lr_at=lambda e: 0.5 * 0.5 ** e, evaluate=evaluate, select="score",
+               out_dir=out_dir, identity={"config": {"target": target}}, progress=False, keep_last=keep_last)
 
 
 def test_resume_is_exact_and_other_runs_are_refused(tmp_path):
-    full = _noisy_quadratic(tmp_path / "full", 4)
-    _noisy_quadratic(tmp_path / "part", 2)
-    resumed = _noisy_quadratic(tmp_path / "part", 4)
+    full = _noisy_quadratic(tmp_path / "full", 4, keep_last=True)
+    with pytest.raises(InterruptedError):
+        _noisy_quadratic(tmp_path / "part", 4, killed_at=3)
+    assert load_checkpoint_state(tmp_path / "part" / "last.pt")["epoch"] == 2
+    resumed = _noisy_quadratic(tmp_path / "part", 4, keep_last=True)
     assert resumed.history.equals(full.history)
+    assert torch.equal(*(load_checkpoint_state(r.last_checkpoint)["model"]["weight"] for r in (full, resumed)))
+    assert full.last_checkpoint is not None and _noisy_quadratic(tmp_path / "other", 1).last_checkpoint is None
     assert full.best_epoch == int(full.history.epoch[full.history.score.idxmax()])
     best = load_checkpoint_state(full.best_checkpoint)
     assert best["epoch"] == full.best_epoch and best["metrics"]["score"] == full.history.score.max()

@@ -207,7 +207,7 @@ def test_cryoem_al_paper_plan_holds_for_measured_round_and_acquisition(tmp_path,
     from project_lib.cryoem.active import acquire, measure
     from project_lib.cryoem.data import MicrographConfig
     from project_lib.cryoem.train import SimulatedMicrographs, load_checkpoint
-    from project_lib.plan import _checkpoint_gb, peak_host_gb, plan_cryoem_al
+    from project_lib.plan import _checkpoint_gb, al_checkpoints_gb, peak_host_gb, plan_cryoem_al
     steps, labelled = 2, [0, 1]
     p = load_study_params("cryoem_al", ALStudyParams, "paper")
     planned = plan_cryoem_al("paper", "cpu")[0]                  # sets the worker's torch threads
@@ -232,7 +232,8 @@ def test_cryoem_al_paper_plan_holds_for_measured_round_and_acquisition(tmp_path,
     checkpoints_gb = sum(f.stat().st_size for f in checkpoint.parent.glob("*.pt")) / 1e9
     planned_checkpoints_gb = _checkpoint_gb(sum(t.numel() for t in net.parameters()))
     stored = [f.stat().st_size for f in (tmp_path / "micrographs").rglob("*.pkl")]
-    planned_stored = (planned.disk_gb - planned.trainings * planned_checkpoints_gb) * 1e9 / (p.pool_size + p.n_val + p.n_test)
+    planned_stored = ((planned.disk_gb - al_checkpoints_gb(p, sum(t.numel() for t in net.parameters()), planned.workers)) * 1e9
+                      / (p.pool_size + p.n_val + p.n_test))
     print(f"step at batch 1: {step_s:.1f} s (planned {planned_step_s:.1f}); per micrograph: validation {validation_s:.1f} s, scoring "
           f"{scoring_s:.1f} s, entropy scan {scan_s:.1f} s (planned {planned_per_micrograph:.1f}, prediction and picking); checkpoints "
           f"{checkpoints_gb:.3f} GB (planned {planned_checkpoints_gb:.3f}); stored micrograph {np.mean(stored) / 1e6:.2f} MB (planned "

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from project_lib.mfn.dataset import read_dataset
@@ -48,7 +49,9 @@ def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
     assert len(split["split"]["test"]) == 4 and split["data_hash"]
     runs = out / "runs" / "crowded-dose-0.3"
     assert (runs / "unet-s0" / "best.pt").is_file() and (runs / "attention_unet-s1" / "last.pt").is_file()
-    assert (runs / "unet-s0" / "unit.json").is_file() and (runs / "cache").is_dir() and not (out / "conditions").exists()
+    assert (runs / "unet-s0" / "unit.json").is_file() and not (out / "conditions").exists()
+    assert not (runs / "cache").exists() and list((out / "cache").iterdir()) == []   # training caches: outside the runs, deleted once used
+    assert "model" not in torch.load(runs / "unet-s0" / "last.pt", weights_only=True)   # a finished run's last.pt is its record, no weights
     assert len(list((out / "runs").glob("*/*/unit.json"))) == 3 * 2 * 2 and (out / "train" / "provenance.json").is_file()
     verdict = metrics["verdict"]
     assert verdict["low"] <= verdict["estimate"] <= verdict["high"] and abs(verdict["mde"] - 2.8 * (verdict["high"] - verdict["low"]) / 3.92) < 1e-12

@@ -36,6 +36,8 @@ def test_training_depends_only_on_what_changes_what_is_trained(study):
         assert not set(PARAMS[study][profile]) & set(PARAMS[f"{study}_analysis"][profile])
     persisted = [next(iter(o)) for o in train["outs"] if isinstance(o, dict) and next(iter(o.values())).get("persist")]
     assert persisted, "finished trainings must survive `dvc repro` (persist: true)"
+    assert all(next(iter(o.values())).get("cache") is False for o in train["outs"] if isinstance(o, dict) and next(iter(o)) in persisted), \
+        "trained artefacts must not be copied into DVC's cache (cache: false): at the paper profile that doubles the disk"
 
 
 @pytest.mark.parametrize("study", STUDIES)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/29_cryoem_al.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, importlib
+import dataclasses, hashlib, importlib, shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -128,12 +128,14 @@ def train_round(config: TrainConfig, sets: dict[str, SimulatedMicrographs], labe
                 init_from: Path | None = None, # warm start (the replay only)
                 checkpoint: str = "best", # "best" (on validation) or "last" (the replay)
                 thresholds: tuple[float, float] | None = None, # fixed (the replay's 0.5) instead of chosen on validation
+                keep_last: bool = False, # keep the last weights too (a later replay round starts from them); implied by checkpoint="last"
                ) -> tuple[dict, pd.DataFrame, Path]: # (round summary, per-test-micrograph rows, the checkpoint used)
     """Train on the labelled pool micrographs and score the model on validation, test and the unlabelled rest of the pool.
     Holds the validation micrographs and their maps (the thresholds are chosen on them); test and pool maps are scored one batch at a time."""
     pool, labelled = sets["pool"], sorted(int(i) for i in labelled)
     chosen, rest = pool.subset(labelled), pool.subset(np.setdiff1d(np.arange(len(pool)), labelled))
-    run = train(config, chosen, sets["val"], out_dir, device=device, cache_dir=out_dir.parent / "cache", init_from=init_from, progress=False)
+    run = train(config, chosen, sets["val"], out_dir, device=device, cache_dir=out_dir.parent / "cache", init_from=init_from, progress=False,
+                keep_last=keep_last or checkpoint == "last")
     path = run.best_checkpoint if checkpoint == "best" else run.best_checkpoint.with_name("last.pt")
     net = load_checkpoint(config, path, device)
     val = list(sets["val"])
@@ -164,25 +166,35 @@ def _acquire_step(p: ALStudyParams, sets: dict, strategy: str, seed: int, round_
     if set(batch) & set(labelled): raise RuntimeError(f"{strategy} chose already-labelled micrographs {sorted(set(batch) & set(labelled))}")
     return batch, seconds, peak_mb
 
-def _train_set(p: ALStudyParams, sets: dict, seed: int, labelled: list[int], out_dir: Path, device: str):
-    return train_round(p.train_config(seed), sets, labelled, _set_dir(out_dir, seed, labelled), device)
+def _train_set(p: ALStudyParams, sets: dict, seed: int, labelled: list[int], out_dir: Path, device: str, keep_last: bool = False):
+    return train_round(p.train_config(seed), sets, labelled, _set_dir(out_dir, seed, labelled), device, keep_last=keep_last)
+
+def _keep_only_last_round(folders: list[Path]):
+    """Delete the training folders of a finished chain's rounds but its last (nothing reads them once the next round's batch is chosen),
+    and their training cache (written only when the sets are not stored): one checkpoint per chain on disk instead of one per round.
+    Called just before the unit's record is written; a run killed between the two retrains the deleted rounds, bit for bit the same
+    (seeded), when it resumes."""
+    for folder in folders[:-1]: shutil.rmtree(folder)
+    if folders: shutil.rmtree(folders[-1].parent / "cache", ignore_errors=True)
 
 # %% ../../nbs/29_cryoem_al.ipynb #c015
 _FIXED = (0.5, 0.5)   # the original's picking and pixel thresholds
 
 def run_replay(p: ALStudyParams, sets: dict, seed: int, arm: str, # "warm start" or "control"
                round0_dir: Path, out_dir: Path, device: str = "cpu") -> list[dict]:
-    "The original protocol (warm start, last checkpoint, threshold 0.5) with random acquisition, or its no-new-labels control."
+    "The original protocol (warm start, last checkpoint, threshold 0.5) with random acquisition, or its no-new-labels control; only the last round's folder is kept."
     counts = labelled_counts(p.pool_size, p.replay_fractions)
     initial = initial_labelled(p.pool_size, counts[0], seed)
     order = initial + [int(i) for i in np.random.default_rng([seed, 13]).permutation(np.setdiff1d(np.arange(p.pool_size), initial))]
-    checkpoint, epochs, out = round0_dir / "last.pt", p.train_config(seed).epochs, []
+    checkpoint, epochs, out, folders = round0_dir / "last.pt", p.train_config(seed).epochs, [], []
     for r in range(1, len(counts)):
         labelled = order[:counts[r]] if arm == "warm start" else initial
-        summary, _, checkpoint = train_round(p.replay_config(seed, p.replay_epochs), sets, labelled, out_dir / f"replay-{arm.replace(' ', '')}-s{seed}-r{r}",
-                                             device, init_from=checkpoint, checkpoint="last", thresholds=_FIXED)
+        folders.append(out_dir / f"replay-{arm.replace(' ', '')}-s{seed}-r{r}")
+        summary, _, checkpoint = train_round(p.replay_config(seed, p.replay_epochs), sets, labelled, folders[-1], device, init_from=checkpoint,
+                                             checkpoint="last", thresholds=_FIXED)
         epochs += p.replay_epochs
         out.append({**summary, "arm": arm, "seed": seed, "round": r, "cumulative_epochs": epochs})
+    _keep_only_last_round(folders)
     return out
 
 # %% ../../nbs/29_cryoem_al.ipynb #c016
@@ -197,7 +209,7 @@ def _ordered(d: dict) -> list: return [[k, v] for k, v in d.items()]   # records
 def train_start(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed: int, full: bool) -> dict:
     "Unit: a seed's round-0 network (every chain starts from it; with the replay's round 0: its last epoch at threshold 0.5), or its full-pool reference."
     labelled = list(range(p.pool_size)) if full else initial_labelled(p.pool_size, p.counts()[0], seed)
-    summary, test_rows, checkpoint = _train_set(p, sets, seed, labelled, unit_dir, device)
+    summary, test_rows, checkpoint = _train_set(p, sets, seed, labelled, unit_dir, device, keep_last=not full)   # the replay starts from its last weights
     record = {"labelled": labelled, "summary": _ordered(summary), "test_rows": _ordered(test_rows.to_dict(orient="list")),
               "checkpoint": checkpoint.relative_to(unit_dir).as_posix()}
     if not full: record["replay_start"] = _ordered(train_round(p.train_config(seed), sets, labelled, checkpoint.parent, device, checkpoint="last", thresholds=_FIXED)[0])
@@ -206,14 +218,16 @@ def train_start(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed:
 def train_chain(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, strategy: str, seed: int,
                 start_dir: str, # the seed's round-0 training folder (the round-0 unit's)
                ) -> dict:
-    "Unit: one strategy's rounds for one seed: acquire with the previous round's network, then train from scratch."
-    labelled, checkpoint, rounds = initial_labelled(p.pool_size, p.counts()[0], seed), Path(start_dir) / "best.pt", []
+    "Unit: one strategy's rounds for one seed: acquire with the previous round's network, then train from scratch; only the last round's folder is kept."
+    labelled, checkpoint, rounds, folders = initial_labelled(p.pool_size, p.counts()[0], seed), Path(start_dir) / "best.pt", [], []
     for r in range(1, len(p.counts())):
         batch, seconds, peak_mb = _acquire_step(p, sets, strategy, seed, r, labelled, checkpoint, device)
         labelled = sorted(labelled + batch)
         summary, test_rows, checkpoint = _train_set(p, sets, seed, labelled, unit_dir, device)
+        folders.append(checkpoint.parent)
         rounds.append({"round": r, "labelled": labelled, "selected": batch, "acquisition_s": seconds, "acquisition_peak_mb": peak_mb,
                        "summary": _ordered(summary), "test_rows": _ordered(test_rows.to_dict(orient="list"))})
+    _keep_only_last_round(folders)
     return {"rounds": rounds}
 
 def train_replay(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed: int, arm: str, start_dir: str) -> dict:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce02
 from __future__ import annotations
-import argparse, dataclasses, json
+import argparse, dataclasses, json, shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +18,9 @@ from .data import Micrograph, MicrographConfig
 from .train import SimulatedMicrographs, TrainConfig, cache_micrographs, data_hash, make_split, run_record, train, write_manifest
 
 # %% auto #0
-__all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition', 'train_unit',
-           'condition_units', 'study_units', 'write_split', 'train_study', 'train_one', 'main']
+__all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition',
+           'training_cache', 'train_unit', 'condition_units', 'study_units', 'write_split', 'train_study', 'train_one',
+           'main']
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce11
 _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
@@ -133,10 +134,16 @@ def simulate_condition(name: str, cfg: MicrographConfig, p, # study parameters (
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce31
 TRAINING_CODE = (cryoem_train, cryoem_models, cryoem_data, engine) # the modules a unit's training runs: a change retrains
 
+def training_cache(runs_root: str | Path, folder: str) -> Path:
+    "The training cache of the condition `folder`: `cache/<condition>` beside the stage's runs, outside its DVC output."
+    return Path(runs_root).parent / "cache" / folder
+
 def train_unit(unit_dir: Path, device: str, config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
                extra_eval: dict[str, Sequence[Micrograph]] | None) -> dict:
     "Train one arm and seed of a condition into `unit_dir` (resuming its last.pt) from the condition's shared cache; its `run_record`."
-    run = train(config, train_set, val_set, unit_dir, device=device, extra_eval=extra_eval, cache_dir=Path(unit_dir).parent / "cache", progress=False)
+    unit_dir = Path(unit_dir)
+    run = train(config, train_set, val_set, unit_dir, device=device, extra_eval=extra_eval,
+                cache_dir=training_cache(unit_dir.parent.parent, unit_dir.parent.name), progress=False)
     return run_record(run, unit_dir)
 
 def condition_units(d: ConditionData, p) -> list[TrainingUnit]:
@@ -176,13 +183,16 @@ def write_split(d: ConditionData, runs_root: str | Path) -> Path:
 def train_study(p, # study parameters (`CryoEMStudyParams`)
                 runs_root: str | Path, # the stage's runs folder, e.g. outputs/cpu/cryoem/runs
                 executor: Executor = Executor()) -> dict[str, dict]:
-    "The training stage: freeze each condition's split, write its training cache once, train every unit not yet finished; {key: record}."
-    runs_root, units = Path(runs_root), []
+    """The training stage, a condition at a time: freeze its split, write its training cache, train every unit not yet finished, delete
+    the cache; {key: record}."""
+    runs_root, records = Path(runs_root), {}
     for d, condition in study_units(p).values():
         write_split(d, runs_root)
-        cache_micrographs(d.sets["train"], runs_root / d.folder / "cache")
-        units += condition
-    return run_units(units, runs_root, executor)
+        cache = training_cache(runs_root, d.folder)
+        if any(finished_record(u, runs_root) is None for u in condition): cache_micrographs(d.sets["train"], cache)
+        records.update(run_units(condition, runs_root, executor))
+        shutil.rmtree(cache, ignore_errors=True)
+    return records
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce41
 def _join_ranks(unit_dir: Path, device: str, train_fn, **kwargs) -> dict:

@@ -394,6 +394,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
           extra_eval: dict[str, Sequence[Micrograph]] | None = None, # other sets scored at every validated epoch (e.g. the flawed protocol's)
           cache_dir: str | Path | None = None, # on-disk cache of the training set (default out_dir/cache); share it between arms
           init_from: str | Path | None = None, # warm start: the weights of this checkpoint instead of a fresh initialisation
+          keep_last: bool = False, # keep the last epoch's weights in last.pt (a later warm start or `checkpoint="last"` reads them)
           progress: bool = True) -> RunResult:
     "Train one arm on micrographs streamed from an on-disk cache; select the best epoch on validation (the shared engine's `fit`)."
     if len(val_set) == 0: raise ValueError("val_set must hold at least one micrograph")
@@ -403,8 +404,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     folder, train_hash = ((None, data_hash(train_set)) if getattr(train_set, "store", None)   # a stored sequence is read from its store
                           else cache_micrographs(train_set, cache_dir or out_dir / "cache"))
     if rank == 0 and world > 1: torch.distributed.barrier()   # ...before the others read it
-    extendable = config.lr_schedule == "constant"   # a constant-lr run may be resumed with more epochs; a cosine one may not
-    identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs" or not extendable}, "train_hash": train_hash,
+    identity = {"config": dataclasses.asdict(config), "train_hash": train_hash,
                 "val_hash": data_hash(val_set), "init_hash": file_hash(init_from) if init_from else None}
     seed_everything(config.seed)
     model = build_model(config).to(device)
@@ -435,7 +435,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     run = fit(model, torch.optim.Adam(model.parameters(), lr=config.lr), batch_loss, n_train=len(train_set), epochs=config.epochs,
               batch_size=config.batch_size, seed=config.seed, lr_at=lr_at, evaluate=evaluate, select="val_f1",
               out_dir=out_dir, identity=identity, device=device, rank=rank, world=world, samples_per_epoch=config.samples_per_epoch,
-              desc=f"{config.model} seed {config.seed}", progress=progress)
+              desc=f"{config.model} seed {config.seed}", progress=progress, keep_last=keep_last)
     best_row = run.history.set_index("epoch").loc[run.best_epoch]
     return RunResult(config, run.history, run.best_epoch, float(best_row.val_threshold), train_hash, identity["val_hash"],
                      budget_hash(config), run.train_time_s, run.best_checkpoint)
