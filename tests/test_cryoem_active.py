@@ -14,6 +14,7 @@ from scipy.spatial.distance import cdist
 from skactiveml.pool._bald import batch_bald
 from skactiveml.pool._core_set import k_greedy_center
 
+from project_imports import project_imports
 from project_lib.core import load_study_params
 from project_lib.cryoem.active import (AcquisitionSettings, acquire, aggregate, bald, entropy, image_mean_score, k_center_greedy,
                                        least_confidence, margin, mc_dropout_probabilities, measure, scan_pool)
@@ -242,25 +243,8 @@ def test_only_what_is_read_again_stays_on_disk_and_a_pruned_chain_retrains_the_s
     assert len(first["rounds"]) == 2 and untimed(again) == untimed(first)
 
 
-def _project_imports(module: str) -> set[str]:
-    "The project_lib modules `module` imports, transitively (from the source files)."
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen: continue
-        seen.add(name)
-        path = Path("project_lib", *name.split(".")).with_suffix(".py")
-        package = name.split(".")[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[:len(package) - node.level + 1]
-                targets = [".".join(base + node.module.split("."))] if node.module else [".".join(base + [a.name]) for a in node.names]
-                todo += [t for t in targets if Path("project_lib", *t.split(".")).with_suffix(".py").is_file()]
-    return seen
-
-
 def test_the_training_identity_and_stage_cover_exactly_the_code_the_trainings_import():
-    imported = _project_imports("cryoem.al") - {"core"}
+    imported = project_imports("cryoem.al") - {"core"}
     assert imported == set(al._TRAINING_CODE) and "cryoem.al_analysis" not in imported and "report" not in imported
     deps = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_cryoem_al"]["deps"]
     assert {d for d in deps if d.startswith("project_lib/")} == {f"project_lib/{m.replace('.', '/')}.py" for m in imported | {"core", "__init__"}}   # __init__: the portable numerics

@@ -189,3 +189,13 @@ def test_bad_validation_settings_are_refused_when_the_parameters_are_read(params
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ValueError, match=message):
         load_study_params("cryoem", CryoEMStudyParams, "tiny", path)
+
+
+def test_a_units_identity_covers_every_module_its_training_imports():
+    "A change to any module the training runs (the picker that validation uses included) retrains; analysis and reports never do."
+    from project_imports import project_imports
+    from project_lib.cryoem.stage import TRAINING_CODE
+    imported = project_imports("cryoem.train") - {"core"}
+    assert imported == {m.__name__.removeprefix("project_lib.") for m in TRAINING_CODE}
+    deps = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_cryoem"]["deps"]
+    assert {f"project_lib/{m.replace('.', '/')}.py" for m in imported} <= set(deps)

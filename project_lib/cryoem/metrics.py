@@ -41,25 +41,38 @@ def pixel_metrics(prob: np.ndarray, # probabilities, any shape
 
 # %% ../../nbs/22_cryoem_metrics.ipynb #c008
 _P_FLOOR = 1e-15 # probabilities are clipped to [1e-15, 1 - 1e-15] (logits ±34.5, what float64 resolves)
+_PRUNE = 0.8 # a peak closer than this fraction of the larger radius to a kept, higher-scoring peak is the same particle
 
 def _scale_space(logit: np.ndarray, radii: np.ndarray) -> np.ndarray:
     "Scale-normalised Laplacian-of-Gaussian responses (scales, H, W): a disk of radius r peaks at its centre at σ = r/√2."
     return np.stack([-(r / np.sqrt(2)) ** 2 * ndimage.gaussian_laplace(logit, r / np.sqrt(2), mode="reflect") for r in radii])
 
+def _footprint(radius: float) -> np.ndarray:
+    r = max(int(np.ceil(radius)), 1)
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    return x ** 2 + y ** 2 <= r * r   # the disk of the rounded-up radius
+
+def _plateau_peaks(smooth: np.ndarray, radius: float) -> np.ndarray:
+    "(n, 2) row, column of the peaks of `smooth`: pixels at their maximum over a disk of `radius`, each connected plateau at its centroid."
+    top = ndimage.maximum_filter(smooth, footprint=_footprint(radius), mode="nearest")
+    peak = smooth >= top - 1e-9 * max(float(np.abs(top).max()), 1e-12)
+    labels, n = ndimage.label(peak, structure=np.ones((3, 3)))
+    return np.array(ndimage.center_of_mass(peak, labels, np.arange(1, n + 1))).reshape(-1, 2)
+
 def _prune_nested(yx: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    "Keep-mask of blobs (sorted by response, highest first): a blob whose centre is inside a kept blob is the same particle."
+    "Keep-mask of peaks sorted by score, highest first: a peak closer than `_PRUNE` x the larger radius to a kept one is the same particle."
     keep = np.ones(len(yx), bool)
     for i in range(len(yx)):
-        if keep[i]: keep[i + 1:] &= np.hypot(*(yx[i + 1:] - yx[i]).T) >= np.maximum(radius[i + 1:], radius[i])
+        if keep[i]: keep[i + 1:] &= np.hypot(*(yx[i + 1:] - yx[i]).T) >= _PRUNE * np.maximum(radius[i + 1:], radius[i])
     return keep
 
 def extract_picks(prob: np.ndarray, # (H, W) probability map (or any score map in [0, 1])
                   diameter_px: float, # nominal (smallest) particle diameter, pixels
-                  min_score: float = 0.05, # candidates scoring below this are dropped
+                  min_score: float = 0.05, # candidates scoring below this are dropped (before pruning)
                   max_diameter_px: float | None = None, # largest particle to expect; default: 2.5 x diameter
-                  n_scales: int = 6, # blob radii searched, geometric from diameter/2 to max_diameter/2
+                  n_scales: int = 6, # radii searched for a pick's size, geometric from diameter/2 to max_diameter/2
                  ) -> pd.DataFrame: # columns x (column), y (row), score, diameter; sorted by score, highest first
-    "One pick per particle: scale-space blobs of the logit map, plateaus merged, nested blobs pruned."
+    "One pick per particle: peaks of the logit map smoothed at the particle's scale, sized by scale space, filtered by score, then pruned."
     prob = np.asarray(prob, dtype=np.float64)
     if prob.ndim != 2: raise ValueError(f"prob must be 2-D, got shape {prob.shape}")
     if not np.isfinite(prob).all(): raise ValueError("prob must be finite (no NaN or Inf)")
@@ -68,22 +81,17 @@ def extract_picks(prob: np.ndarray, # (H, W) probability map (or any score map i
     if largest < diameter_px: raise ValueError(f"max_diameter_px must be >= diameter_px, got {largest} < {diameter_px}")
     p = np.clip(prob, _P_FLOOR, 1 - _P_FLOOR)
     logit = np.log(p / (1 - p))
+    yx = _plateau_peaks(ndimage.gaussian_filter(logit, diameter_px / 4, mode="reflect"), diameter_px / 4)
+    at = lambda image: ndimage.map_coordinates(image, yx.T, order=1, mode="nearest")
+    score = 1 / (1 + np.exp(-at(ndimage.gaussian_filter(logit, diameter_px / 12, mode="reflect"))))
     radii = np.geomspace(diameter_px / 2, largest / 2, n_scales)
-    response = _scale_space(logit, radii)
-    top = ndimage.maximum_filter(response, size=3, mode="nearest")
-    candidates = (response >= top - 1e-9 * np.abs(top).max()) & (response > 0)
-    blobs, n = ndimage.label(candidates, structure=np.ones((3, 3, 3)))
-    if n == 0: return pd.DataFrame({"x": [], "y": [], "score": [], "diameter": []})
-    ids = np.arange(1, n + 1)
-    syx = np.array(ndimage.center_of_mass(candidates, blobs, ids)).reshape(-1, 3)   # plateaus: one point each
-    strength = np.asarray(ndimage.maximum(response, blobs, ids))
-    radius = np.interp(syx[:, 0], np.arange(n_scales), radii)
-    # score: the lightly smoothed logit at the blob centre, as a probability (monotone in the map's confidence)
-    at = ndimage.map_coordinates(ndimage.gaussian_filter(logit, diameter_px / 12, mode="reflect"), syx[:, 1:].T, order=1, mode="nearest")
-    score = 1 / (1 + np.exp(-at))
-    order = np.argsort(-strength, kind="stable")
-    keep = _prune_nested(syx[order, 1:], radius[order]) & (score[order] >= min_score)
-    picks = pd.DataFrame({"x": syx[order, 2][keep], "y": syx[order, 1][keep], "score": score[order][keep], "diameter": 2 * radius[order][keep]})
+    response = np.stack([at(r) for r in _scale_space(logit, radii)])   # (scales, peaks)
+    radius, strength = radii[response.argmax(0)], response.max(0)
+    kept = score >= min_score
+    yx, score, radius, strength = yx[kept], score[kept], radius[kept], strength[kept]
+    order = np.lexsort((-strength, -score))
+    keep = _prune_nested(yx[order], radius[order])
+    picks = pd.DataFrame({"x": yx[order, 1][keep], "y": yx[order, 0][keep], "score": score[order][keep], "diameter": 2 * radius[order][keep]})
     return picks.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 

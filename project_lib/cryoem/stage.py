@@ -13,7 +13,7 @@ import torch
 from .. import engine
 from ..core import load_study_params, output_dir, select_device
 from ..engine import Executor, TrainingUnit, code_hash, distributed, finished_record, run_units
-from . import data as cryoem_data, models as cryoem_models, train as cryoem_train
+from . import data as cryoem_data, metrics as cryoem_metrics, models as cryoem_models, train as cryoem_train
 from .data import Micrograph, MicrographConfig
 from .train import SimulatedMicrographs, TrainConfig, cache_micrographs, data_hash, make_split, run_record, train, write_manifest
 
@@ -132,7 +132,7 @@ def simulate_condition(name: str, cfg: MicrographConfig, p, # study parameters (
     return ConditionData(name, cfg, sets, alt_sets, split, micrographs.data_hash(*sets.values()))
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce31
-TRAINING_CODE = (cryoem_train, cryoem_models, cryoem_data, engine) # the modules a unit's training runs: a change retrains
+TRAINING_CODE = (cryoem_train, cryoem_models, cryoem_data, cryoem_metrics, engine) # the modules a unit's training runs (the picker selects its best epoch): a change retrains
 
 def training_cache(runs_root: str | Path, folder: str) -> Path:
     "The training cache of the condition `folder`: `cache/<condition>` beside the stage's runs, outside its DVC output."
