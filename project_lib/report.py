@@ -98,7 +98,8 @@ def answer_values(template: str, metrics: dict) -> dict:
 
 VERDICT_KEYS = ("estimate", "low", "high", "margin", "mde")
 
-def verdict_words(verdict: dict, # the metrics' "verdict" group: estimate, low, high (95 % interval), margin, mde; optional bools testable, simpler_does_as_well
+def verdict_words(verdict: dict, # the metrics' "verdict" group: estimate, low, high (95 % interval), margin, mde; optional bools testable, simpler_does_as_well,
+                                  # and low90, high90: a 90 % interval for equivalence by two one-sided tests at 5 % (default: the 95 % interval)
                  ) -> str:
     "The headline comparison's verdict in plain words, chosen from its numbers (never typed by hand)."
     if not isinstance(verdict, dict): raise ValueError(f"the verdict must be a group of numbers {VERDICT_KEYS}, got {verdict!r}")
@@ -110,7 +111,9 @@ def verdict_words(verdict: dict, # the metrics' "verdict" group: estimate, low, 
     if verdict.get("testable") is False: return "Not testable at this scale"
     if low > 0 or high < 0:   # a gain that a simpler method matches is not called a gain; a loss is just a difference
         return "A difference, but a simpler method does as well" if low > 0 and verdict.get("simpler_does_as_well") else "A difference"
-    if -margin <= low and high <= margin: return f"Equivalent within the declared margin (±{margin:g})"
+    low90, high90 = float(verdict.get("low90", low)), float(verdict.get("high90", high))
+    if not low <= low90 <= high90 <= high: raise ValueError(f"the verdict's 90 % interval [{low90}, {high90}] must lie inside its 95 % interval [{low}, {high}]")
+    if -margin <= low90 and high90 <= margin: return f"Equivalent within the declared margin (±{margin:g})"
     return f"No difference detected (smallest detectable effect {mde:.3g})"
 
 def _run_id(provenance) -> str:

@@ -288,3 +288,94 @@ def test_pick_refuses_bad_inputs(tmp_path, blobs_mrc):
         pick_micrograph_file(blobs_mrc, BrightSpots(), 20.0, 20.0, 0.5)
     with pytest.raises(ValueError, match="unsupported format"):
         pick_micrograph_file(blobs_mrc, BrightSpots(), 2.5, 20.0, 0.5, out_path=tmp_path / "p.box")
+
+
+# --- what the checkpoint knows, and the checks it makes possible -----------------------------------------------------
+
+class SizedBlobs(nn.Module):
+    """Stub picker that finds bright blobs of one size only: logits from the scale-normalised Laplacian of Gaussian at
+    sigma (working pixels), positive where the response exceeds 0.8 of that of a blob of exactly that size."""
+    def __init__(self, sigma: float, reference: float):
+        super().__init__()
+        self.sigma, self.reference = sigma, reference
+    def forward(self, x):
+        from scipy import ndimage
+        r = -self.sigma ** 2 * ndimage.gaussian_laplace(x[0, 0].double().numpy(), self.sigma)
+        return torch.from_numpy(40 * (r / self.reference - 0.8)).float()[None, None]
+
+
+def _blob_field(centres, sigma, shape=(160, 160)):
+    rows, cols = np.indices(shape)
+    return sum(np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * sigma ** 2)) for x, y in centres)
+
+
+@pytest.fixture
+def sized(tmp_path):
+    "Twelve bright blobs of sigma 4 px in a 2.0 Å/px micrograph, and a stub picker tuned to them at 2.0 Å/px."
+    centres = [(20 + 40 * (k % 4), 20 + 40 * (k // 4)) for k in range(12)]
+    image = _blob_field(centres, 4.0)
+    normalised = (image - image.mean()) / image.std()
+    reference = float((-16 * ndimage_laplace(normalised, 4.0)).max())
+    return write_mrc(tmp_path / "sized.mrc", image, 2.0), image, SizedBlobs(4.0, reference), np.array(centres, float)
+
+
+def ndimage_laplace(image, sigma):
+    from scipy import ndimage
+    return ndimage.gaussian_laplace(image, sigma)
+
+
+def test_the_stub_finds_the_blobs_at_the_true_pixel_size(sized):
+    path, _, model, centres = sized
+    picks, _ = pick_micrograph_file(path, model, 2.0, 19.0, 0.5)
+    assert len(picks) == 12 and np.abs(np.sort(picks.x.to_numpy()) - np.sort(centres[:, 0])).max() <= 1
+
+
+def test_an_inverted_micrograph_is_refused_or_picked_as_the_original(sized, tmp_path):
+    path, image, model, _ = sized
+    inverted = write_mrc(tmp_path / "inverted.mrc", -image, 2.0)
+    with pytest.raises(ValueError, match=r"looks contrast-inverted.*0 picks as given, 12 with the contrast inverted.*invert=True"):
+        pick_micrograph_file(inverted, model, 2.0, 19.0, 0.5)
+    same, _ = pick_micrograph_file(inverted, model, 2.0, 19.0, 0.5, invert=True)
+    original, _ = pick_micrograph_file(path, model, 2.0, 19.0, 0.5)
+    pd.testing.assert_frame_equal(same, original)
+    assert len(pick_micrograph_file(inverted, model, 2.0, 19.0, 0.5, invert=False)[0]) == 0   # no check asked for: as given
+
+
+def test_a_pixel_size_that_makes_the_particles_implausible_is_refused_naming_it(sized, tmp_path):
+    _, image, model, _ = sized
+    wrong = write_mrc(tmp_path / "wrong_header.mrc", image, 1.0)                  # the header halves the true 2.0 Å/px
+    with pytest.raises(ValueError, match=r"the header's pixel size 1 Å makes the particles .* implausible.*0 picks at 1 Å/px but 12 at 1.41 Å/px"):
+        pick_micrograph_file(wrong, model, 2.0, 19.0, 0.5)
+    with pytest.raises(ValueError, match=r"pixel_size_a 4 Å makes the particles"):
+        pick_micrograph_file(wrong, model, 2.0, 19.0, 0.5, pixel_size_a=4.0)
+    assert len(pick_micrograph_file(wrong, model, 2.0, 19.0, 0.5, pixel_size_a=2.0)[0]) == 12   # the true pixel size, given: accepted
+
+
+def test_edge_picks_can_be_excluded(tmp_path):
+    rows, cols = np.indices((123, 151))
+    image = sum(np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * 6.0 ** 2)) for x, y in [(60.0, 60.0), (4.0, 60.0)])   # one 4 px from the border
+    path = write_mrc(tmp_path / "edge.mrc", image, 1.0)
+    picks, _ = pick_micrograph_file(path, BrightSpots(), 1.0, 20.0, 0.5)
+    kept, _ = pick_micrograph_file(path, BrightSpots(), 1.0, 20.0, 0.5, exclude_edge=True)
+    assert len(picks) == 2 and len(kept) == 1 and abs(kept.x[0] - 60) <= 1
+
+
+def test_a_checkpoint_carries_its_picking_metadata(sized, tmp_path):
+    from project_lib.cryoem.pick import load_picker
+    from project_lib.cryoem.train import TrainConfig, add_picking_metadata, build_model
+    from project_lib.engine import save_checkpoint
+    config = TrainConfig(width=0.0625, seed=0)
+    net = build_model(config)
+    save_checkpoint(tmp_path / "best.pt", {"model": net.state_dict(), "epoch": 1, "metrics": {}})
+    with pytest.raises(ValueError, match="carries no picking and config"):
+        load_picker(tmp_path / "best.pt")
+    picking = {"pixel_size_a": 2.0, "diameter_a": 19.0, "threshold": 0.5, "polarity": "dark", "polarity_contrast": -0.3}
+    add_picking_metadata(tmp_path / "best.pt", picking, config)
+    model, meta = load_picker(tmp_path / "best.pt")
+    assert meta == picking and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+    path, *_ = sized
+    from_file, _ = pick_micrograph_file(path, tmp_path / "best.pt", check_pixel_size=False, invert=False)
+    given, _ = pick_micrograph_file(path, model, 2.0, 19.0, 0.5, check_pixel_size=False, invert=False)
+    pd.testing.assert_frame_equal(from_file, given)
+    with pytest.raises(ValueError, match="model_pixel_size_a, diameter_a, threshold must be given with a network"):
+        pick_micrograph_file(path, model)

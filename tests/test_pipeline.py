@@ -54,7 +54,10 @@ def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
     assert "model" not in torch.load(runs / "unet-s0" / "last.pt", weights_only=True)   # a finished run's last.pt is its record, no weights
     assert len(list((out / "runs").glob("*/*/unit.json"))) == 3 * 2 * 2 and (out / "train" / "provenance.json").is_file()
     verdict = metrics["verdict"]
-    assert verdict["low"] <= verdict["estimate"] <= verdict["high"] and abs(verdict["mde"] - 2.8 * (verdict["high"] - verdict["low"]) / 3.92) < 1e-12
+    assert verdict["low"] <= verdict["estimate"] <= verdict["high"] and abs(verdict["mde"] - 2.8 * (verdict["high"] - verdict["low"]) / (2 * 1.959964)) < 1e-9
+    assert verdict["low"] <= verdict["low90"] <= verdict["high90"] <= verdict["high"]                 # pooled over the conditions, with TOST's interval
+    assert set(metrics["pooled"]) >= {"tau2", "i2", "k"} and metrics["pooled"]["k"] == 3
+    assert all(0 <= c["edge_share"] <= 1 and c["particles_per_um2"] > 0 for c in metrics["conditions"].values())
     assert (out / "plots" / "difficulty.csv").read_text().startswith("condition,unet,attention_unet,template_matching,oracle,difference")
     assert (out / "plots" / "learning-curves.csv").read_text().startswith("epoch,unet,attention_unet")
     assert len(list((out / "real_picks").glob("*.star"))) == 4

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['bootstrap_weights', 'metric_matrix', 'paired_summary', 'picker_summary', 'variance_components', 'interval_coverage',
-           'verdict', 'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves',
-           'plot_picks', 'plot_spectra']
+__all__ = ['MDE_FACTOR', 'bootstrap_weights', 'metric_matrix', 'paired_summary', 'picker_summary', 'variance_components',
+           'interval_coverage', 'verdict', 'difference_draws', 'tost_equivalent', 'pooled_random_effects',
+           'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
+           'plot_spectra']
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c007
 def bootstrap_weights(s: int, m: int, n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -75,12 +76,46 @@ def interval_coverage(diff: np.ndarray, # observed (seeds, micrographs) paired d
         covered += lo <= 0 <= hi
     return covered / n_simulations
 
-def verdict(low: float, high: float, margin: float) -> str:
-    "What a 95% interval of a difference shows against an equivalence margin declared in advance."
+def verdict(low: float, high: float, margin: float,
+            interval90: tuple[float, float] | None = None, # the 90 % interval: equivalence by the two one-sided tests at 5 % (default: the 95 % one, stricter)
+           ) -> str:
+    "What a difference's 95% interval (a difference) and 90% interval (equivalence, TOST) show against a margin declared in advance."
     if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
-    inside = -margin < low and high < margin
+    low90, high90 = interval90 if interval90 is not None else (low, high)
+    inside = -margin < low90 and high90 < margin
     if low > 0 or high < 0: return "a difference, within the equivalence margin" if inside else "a difference"
-    return "equivalence" if inside else "inconclusive"
+    return "equivalence" if inside else "not detected"
+
+# %% ../../nbs/24_cryoem_compare.ipynb #c032
+def difference_draws(per_mic: pd.DataFrame, metric: str, a: str, b: str, # arms; the difference is b - a
+                     n_resamples: int = 2000, seed: int = 0) -> np.ndarray: # (n_resamples,) bootstrap means
+    "The two-level bootstrap means of the paired difference (b − a): the draws `paired_summary`'s interval comes from (same seed, same draws)."
+    va, vb = metric_matrix(per_mic, metric, a), metric_matrix(per_mic, metric, b)
+    if va.shape != vb.shape: raise ValueError(f"arms {a!r} and {b!r} are not paired: shapes {va.shape} and {vb.shape}")
+    return _bootstrap_means(vb - va, n_resamples, np.random.default_rng(seed))
+
+def tost_equivalent(low90: float, high90: float, margin: float) -> bool:
+    "Two one-sided tests at 5 % each: the difference is within ±margin when its 90 % interval lies inside (−margin, +margin)."
+    if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
+    return bool(-margin < low90 and high90 < margin)
+
+MDE_FACTOR = 2.8 # smallest effect detected with 80 % power by a two-sided 5 % test, in standard errors (1.96 + 0.84)
+
+def pooled_random_effects(estimates, ses) -> dict[str, float]:
+    """DerSimonian–Laird random-effects pooling of independent estimates with standard errors `ses`: estimate, se, 95 % and 90 %
+    intervals, tau2 (between-estimate variance), Q, I² and the smallest detectable effect (80 % power, two-sided 5 %)."""
+    y, se = np.asarray(estimates, float), np.asarray(ses, float)
+    if y.ndim != 1 or y.shape != se.shape or len(y) < 1: raise ValueError(f"estimates and ses must be 1-D of the same length >= 1, got {y.shape} and {se.shape}")
+    if not (np.isfinite(y).all() and np.isfinite(se).all()) or (se <= 0).any(): raise ValueError("estimates must be finite and ses finite and positive")
+    w = 1 / se ** 2
+    q = float((w * (y - (w * y).sum() / w.sum()) ** 2).sum())
+    k = len(y)
+    tau2 = max(0.0, (q - (k - 1)) / (w.sum() - (w ** 2).sum() / w.sum())) if k > 1 else 0.0
+    ws = 1 / (se ** 2 + tau2)
+    mu, se_mu = float((ws * y).sum() / ws.sum()), float(np.sqrt(1 / ws.sum()))
+    return {"estimate": mu, "se": se_mu, "low": mu - 1.959964 * se_mu, "high": mu + 1.959964 * se_mu,
+            "low90": mu - 1.644854 * se_mu, "high90": mu + 1.644854 * se_mu, "tau2": tau2, "q": q,
+            "i2": max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0, "k": k, "mde": MDE_FACTOR * se_mu}
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c010
 def flawed_protocol(histories: pd.DataFrame, # columns model, seed, epoch and <set>_pixel_f1, <set>_thresholded_auc ...

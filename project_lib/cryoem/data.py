@@ -20,9 +20,9 @@ from ..core import project_root, require_portable
 __all__ = ['POTENTIAL_PER_SCATTERING', 'CONTRAST_IN_ICE', 'Structure', 'read_structure', 'load_structure',
            'electron_wavelength_a', 'CTFParams', 'ctf', 'ctf_image', 'interaction_constant', 'project_structure',
            'projection_bank', 'detector_mtf', 'expected_counts', 'detector_dqe', 'amorphous_phase', 'MicrographConfig',
-           'Micrograph', 'particle_mask', 'edge_particles', 'particle_snr', 'simulate_micrograph',
-           'radial_power_spectrum', 'power_ratio', 'log_spectrum_distance', 'intensity_statistics', 'thon_ring_limit',
-           'difficulty_table']
+           'Micrograph', 'particle_mask', 'edge_particles', 'particle_geometry', 'geometry_summary', 'particle_snr',
+           'simulate_micrograph', 'radial_power_spectrum', 'power_ratio', 'log_spectrum_distance',
+           'intensity_statistics', 'thon_ring_limit', 'difficulty_table']
 
 # %% ../../nbs/20_cryoem_data.ipynb #c101
 _STRUCTURE_FILES = {"apoferritin": "6z6u.pdb", "ribosome": "4v5d.cif.gz", "spliceosome": "3jb9.cif.gz"}
@@ -332,6 +332,20 @@ def edge_particles(micrograph: Micrograph, # with centres and diameters_px
     x, y = micrograph.centres[:, 0], micrograph.centres[:, 1]
     to_border = np.min([x + 0.5, y + 0.5, cols - 0.5 - x, rows - 0.5 - y], axis=0)   # pixel i spans [i - 0.5, i + 0.5]
     return to_border < micrograph.diameters_px / 2 + margin_px
+
+def particle_geometry(micrograph: Micrograph) -> dict:
+    "What the data card reports of one micrograph: its particles, those cut by the border, the share of its area the particle mask covers."
+    return {"n_particles": len(micrograph.centres), "n_edge": int(edge_particles(micrograph).sum()),
+            "coverage": float(micrograph.mask.mean()), "area_px": int(micrograph.image.size)}
+
+def geometry_summary(rows: list[dict], # `particle_geometry` of each micrograph of a set
+                     pixel_size_a: float) -> dict:
+    "A set's edge share (particles cut by the border / all), density (particles per µm²) and mean area coverage."
+    if not rows: raise ValueError("rows must hold at least one micrograph's geometry")
+    if not pixel_size_a > 0: raise ValueError(f"pixel_size_a must be positive, got {pixel_size_a}")
+    n, edge, area = (sum(r[k] for r in rows) for k in ("n_particles", "n_edge", "area_px"))
+    return {"edge_share": edge / n if n else float("nan"), "particles_per_um2": n / (area * (pixel_size_a / 1e4) ** 2),
+            "coverage": float(np.mean([r["coverage"] for r in rows])), "particles_per_micrograph": n / len(rows)}
 
 # %% ../../nbs/20_cryoem_data.ipynb #c118
 def _stamp(canvas: np.ndarray, view: np.ndarray, x: int, y: int, pad: int):

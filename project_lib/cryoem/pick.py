@@ -13,10 +13,11 @@ from torch import nn
 
 from .io import bin_image, fourier_resample, read_micrograph, write_picks
 from .metrics import extract_picks
-from .train import probabilities
+from .train import TrainConfig, load_checkpoint, probabilities
+from ..engine import load_checkpoint_state
 
 # %% auto #0
-__all__ = ['to_model_grid', 'predict_probability', 'pick_micrograph_file']
+__all__ = ['to_model_grid', 'predict_probability', 'load_picker', 'pick_micrograph_file']
 
 # %% ../../nbs/26_cryoem_pick.ipynb #c005
 def to_model_grid(image: np.ndarray, # 2-D micrograph
@@ -51,26 +52,78 @@ def predict_probability(model: nn.Module, # maps (1, 1, H, W) to logits of the s
     return probabilities(model, x, device)[0, top:top + rows, left:left + cols]
 
 # %% ../../nbs/26_cryoem_pick.ipynb #c013
+def load_picker(checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    "(network in eval mode, picking metadata) from a best checkpoint written by `train`: the file alone is enough to pick."
+    state = load_checkpoint_state(checkpoint, device)
+    missing = [k for k in ("picking", "config") if k not in state]
+    if missing: raise ValueError(f"checkpoint {checkpoint} carries no {' and '.join(missing)} (not a best.pt written by cryoem.train.train): "
+                                 "pass the network with model_pixel_size_a, diameter_a and threshold instead")
+    return load_checkpoint(TrainConfig(**state["config"]), checkpoint, device), state["picking"]
+
+def _picks_at(image: np.ndarray, pixel: float, model: nn.Module, model_pixel_size_a: float, diameter_a: float, threshold: float,
+              device: str) -> tuple[pd.DataFrame, np.ndarray]:
+    "Picks (in the image's own pixels) and the probability map of one 2-D image of pixel size `pixel`."
+    working, scale, offset = to_model_grid(image, pixel, model_pixel_size_a)
+    if not working.std() > 0: raise ValueError("the micrograph is constant: nothing to pick")
+    prob = predict_probability(model, (working - working.mean()) / working.std(), device)
+    found = extract_picks(prob, diameter_a / model_pixel_size_a, min_score=threshold)
+    return pd.DataFrame({"x": found.x * scale[0] + offset, "y": found.y * scale[1] + offset, "score": found.score, "diameter": diameter_a / pixel}), prob
+
+def _clearly_more(found: int, given: int) -> bool: return found >= 2 * given and found >= given + 5   # what makes a check refuse
+
+_PIXEL_FACTORS = (0.5, 2 ** -0.5, 2 ** 0.5, 2.0) # other pixel sizes tried by the pixel-size check, relative to the stated one
+
 def pick_micrograph_file(path: str | Path, # micrograph: .mrc, .tif or .png/.jpg
-                         model: nn.Module, # trained picker returning logits (the engine's UNet or AttentionUNet)
-                         model_pixel_size_a: float, # pixel size the model was trained at, Å
-                         diameter_a: float, # particle diameter, Å
-                         threshold: float, # score threshold, chosen on validation
+                         model: nn.Module | str | Path, # trained picker returning logits, or the path of its best checkpoint (carrying its picking metadata)
+                         model_pixel_size_a: float | None = None, # pixel size the model was trained at, Å (default: the checkpoint's)
+                         diameter_a: float | None = None, # particle diameter, Å (default: the checkpoint's)
+                         threshold: float | None = None, # score threshold, chosen on validation (default: the checkpoint's)
                          out_path: str | Path | None = None, # .star or .csv for the picks
                          pixel_size_a: float | None = None, # the micrograph's pixel size, Å; overrides the header, required without one
                          device: str = "cpu",
+                         invert: bool | None = None, # True: pick the contrast-inverted image; None: refuse if inverting finds clearly more; False: no check
+                         check_pixel_size: bool = True, # refuse a pixel size at which clearly fewer particles are found than at another
+                         exclude_edge: bool = False, # drop picks whose particle disk is cut by the border
                         ) -> tuple[pd.DataFrame, np.ndarray]: # (picks x, y, score, diameter in original pixels; probability map at the model's pixel size)
     "Pick particles in a real micrograph file with a trained model, in the file's own pixel frame."
+    meta = {}
+    if isinstance(model, (str, Path)): model, meta = load_picker(model, device)
+    model_pixel_size_a = model_pixel_size_a if model_pixel_size_a is not None else meta.get("pixel_size_a")
+    diameter_a = diameter_a if diameter_a is not None else meta.get("diameter_a")
+    threshold = threshold if threshold is not None else meta.get("threshold")
+    unknown = [n for n, v in (("model_pixel_size_a", model_pixel_size_a), ("diameter_a", diameter_a), ("threshold", threshold)) if v is None]
+    if unknown: raise ValueError(f"{', '.join(unknown)} must be given with a network (a checkpoint path carries them)")
     image, header_pixel_size = read_micrograph(path)
     pixel = pixel_size_a if pixel_size_a is not None else header_pixel_size
     if pixel is None: raise ValueError(f"micrograph {path} has no pixel size in its header: pass pixel_size_a")
     if not diameter_a > 0: raise ValueError(f"diameter_a must be positive, got {diameter_a}")
     if not 0 <= threshold <= 1: raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
-    working, scale, offset = to_model_grid(image, pixel, model_pixel_size_a)
-    if not working.std() > 0: raise ValueError(f"micrograph {path} is constant: nothing to pick")
-    prob = predict_probability(model, (working - working.mean()) / working.std(), device)
-    found = extract_picks(prob, diameter_a / model_pixel_size_a, min_score=threshold)
-    picks = pd.DataFrame({"x": found.x * scale[0] + offset, "y": found.y * scale[1] + offset, "score": found.score,
-                          "diameter": diameter_a / pixel})
+    if not model_pixel_size_a > 0: raise ValueError(f"model_pixel_size_a must be positive, got {model_pixel_size_a}")
+    image = -image if invert else image
+    pick = lambda im, px: _picks_at(im, px, model, model_pixel_size_a, diameter_a, threshold, device)
+    try: picks, prob = pick(image, pixel)
+    except ValueError as e:
+        if "constant" in str(e): raise ValueError(f"micrograph {path} is constant: nothing to pick") from e
+        raise
+    if invert is None:
+        flipped = len(pick(-image, pixel)[0])
+        if _clearly_more(flipped, len(picks)):
+            raise ValueError(f"micrograph {path} looks contrast-inverted for this picker (trained on {meta.get('polarity', 'unknown')} particles): "
+                             f"{len(picks)} picks as given, {flipped} with the contrast inverted; pass invert=True to pick the inverted "
+                             "image, or invert=False to keep it as it is")
+    if check_pixel_size:
+        density = {}   # picks, per the stated area where an alternative states a larger one (never credited for the area it adds)
+        for factor in _PIXEL_FACTORS:
+            try: density[pixel * factor] = len(pick(image, pixel * factor)[0]) / max(factor, 1.0) ** 2
+            except ValueError: continue   # too small at the model's pixel size
+        best = max(density, key=density.get, default=pixel)
+        if density and _clearly_more(density[best], len(picks)):
+            source = "pixel_size_a" if pixel_size_a is not None else "the header's pixel size"
+            raise ValueError(f"{source} {pixel:g} Å makes the particles of {path} implausible for this picker (trained at {model_pixel_size_a:g} Å/px, "
+                             f"particles of {diameter_a:g} Å): {len(picks)} picks at {pixel:g} Å/px but {density[best] * max(best / pixel, 1.0) ** 2:.0f} "
+                             f"at {best:.3g} Å/px; pass pixel_size_a with the micrograph's true pixel size, or check_pixel_size=False")
+    if exclude_edge:
+        r, (rows, cols) = picks.diameter / 2, image.shape
+        picks = picks[(picks.x - r >= -0.5) & (picks.y - r >= -0.5) & (picks.x + r <= cols - 0.5) & (picks.y + r <= rows - 0.5)].reset_index(drop=True)
     if out_path is not None: write_picks(picks, out_path, micrograph_name=Path(path).name)
     return picks, prob

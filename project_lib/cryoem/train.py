@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, params_hash, read_npy_rows, seed_everything, select_device, to_jsonable
-from ..engine import autocast, code_hash, distributed, file_hash, fit, load_weights
+from ..engine import autocast, code_hash, distributed, file_hash, fit, load_checkpoint_state, load_weights, save_checkpoint
 from . import data as cryoem_data
-from .data import Micrograph, MicrographConfig, edge_particles, simulate_micrograph
+from .data import Micrograph, MicrographConfig, edge_particles, particle_geometry, simulate_micrograph
 from .metrics import extract_picks, match_picks, particle_metrics, particle_metrics_by_image, pixel_metrics, recovered
 from .models import AttentionUNet, UNet
 
@@ -26,8 +26,9 @@ from .models import AttentionUNet, UNet
 __all__ = ['PREDICT_BATCH', 'simulate_dataset', 'data_hash', 'SimulatedMicrographs', 'make_split', 'write_manifest',
            'cache_micrographs', 'TrainConfig', 'validated_epochs', 'epoch_lr', 'budget_hash', 'build_model',
            'focal_dice_loss', 'probabilities', 'predict_maps', 'predict', 'select_threshold', 'select_pixel_threshold',
-           'choose_thresholds', 'score_micrograph', 'score_picker', 'RunResult', 'train', 'load_checkpoint',
-           'load_best', 'check_comparable', 'run_record', 'run_from_record']
+           'choose_thresholds', 'score_micrograph', 'score_picker', 'RunResult', 'picking_metadata',
+           'add_picking_metadata', 'train', 'load_checkpoint', 'load_best', 'check_comparable', 'run_record',
+           'run_from_record']
 
 # %% ../../nbs/23_cryoem_train.ipynb #c005
 def simulate_dataset(cfg: MicrographConfig, n: int, seed: int,
@@ -57,7 +58,7 @@ def data_hash(micrographs: Sequence[Micrograph]) -> str:
 class _Shared:
     "What a `SimulatedMicrographs` shares with the subsets taken of it: the recently used micrographs (never pickled), the data hashes and metadata already computed."
     def __init__(self, capacity: int):
-        self.capacity, self.recent, self.hashes, self.metadata = capacity, OrderedDict(), {}, {}
+        self.capacity, self.recent, self.hashes, self.metadata, self.geometry = capacity, OrderedDict(), {}, {}, {}
     def __getstate__(self): return {**self.__dict__, "recent": OrderedDict()}
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -99,6 +100,7 @@ class SimulatedMicrographs(Sequence):
             m = simulate_micrograph(self.cfg, np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(i,))), self.structures)
             if self.store: atomic_write_bytes(self.store / f"{i}.pkl", pickle.dumps(m, protocol=5))
         s.metadata[i] = m.metadata
+        if i not in s.geometry: s.geometry[i] = particle_geometry(m)
         if s.capacity:
             s.recent[i] = m
             if len(s.recent) > s.capacity: s.recent.popitem(last=False)
@@ -129,6 +131,10 @@ class SimulatedMicrographs(Sequence):
     def metadata(self) -> list[dict]:
         "Every micrograph's metadata, in order: kept when it was generated (a few kB each), generated again only if it never was."
         return [self._shared.metadata[i] if i in self._shared.metadata else self._micrograph(i).metadata for i in self.ids]
+
+    def geometry(self) -> list[dict]:
+        "Every micrograph's `particle_geometry`, in order: kept when it was generated, generated again only if it never was."
+        return [self._shared.geometry[i] if i in self._shared.geometry else particle_geometry(self._micrograph(i)) for i in self.ids]
 
     def data_hash(self, *parts: SimulatedMicrographs) -> str:
         "`data_hash` of this sequence, computed once; `parts` (subsets of it, in its order) and each micrograph get theirs in the same pass."
@@ -388,6 +394,26 @@ def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     x, y = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (2, 3))
     return (x.flip(3), y.flip(3)) if flip else (x, y)
 
+def picking_metadata(train_set: Sequence[Micrograph], threshold: float, # the picking threshold chosen on validation
+                     n: int = 8, # training micrographs the polarity is measured on (the first n)
+                    ) -> dict:
+    """What picking with a trained network needs besides its weights: the pixel size (Å) and nominal particle diameter (Å) it was
+    trained at, its picking threshold, and the particles' contrast in its training micrographs ("dark": darker than the
+    background, as in defocused cryo-EM images; "bright" otherwise), measured as the mean normalised intensity inside minus outside the masks."""
+    first = [train_set[i] for i in range(min(n, len(train_set)))]
+    if not first: raise ValueError("train_set must hold at least one micrograph")
+    pixels = {float(m.metadata.get("pixel_size_a", float("nan"))) for m in first}
+    if len(pixels) != 1: raise ValueError(f"the training micrographs have several pixel sizes {sorted(pixels)}: a picker is trained at one")
+    pixel = pixels.pop()
+    inside = [float(m.image[m.mask].mean() - m.image[~m.mask].mean()) for m in first if m.mask.any() and (~m.mask).any()]
+    return {"pixel_size_a": pixel, "diameter_a": float(first[0].diameter_px * pixel), "threshold": threshold,
+            "polarity": ("dark" if np.mean(inside) < 0 else "bright") if inside else "unknown",
+            "polarity_contrast": float(np.mean(inside)) if inside else float("nan")}
+
+def add_picking_metadata(checkpoint: str | Path, picking: dict, config: TrainConfig):
+    "Rewrite a best checkpoint with its picking metadata and training configuration (atomically), so that the file alone can pick."
+    save_checkpoint(checkpoint, {**load_checkpoint_state(checkpoint), "picking": picking, "config": dataclasses.asdict(config)})
+
 def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
           out_dir: str | Path, # checkpoints go here; an existing last.pt of the same config and data is resumed
           *, device: str | None = None, # default: CUDA when present
@@ -437,6 +463,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
               out_dir=out_dir, identity=identity, device=device, rank=rank, world=world, samples_per_epoch=config.samples_per_epoch,
               desc=f"{config.model} seed {config.seed}", progress=progress, keep_last=keep_last)
     best_row = run.history.set_index("epoch").loc[run.best_epoch]
+    if rank == 0: add_picking_metadata(run.best_checkpoint, picking_metadata(train_set, float(best_row.val_threshold)), config)
     return RunResult(config, run.history, run.best_epoch, float(best_row.val_threshold), train_hash, identity["val_hash"],
                      budget_hash(config), run.train_time_s, run.best_checkpoint)
 
