@@ -32,6 +32,10 @@ PAPER_TRAIN, PAPER_VAL, PAPER_PX = 5172, 534, 768
 
 
 
+def _lowest_dose(p):
+    "The simulator's configuration of the condition with the lowest dose."
+    return min(p.micrograph_configs().values(), key=lambda c: c.dose_e_per_a2)
+
 def _train_step(model, opt, scaler, x, y, tc):
     """One optimiser step of the cryo-EM training loss, through the shared engine (as `cryoem.train.train` does)."""
     return train_step(model, opt, scaler, lambda n: focal_dice_loss(n(x.contiguous(memory_format=torch.channels_last)), y, tc), "cpu")
@@ -112,7 +116,7 @@ def peak_rss_of_training_step(model_name, profile):
     """Run in a child process: one training step of the profile's batch; print the RSS before and the peak RSS after it (MB)."""
     p = load_study_params("cryoem", CryoEMStudyParams, profile)
     tc = p.train_config(model_name, 0)
-    mics = simulate_dataset(p.micrograph_config(p.reference_dose), tc.batch_size, 0)
+    mics = simulate_dataset(p.micrograph_config(), tc.batch_size, 0)
     model = build_model(tc)
     x, y = stack(mics)
     before = reset_peak_rss()
@@ -130,12 +134,12 @@ def bench_inference(p, train_set, val_set, repeats, profile):
         before, after = map(float, out.stdout.split()[-2:])
         print(f"| {model_name} | {t / len(train_set) * 1e3:.1f} | {before:.0f} / {after:.0f} |")
 
-    cfg, n = p.micrograph_config(min(p.dose_levels)), len(val_set)
+    cfg, n = _lowest_dose(p), len(val_set)
     bank, t_bank = timed(lambda: template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, p.template_orientations))
     tm = lambda: np.stack([template_match_map(m.image, bank, micrograph_ctf(m, cfg), p.pixel_size_a) for m in val_set])
     maps = {"template matching": tm(), "oracle": np.stack([oracle_probability_map(m) for m in val_set])}
-    print(f"\n### Template matching, picking and the threshold sweep ({n} validation micrographs at the hardest dose, "
-          f"{min(p.dose_levels):g} e-/Å²; best of {repeats})\n")
+    print(f"\n### Template matching, picking and the threshold sweep ({n} validation micrographs at the lowest dose, "
+          f"{cfg.dose_e_per_a2:g} e-/Å²; best of {repeats})\n")
     print("| step | ms / micrograph | note |\n|---|---|---|")
     print(f"| template bank (`template_bank`, {len(bank)} types x {p.template_orientations} orientations, boxes "
           f"{'/'.join(str(b.shape[-1]) for b in bank)} px) | | {t_bank:.2f} s once |")
@@ -228,13 +232,13 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; profile {profile}: {p.size_px}² px at {p.pixel_size_a:g} Å/px, "
           f"width {p.width}, batch {p.batch_size}, {p.n_train} training / {p.n_val} validation micrographs")
     if {"simulator", "training", "parallel", "inference"} & set(args.sections):
-        cfg = p.micrograph_config(p.reference_dose)
+        cfg = p.micrograph_config()
         _, first = timed(lambda: simulate_micrograph(cfg, np.random.default_rng(0)))   # reads the structures, builds the projection banks
         train_set, t = timed(lambda: simulate_dataset(cfg, p.n_train, p.data_seed))
-        val_set = simulate_dataset(p.micrograph_config(min(p.dose_levels)), p.n_val, p.data_seed + 1)
+        val_set = simulate_dataset(_lowest_dose(p), p.n_val, p.data_seed + 1)
     if "simulator" in args.sections:
         print(f"\n### Simulator\n\n{p.size_px}² micrographs at {p.pixel_size_a:g} Å/px ({'/'.join(p.particle_types)}, "
-              f"{p.particles_min}-{p.particles_max} particles, dose {p.reference_dose:g} e-/Å²): {p.n_train / t:.1f} micrographs/s "
+              f"{p.particles_min}-{p.particles_max} particles, dose {cfg.dose_e_per_a2:g} e-/Å²): {p.n_train / t:.1f} micrographs/s "
               f"({t / p.n_train * 1e3:.0f} ms each, {p.n_train} micrographs); the first call, which reads the structures and builds "
               f"the projection banks, {first:.1f} s")
     if "training" in args.sections: bench_training(p, train_set, repeats)

@@ -235,12 +235,14 @@ def _real_micrographs_s(p, predict_s: float, picker_s: float) -> float:
     from project_lib.cryoem.io import read_micrograph
     from project_lib.cryoem.pick import to_model_grid
     from project_lib.cryoem.stage import ARMS
-    cfg, total = p.micrograph_config(p.reference_dose), 0.0
+    from project_lib.cryoem.pick import _PIXEL_FACTORS
+    cfg, total = p.micrograph_config(), 0.0
+    checked = 2 + sum(f ** 2 for f in _PIXEL_FACTORS)   # as given, inverted (the polarity check), and at each other pixel size (the area grows with it)
     for path in sorted((project_root() / "data" / "cryoem").glob("*.mrc")):
         image, pixel = read_micrograph(path)
         look_alike = dataclasses.replace(cfg, size_px=min(image.shape) // 16 * 16, pixel_size_a=pixel, particles_min=30, particles_max=60)
         total += time_once(lambda: simulate_micrograph(look_alike, np.random.default_rng(0)))
-        total += len(ARMS) * (predict_s + picker_s) * to_model_grid(image, pixel, p.pixel_size_a)[0].size / p.size_px ** 2
+        total += len(ARMS) * checked * (predict_s + picker_s) * to_model_grid(image, pixel, p.pixel_size_a)[0].size / p.size_px ** 2
     return total
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +269,7 @@ def cryoem_evaluation_costs(p, simulate_s: float, predict_s: float, picker_s: fl
     from project_lib.cryoem.stage import ARMS
     from project_lib.cryoem.study import BASELINES, condition_table
     evaluation_threads()
-    cfg, rng = p.micrograph_config(p.reference_dose), np.random.default_rng(0)
+    cfg, rng = p.micrograph_config(), np.random.default_rng(0)
     mics = [simulate_micrograph(cfg, np.random.default_rng(i)) for i in range(4)]
     t0 = time.perf_counter()
     bank = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, p.template_orientations, seed=p.data_seed)
@@ -285,14 +287,14 @@ def cryoem_evaluation_parts(p, e: CryoEMEvaluationCosts) -> dict[str, float]:
     "evaluate_cryoem's seconds by part: the counts of `p` (a `CryoEMStudyParams`) times the unit costs `e`."
     from project_lib.cryoem.stage import ARMS
     from project_lib.cryoem.study import BASELINES
-    conditions, networks = len(p.dose_levels) + 1, len(ARMS) * len(p.seeds)
+    conditions, networks = len(p.conditions), len(ARMS) * len(p.seeds)
     reads = p.n_train + p.n_val + p.n_test + p.n_val + p.n_test   # every micrograph once to hash the condition, then validation (held) and test (streamed)
     per_condition = (reads * e.simulate_s + (p.n_val + p.n_test) * (networks * e.predict_s + e.match_s)
                      + (networks + len(BASELINES)) * (p.n_val * e.search_s + p.n_test * e.score_s))
     return {"start-up": e.startup_s,
             "scoring": e.bank_s + conditions * per_condition + p.n_alt_val * p.n_alt_sets * e.simulate_s,   # + the replay's sets, hashed once
             "real micrographs": e.real_s,
-            "difficulty table": len(p.dose_levels) * 8 * e.simulate_s,   # 8 micrographs per dose
+            "difficulty table": 4 * 8 * e.simulate_s,   # 8 micrographs at each of 4 doses
             "bootstraps": conditions * (2 * e.table_s + p.coverage_simulations * e.coverage_s),   # particle F1 and AUPRC tables, the coverage check
             "figures": e.figures_s}
 
@@ -304,17 +306,20 @@ def plan_cryoem(profile: str, device: str | None = None) -> list[StageCost]:
     p = load_study_params("cryoem", CryoEMStudyParams, profile)
     device = device or select_device()
     threads = worker_threads(worker_count(p.n_jobs), device)
-    cfg, config = p.micrograph_config(p.dose_levels[0]), p.train_config(ARMS[1], p.seeds[0])
-    step_s, predict_s, device_gb, n_params = _unet_costs(config, p.size_px, device)
+    cfg, config = p.micrograph_config(), p.train_config(ARMS[1], p.seeds[0])
+    step_s, predict_s, device_gb, n_params = _unet_costs(config, config.crop_px or p.size_px, device)   # steps on crops, predictions on whole micrographs
+    predict_s = _predict_s(config, p.size_px, device) if config.crop_px else predict_s
     picker_s, simulate_s = _picker_s(p.size_px, cfg.diameter_px), time_call(lambda: simulate_micrograph(cfg, np.random.default_rng(0)), 1)
-    conditions, n_total, alt = len(p.dose_levels) + 1, p.n_train + p.n_val + p.n_test, p.n_alt_val * p.n_alt_sets
+    conditions, n_total, alt = len(p.conditions), p.n_train + p.n_val + p.n_test, p.n_alt_val * p.n_alt_sets
     trainings, workers, val_used = conditions * len(ARMS) * len(p.seeds), worker_count(p.n_jobs), p.val_subset or p.n_val
-    how = f"{threads} thread(s) per worker, step at {p.size_px}² px, width {p.width}, on {device}" + (f", batch {p.batch_size} (scaled from batch 1 where a step takes > 5 s)" if device == "cpu" else f", batch {p.batch_size}")
+    how = f"{threads} thread(s) per worker, step at {config.crop_px or p.size_px}² px, width {p.width}, on {device}" + (f", batch {p.batch_size} (scaled from batch 1 where a step takes > 5 s)" if device == "cpu" else f", batch {p.batch_size}")
     # micrographs are simulated when read: each condition once to hash it, its training set once more for the cache, the replay's sets at the
     # reference dose; every training holds its validation micrographs (and the replay's, at the reference dose) and a batch
     simulated = conditions * (n_total + p.n_train) + alt * (1 + len(ARMS) * len(p.seeds)) + trainings * val_used
     train = StageCost("train_cryoem", trainings, math.ceil(p.n_train / p.batch_size) * p.epochs, step_s, len(validated_epochs(config)),
-                      val_used * (predict_s + picker_s), simulated * simulate_s, peak_host_gb() + _micrographs_gb(val_used + alt + PREDICT_BATCH, p.size_px),
+                      val_used * (predict_s + picker_s),   # + the replay's sets, scored at every validated epoch of the reference condition's trainings
+                      simulated * simulate_s + len(ARMS) * len(p.seeds) * len(validated_epochs(config)) * alt * (predict_s + picker_s),
+                      peak_host_gb() + _micrographs_gb(val_used + alt + PREDICT_BATCH, p.size_px),
                       device_gb, p.n_train * p.size_px ** 2 * 5 / 1e9 + trainings * _checkpoint_gb(n_params) + workers * _running_gb(n_params),   # one condition's cache at a time
                       workers, how)
     parts = cryoem_evaluation_parts(p, cryoem_evaluation_costs(p, simulate_s, predict_s, picker_s, device))

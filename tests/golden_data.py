@@ -22,7 +22,7 @@ def _hash(*arrays) -> str:
 def cryoem() -> dict:
     from project_lib.cryoem.stage import CryoEMStudyParams, simulate_condition
     p = load_study_params("cryoem", CryoEMStudyParams, "tiny")
-    name, cfg = next(iter(p.conditions().items()))
+    name, cfg = next(iter(p.micrograph_configs().items()))
     d = simulate_condition(name, cfg, p, replay=False)
     mics = [m for s in d.sets.values() for m in s]
     return {"cryoem data hash": d.data_hash, "cryoem masks": _hash(*[m.mask for m in mics])}

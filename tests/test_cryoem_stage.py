@@ -26,10 +26,11 @@ from project_lib.cryoem.stage import CryoEMStudyParams, condition_units, simulat
 from project_lib.cryoem.study import evaluate_study
 from project_lib.cryoem.train import SimulatedMicrographs, data_hash, load_best, make_split, predict, score_picker, simulate_dataset
 
-# two conditions (the reference dose and the crowded one), one seed, few micrographs: four units of two epochs;
-# the third is crowded-dose-20/unet-s0
-REDUCED = {"dose_levels": [20.0], "crowded_dose": 20.0, "seeds": [0], "n_train": 4, "n_val": 2, "n_test": 2, "n_alt_val": 1, "epochs": 2}
-THIRD = "crowded-dose-20/unet-s0"
+# two conditions (the reference and the crowded one), one seed, few micrographs: four units of two epochs;
+# the third is crowded/unet-s0
+REDUCED = {"conditions": {"dose 40": {}, "crowded": {"min_separation": 1.0, "particles_min": 6, "particles_max": 12}}, "reference_condition": "dose 40",
+           "seeds": [0], "n_train": 4, "n_val": 2, "n_test": 2, "n_alt_val": 1, "epochs": 2}
+THIRD = "crowded/unet-s0"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def params_file(tmp_path_factory):
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["cryoem"]["tiny"].update(REDUCED)
     path = tmp_path_factory.mktemp("params") / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params, sort_keys=False))   # the conditions keep their order
     return path
 
 
@@ -120,16 +121,16 @@ def test_a_killed_stage_keeps_finished_units_and_resumes_the_interrupted_one(par
 def test_one_unit_trains_under_torchrun_through_the_stage_entry_point(params_file, p, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     run = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "project_lib.cryoem.stage", "--profile", "tiny",
-                          "--params", params_file, "--unit", "dose-20/attention_unet-s0", "--output-root", tmp_path],
+                          "--params", params_file, "--unit", "dose-40/attention_unet-s0", "--output-root", tmp_path],
                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     root = tmp_path / "tiny" / "cryoem" / "runs"
-    unit = next(u for u in _units(p) if u.key == "dose-20/attention_unet-s0")
+    unit = next(u for u in _units(p) if u.key == "dose-40/attention_unet-s0")
     record = load_units([unit], root)[unit.key]                                          # the stage's own record of that unit
     assert len(record["history"]["epoch"]) == p.epochs and (root / unit.key / record["best_checkpoint"]).is_file()
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {unit.key: {"best_epoch": record["best_epoch"], "threshold": record["threshold"]}}
-    assert sorted(f.name for f in (root / "dose-20").iterdir()) == ["attention_unet-s0", "split.json"]   # one unit, nothing else trained
-    assert (tmp_path / "tiny" / "cryoem" / "cache" / "dose-20").is_dir()              # its training cache, outside the DVC output
+    assert sorted(f.name for f in (root / "dose-40").iterdir()) == ["attention_unet-s0", "split.json"]   # one unit, nothing else trained
+    assert (tmp_path / "tiny" / "cryoem" / "cache" / "dose-40").is_dir()              # its training cache, outside the DVC output
 
 
 def _same(a, b):
@@ -139,7 +140,7 @@ def _same(a, b):
 
 def test_a_condition_is_lazy_and_the_same_as_its_list(p):
     """`simulate_condition` against the list it replaced: `simulate_dataset` split by `make_split` (and the replay's sets)."""
-    name, cfg = next(iter(p.conditions().items()))
+    name, cfg = next(iter(p.micrograph_configs().items()))
     d = simulate_condition(name, cfg, p, replay=True)
     n = p.n_train + p.n_val + p.n_test
     listed = simulate_dataset(cfg, n, p.data_seed)
@@ -160,7 +161,7 @@ def test_a_condition_is_lazy_and_the_same_as_its_list(p):
 def test_scoring_a_condition_streams_and_equals_the_whole_set_scoring(p, tmp_path):
     """`evaluate_study` (maps one batch at a time, each dropped once scored) against every picker scored on lists with
     stacked maps (`predict`, `score_picker`), as the study did before."""
-    p = dataclasses.replace(p, epochs=1, dose_levels=[20.0], crowded_dose=20.0)
+    p = dataclasses.replace(p, epochs=1)
     train_study(p, tmp_path, Executor(n_workers=1))
     templates = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, 4, seed=p.data_seed)
     scored = evaluate_study(p, tmp_path, templates, "cpu")
@@ -186,7 +187,7 @@ def test_bad_validation_settings_are_refused_when_the_parameters_are_read(params
     params = yaml.safe_load(Path(params_file).read_text())
     params["cryoem"]["tiny"].update(change)
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params, sort_keys=False))   # the conditions keep their order
     with pytest.raises(ValueError, match=message):
         load_study_params("cryoem", CryoEMStudyParams, "tiny", path)
 

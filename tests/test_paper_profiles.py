@@ -86,7 +86,7 @@ def test_cryoem_paper_plan_holds_for_measured_steps_and_validation(tmp_path):
     from project_lib.plan import _checkpoint_gb, peak_host_gb, plan_cryoem
     p = load_study_params("cryoem", CryoEMStudyParams, "paper")
     planned = plan_cryoem("paper", "cpu")[0]
-    mics = simulate_dataset(p.micrograph_config(p.dose_levels[0]), 3, 0, None)
+    mics = simulate_dataset(p.micrograph_config(), 3, 0, None)
     config = dataclasses.replace(p.train_config(ARMS[1], 0), epochs=1, batch_size=1, lr_schedule="constant")
     t0 = time.perf_counter()
     run = train(config, mics[:2], mics[2:], tmp_path / "run", device="cpu", progress=False)

@@ -43,11 +43,11 @@ def _run_study(study, tmp_path):
 def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
     out, html = _run_study("cryoem", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["conditions"]) == {"dose 20", "dose 0.3", "crowded, dose 0.3"}
+    assert set(metrics["conditions"]) == {"dose 40", "dose 20", "crowded"}
     assert all(c["f1_oracle"] == 1.0 for c in metrics["conditions"].values())          # the ceiling is a ceiling
-    split = json.loads((out / "runs" / "dose-20" / "split.json").read_text())
+    split = json.loads((out / "runs" / "dose-40" / "split.json").read_text())
     assert len(split["split"]["test"]) == 4 and split["data_hash"]
-    runs = out / "runs" / "crowded-dose-0.3"
+    runs = out / "runs" / "crowded"
     assert (runs / "unet-s0" / "best.pt").is_file() and (runs / "attention_unet-s1" / "last.pt").is_file()
     assert (runs / "unet-s0" / "unit.json").is_file() and not (out / "conditions").exists()
     assert not (runs / "cache").exists() and list((out / "cache").iterdir()) == []   # training caches: outside the runs, deleted once used

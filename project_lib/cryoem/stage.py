@@ -27,7 +27,7 @@ _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proport
                       "min_separation", "clustered_fraction", "ice_thickness_a", "defocus_um_min", "defocus_um_max",
                       "carbon_probability", "aggregates_max", "broken_max", "ice_crystals_max")
 
-_AT_DEFAULT = {"dropout", "crop_px", "samples_per_epoch"}   # the comparison's network and epochs: no dropout, whole micrographs, full passes
+_AT_DEFAULT = {"dropout", "samples_per_epoch"}   # the comparison's network and epochs: no dropout, full passes
 
 @dataclasses.dataclass(frozen=True)
 class CryoEMStudyParams:
@@ -47,10 +47,10 @@ class CryoEMStudyParams:
     aggregates_max: int
     broken_max: int
     ice_crystals_max: int
-    dose_levels: list[float] # e-/Å², easy to hard: the difficulty axis
-    reference_dose: float # one of dose_levels: the original protocol's replay and the real-micrograph picks use it
-    crowded_dose: float # dose of the crowded condition
-    crowded_min_separation: float # 1.0 = touching particles
+    dose_e_per_a2: float # e-/Å², the default micrographs' exposure
+    conditions: dict # {name: {simulator field or dose_e_per_a2: value}}: each condition's changes of the default micrograph ({} = none)
+    reference_condition: str # one of conditions: the original protocol's replay and the real-micrograph picks use it
+    crop_px: int # train on random crops of this size (0: whole micrographs); validation and test are whole micrographs
     n_train: int
     n_val: int
     n_test: int
@@ -77,23 +77,26 @@ class CryoEMStudyParams:
     n_jobs: int # parallel training runs on CPU
 
     def __post_init__(self):
-        if self.reference_dose not in self.dose_levels: raise ValueError(f"reference_dose {self.reference_dose} must be one of dose_levels {self.dose_levels}")
+        if self.reference_condition not in self.conditions: raise ValueError(f"reference_condition {self.reference_condition!r} must be one of conditions {list(self.conditions)}")
+        for name, changes in self.conditions.items():
+            unknown = sorted(set(changes or {}) - set(_MICROGRAPH_FIELDS) - {"dose_e_per_a2"})
+            if unknown: raise ValueError(f"condition {name!r} changes unknown fields {unknown}; allowed: dose_e_per_a2 and {list(_MICROGRAPH_FIELDS)}")
+        self.micrograph_configs()   # MicrographConfig checks every condition's values
         if self.equivalence_margin <= 0: raise ValueError(f"equivalence_margin must be positive, got {self.equivalence_margin}")
         if self.n_alt_sets < 2: raise ValueError(f"n_alt_sets must be >= 2 (the replay assigns two different sets), got {self.n_alt_sets}")
         self.train_config("unet", 0)   # TrainConfig checks the training fields (val_every, val_subset, ...)
         if self.val_subset > self.n_val: raise ValueError(f"val_subset ({self.val_subset}) must not exceed n_val ({self.n_val}): training validates on the first val_subset validation micrographs")
 
-    def micrograph_config(self, dose_e_per_a2: float, min_separation: float | None = None) -> MicrographConfig:
-        "The simulator's configuration at one dose (and crowding)."
-        fields = {k: getattr(self, k) for k in _MICROGRAPH_FIELDS}
-        if min_separation is not None: fields["min_separation"] = min_separation
-        return MicrographConfig(dose_e_per_a2=dose_e_per_a2, **fields)
+    def micrograph_config(self, condition: str | None = None) -> MicrographConfig:
+        "The simulator's configuration of one condition (default: the reference condition): the default micrograph with the condition's changes."
+        name = self.reference_condition if condition is None else condition
+        if name not in self.conditions: raise ValueError(f"unknown condition {name!r}; conditions: {list(self.conditions)}")
+        fields = {k: getattr(self, k) for k in _MICROGRAPH_FIELDS} | {"dose_e_per_a2": self.dose_e_per_a2} | dict(self.conditions[name] or {})
+        return MicrographConfig(**fields)
 
-    def conditions(self) -> dict[str, MicrographConfig]:
-        "Every condition of the study, easy to hard, then the crowded one."
-        out = {f"dose {d:g}": self.micrograph_config(d) for d in self.dose_levels}
-        out[f"crowded, dose {self.crowded_dose:g}"] = self.micrograph_config(self.crowded_dose, self.crowded_min_separation)
-        return out
+    def micrograph_configs(self) -> dict[str, MicrographConfig]:
+        "Every condition's simulator configuration, in the order of `conditions`."
+        return {name: self.micrograph_config(name) for name in self.conditions}
 
     def train_config(self, model: str, seed: int) -> TrainConfig:
         "The training configuration of one arm and seed: identical for both arms but `model`."
@@ -161,15 +164,14 @@ def condition_units(d: ConditionData, p) -> list[TrainingUnit]:
 def study_units(p, # study parameters (`CryoEMStudyParams`)
                 folders: list[str] | None = None, # only these conditions (folder names); default: all
                ) -> dict[str, tuple[ConditionData, list[TrainingUnit]]]:
-    "{condition: (its micrographs, its units)}, easy to hard then crowded; the replay runs at the reference dose."
-    reference = f"dose {p.reference_dose:g}"
-    known = [condition_folder(n) for n in p.conditions()]
+    "{condition: (its micrographs, its units)}, in the order of the parameters; the replay runs in the reference condition."
+    known = [condition_folder(n) for n in p.conditions]
     unknown = sorted(set(folders or []) - set(known))
     if unknown: raise ValueError(f"folders {unknown} are not conditions of these parameters; conditions: {known}")
     out = {}
-    for name, cfg in p.conditions().items():
+    for name, cfg in p.micrograph_configs().items():
         if folders is None or condition_folder(name) in folders:
-            d = simulate_condition(name, cfg, p, replay=name == reference)
+            d = simulate_condition(name, cfg, p, replay=name == p.reference_condition)
             out[name] = (d, condition_units(d, p))
     return out
 
@@ -207,7 +209,7 @@ def train_one(p, # study parameters (`CryoEMStudyParams`)
     condition = study_units(p, [key.split("/")[0]]) if "/" in key else {}
     units = {u.key: u for d, us in condition.values() for u in us}
     if key not in units: raise ValueError(f"unit {key!r} is not a unit of this stage; a key is '<condition>/<model>-s<seed>', "
-                                          f"conditions {[condition_folder(n) for n in p.conditions()]}, arms {list(ARMS)}, seeds {list(p.seeds)}")
+                                          f"conditions {[condition_folder(n) for n in p.conditions]}, arms {list(ARMS)}, seeds {list(p.seeds)}")
     unit, runs_root = units[key], Path(runs_root)
     record = finished_record(unit, runs_root)
     if record is not None: return record

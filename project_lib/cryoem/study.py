@@ -196,7 +196,7 @@ def answer_lines(metrics: dict, # what the evaluation stage writes to metrics.js
     lines.append("- **Against the trivial baseline**: " + (f"both networks lose to template matching at {', '.join(beaten)}." if beaten else
                  "both networks beat template matching at every condition."))
     if m.get("real"):
-        lines.append("- **Real micrographs** (no ground truth): the reference-dose networks pick " +
+        lines.append("- **Real micrographs** (no ground truth): the reference condition's networks pick " +
                      "; ".join(f"{k}: {v:.0f} per µm²" for k, v in m["real"].items()) +
                      f", against {m['truth_particles_per_um2']:.0f} true particles per µm² in the simulated test set.")
     lines.append(f"- **The original protocol** on the same runs reports a pixel-F1 gap between {m['original_protocol_gap_min']:+.3f} and "
