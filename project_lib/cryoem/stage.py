@@ -19,8 +19,8 @@ from .train import SimulatedMicrographs, TrainConfig, cache_micrographs, data_ha
 
 # %% auto #0
 __all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition',
-           'training_cache', 'train_unit', 'condition_units', 'study_units', 'write_split', 'train_study', 'train_one',
-           'main']
+           'training_cache', 'train_unit', 'condition_units', 'study_units', 'write_split', 'remove_stale',
+           'train_study', 'train_one', 'main']
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce11
 _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
@@ -182,13 +182,24 @@ def write_split(d: ConditionData, runs_root: str | Path) -> Path:
     write_manifest(path, d.split, d.data_hash)
     return path
 
+def remove_stale(runs_root: str | Path, keys: list[str]):
+    "Delete the condition folders and unit folders under `runs_root` that are not those of `keys` ('<condition>/<unit>'); files stay."
+    runs_root, keep = Path(runs_root), {tuple(k.split("/")) for k in keys}
+    conditions = {c for c, _ in keep}
+    for folder in sorted(f for f in runs_root.glob("*") if f.is_dir()):
+        if folder.name not in conditions: shutil.rmtree(folder); continue
+        for unit in sorted(u for u in folder.iterdir() if u.is_dir() and (folder.name, u.name) not in keep): shutil.rmtree(unit)
+
 def train_study(p, # study parameters (`CryoEMStudyParams`)
                 runs_root: str | Path, # the stage's runs folder, e.g. outputs/cpu/cryoem/runs
                 executor: Executor = Executor()) -> dict[str, dict]:
     """The training stage, a condition at a time: freeze its split, write its training cache, train every unit not yet finished, delete
-    the cache; {key: record}."""
+    the cache; {key: record}. Folders of conditions, arms or seeds no longer in the parameters are deleted first (stale results never
+    stay in the stage's output)."""
     runs_root, records = Path(runs_root), {}
-    for d, condition in study_units(p).values():
+    units = study_units(p)
+    remove_stale(runs_root, [u.key for _, us in units.values() for u in us])
+    for d, condition in units.values():
         write_split(d, runs_root)
         cache = training_cache(runs_root, d.folder)
         if any(finished_record(u, runs_root) is None for u in condition): cache_micrographs(d.sets["train"], cache)
