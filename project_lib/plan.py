@@ -259,13 +259,14 @@ class CryoEMEvaluationCosts:
     table_s: float # one `condition_table` (bootstraps of every picker and the difference) of one condition and metric
     coverage_s: float # one simulation of `interval_coverage` (a two-level bootstrap of a seeds x test matrix)
     figures_s: float # the notebook's figures
+    difficulty_s: float = 0.0 # one micrograph of the dose calibration (`difficulty_table` on `calibration_config`, its matched filter per particle)
 
 def cryoem_evaluation_costs(p, simulate_s: float, predict_s: float, picker_s: float, # one micrograph simulated, a network's map of it and the
                             device: str) -> CryoEMEvaluationCosts:   # picker, timed before (a training worker's threads: on a CPU an upper bound)
     "Time evaluate_cryoem's other units at the sizes and resample counts of `p` (a `CryoEMStudyParams`) on `device`."
     from project_lib.cryoem.baselines import micrograph_ctf, template_bank, template_match_map
     from project_lib.cryoem.compare import interval_coverage
-    from project_lib.cryoem.data import load_structure, simulate_micrograph
+    from project_lib.cryoem.data import difficulty_table, load_structure, simulate_micrograph
     from project_lib.cryoem.stage import ARMS
     from project_lib.cryoem.study import BASELINES, condition_table
     evaluation_threads()
@@ -281,7 +282,8 @@ def cryoem_evaluation_costs(p, simulate_s: float, predict_s: float, picker_s: fl
         time_call(lambda: template_match_map(mics[0].image, bank, micrograph_ctf(mics[0], cfg), p.pixel_size_a), 1), bank_s, *_scoring_s(mics),
         _real_micrographs_s(p, predict_s, picker_s),
         time_once(lambda: condition_table(per_mic, "particle_f1", ARMS, BASELINES, p.equivalence_margin, p.bootstrap_resamples)),
-        time_once(lambda: interval_coverage(rng.normal(size=(len(p.seeds), p.n_test)), 20)) / 20, figures_s("cryoem"))
+        time_once(lambda: interval_coverage(rng.normal(size=(len(p.seeds), p.n_test)), 20)) / 20, figures_s("cryoem"),
+        time_once(lambda: difficulty_table(p.calibration_config(), [p.dose_e_per_a2], n_micrographs=2, seed=p.data_seed)) / 2)
 
 def cryoem_evaluation_parts(p, e: CryoEMEvaluationCosts) -> dict[str, float]:
     "evaluate_cryoem's seconds by part: the counts of `p` (a `CryoEMStudyParams`) times the unit costs `e`."
@@ -294,7 +296,7 @@ def cryoem_evaluation_parts(p, e: CryoEMEvaluationCosts) -> dict[str, float]:
     return {"start-up": e.startup_s,
             "scoring": e.bank_s + conditions * per_condition + p.n_alt_val * p.n_alt_sets * e.simulate_s,   # + the replay's sets, hashed once
             "real micrographs": e.real_s,
-            "difficulty table": 4 * 8 * e.simulate_s,   # 8 micrographs at each of 4 doses
+            "difficulty table": 4 * 8 * e.difficulty_s,   # 8 micrographs at each of 4 doses
             "bootstraps": conditions * (2 * e.table_s + p.coverage_simulations * e.coverage_s),   # particle F1 and AUPRC tables, the coverage check
             "figures": e.figures_s}
 

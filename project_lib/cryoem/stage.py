@@ -98,6 +98,13 @@ class CryoEMStudyParams:
         "Every condition's simulator configuration, in the order of `conditions`."
         return {name: self.micrograph_config(name) for name in self.conditions}
 
+    def calibration_config(self, side: int = 128) -> MicrographConfig:
+        "The reference micrograph cut to `side`² px at the same particle density: the dose calibration's (a matched filter per particle is costly)."
+        cfg = self.micrograph_config()
+        scale = (min(side, cfg.size_px) / cfg.size_px) ** 2
+        return dataclasses.replace(cfg, size_px=min(side, cfg.size_px), particles_min=max(1, round(cfg.particles_min * scale)),
+                                   particles_max=max(1, round(cfg.particles_max * scale)))
+
     def train_config(self, model: str, seed: int) -> TrainConfig:
         "The training configuration of one arm and seed: identical for both arms but `model`."
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed"} - _AT_DEFAULT
