@@ -11,7 +11,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['MDE_FACTOR', 'bootstrap_weights', 'metric_matrix', 'paired_summary', 'picker_summary', 'variance_components',
-           'interval_coverage', 'verdict', 'difference_draws', 'tost_equivalent', 'pooled_random_effects',
+           'interval_coverage', 'tost_equivalent', 'verdict', 'difference_draws', 'pooled_random_effects',
            'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
            'plot_spectra']
 
@@ -34,13 +34,18 @@ def metric_matrix(per_mic: pd.DataFrame, metric: str, model: str) -> np.ndarray:
     if wide.empty or wide.isna().any().any(): raise ValueError(f"need {metric} of {model!r} for every seed and micrograph")
     return wide.to_numpy(dtype=float)
 
+def _paired_matrices(per_mic: pd.DataFrame, metric: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    "The two arms' (seeds, micrographs) matrices, refused unless they pair up."
+    va, vb = metric_matrix(per_mic, metric, a), metric_matrix(per_mic, metric, b)
+    if va.shape != vb.shape: raise ValueError(f"arms {a!r} and {b!r} are not paired: shapes {va.shape} and {vb.shape}")
+    return va, vb
+
 def paired_summary(per_mic: pd.DataFrame, # columns model, seed, micrograph, <metric>
                    metric: str, a: str, b: str, # arms; the difference is b - a
                    n_resamples: int = 2000, seed: int = 0,
                   ) -> dict[str, tuple[float, float, float]]: # {a, b, "difference"}: (mean, low, high)
     "Per-arm means and the paired difference (b − a) over seeds × micrographs, 95% CIs from the same bootstrap draws."
-    va, vb = metric_matrix(per_mic, metric, a), metric_matrix(per_mic, metric, b)
-    if va.shape != vb.shape: raise ValueError(f"arms {a!r} and {b!r} are not paired: shapes {va.shape} and {vb.shape}")
+    va, vb = _paired_matrices(per_mic, metric, a, b)
     out = {}
     for name, v in ((a, va), (b, vb), ("difference", vb - va)):
         boots = _bootstrap_means(v, n_resamples, np.random.default_rng(seed))   # same seed: same draws for all three
@@ -76,13 +81,16 @@ def interval_coverage(diff: np.ndarray, # observed (seeds, micrographs) paired d
         covered += lo <= 0 <= hi
     return covered / n_simulations
 
+def tost_equivalent(low90: float, high90: float, margin: float) -> bool:
+    "Two one-sided tests at 5 % each: the difference is within ±margin when its 90 % interval lies inside (−margin, +margin)."
+    if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
+    return bool(-margin < low90 and high90 < margin)
+
 def verdict(low: float, high: float, margin: float,
             interval90: tuple[float, float] | None = None, # the 90 % interval: equivalence by the two one-sided tests at 5 % (default: the 95 % one, stricter)
            ) -> str:
     "What a difference's 95% interval (a difference) and 90% interval (equivalence, TOST) show against a margin declared in advance."
-    if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
-    low90, high90 = interval90 if interval90 is not None else (low, high)
-    inside = -margin < low90 and high90 < margin
+    inside = tost_equivalent(*(interval90 if interval90 is not None else (low, high)), margin)   # refuses a margin <= 0
     if low > 0 or high < 0: return "a difference, within the equivalence margin" if inside else "a difference"
     return "equivalence" if inside else "not detected"
 
@@ -90,14 +98,8 @@ def verdict(low: float, high: float, margin: float,
 def difference_draws(per_mic: pd.DataFrame, metric: str, a: str, b: str, # arms; the difference is b - a
                      n_resamples: int = 2000, seed: int = 0) -> np.ndarray: # (n_resamples,) bootstrap means
     "The two-level bootstrap means of the paired difference (b − a): the draws `paired_summary`'s interval comes from (same seed, same draws)."
-    va, vb = metric_matrix(per_mic, metric, a), metric_matrix(per_mic, metric, b)
-    if va.shape != vb.shape: raise ValueError(f"arms {a!r} and {b!r} are not paired: shapes {va.shape} and {vb.shape}")
+    va, vb = _paired_matrices(per_mic, metric, a, b)
     return _bootstrap_means(vb - va, n_resamples, np.random.default_rng(seed))
-
-def tost_equivalent(low90: float, high90: float, margin: float) -> bool:
-    "Two one-sided tests at 5 % each: the difference is within ±margin when its 90 % interval lies inside (−margin, +margin)."
-    if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
-    return bool(-margin < low90 and high90 < margin)
 
 MDE_FACTOR = 2.8 # smallest effect detected with 80 % power by a two-sided 5 % test, in standard errors (1.96 + 0.84)
 

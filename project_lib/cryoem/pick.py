@@ -61,10 +61,10 @@ def load_picker(checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module,
     return load_checkpoint(TrainConfig(**state["config"]), checkpoint, device), state["picking"]
 
 def _picks_at(image: np.ndarray, pixel: float, model: nn.Module, model_pixel_size_a: float, diameter_a: float, threshold: float,
-              device: str) -> tuple[pd.DataFrame, np.ndarray]:
+              device: str, name: str | Path = "the micrograph") -> tuple[pd.DataFrame, np.ndarray]:
     "Picks (in the image's own pixels) and the probability map of one 2-D image of pixel size `pixel`."
     working, scale, offset = to_model_grid(image, pixel, model_pixel_size_a)
-    if not working.std() > 0: raise ValueError("the micrograph is constant: nothing to pick")
+    if not working.std() > 0: raise ValueError(f"micrograph {name} is constant: nothing to pick")
     prob = predict_probability(model, (working - working.mean()) / working.std(), device)
     found = extract_picks(prob, diameter_a / model_pixel_size_a, min_score=threshold)
     return pd.DataFrame({"x": found.x * scale[0] + offset, "y": found.y * scale[1] + offset, "score": found.score, "diameter": diameter_a / pixel}), prob
@@ -100,11 +100,8 @@ def pick_micrograph_file(path: str | Path, # micrograph: .mrc, .tif or .png/.jpg
     if not 0 <= threshold <= 1: raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     if not model_pixel_size_a > 0: raise ValueError(f"model_pixel_size_a must be positive, got {model_pixel_size_a}")
     image = -image if invert else image
-    pick = lambda im, px: _picks_at(im, px, model, model_pixel_size_a, diameter_a, threshold, device)
-    try: picks, prob = pick(image, pixel)
-    except ValueError as e:
-        if "constant" in str(e): raise ValueError(f"micrograph {path} is constant: nothing to pick") from e
-        raise
+    pick = lambda im, px: _picks_at(im, px, model, model_pixel_size_a, diameter_a, threshold, device, path)
+    picks, prob = pick(image, pixel)
     if invert is None:
         flipped = len(pick(-image, pixel)[0])
         if _clearly_more(flipped, len(picks)):
