@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_engine.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, json, os, pickle, re, shutil, time
+import dataclasses, hashlib, json, numbers, os, pickle, re, shutil, time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +19,8 @@ from .core import atomic_write_text, params_hash, to_jsonable
 # %% auto #0
 __all__ = ['STATE_DICT_KEYS', 'is_cuda', 'uses_amp', 'autocast', 'distributed', 'rank_shard', 'epoch_order', 'wrap_ddp',
            'mean_over_ranks', 'from_rank0', 'file_hash', 'save_checkpoint', 'load_checkpoint_state', 'load_weights',
-           'FitResult', 'train_step', 'fit', 'TrainingUnit', 'Executor', 'code_hash', 'plan_workers', 'finished_record',
-           'run_units', 'load_units']
+           'FitResult', 'train_step', 'scored_since_best', 'fit', 'TrainingUnit', 'Executor', 'code_hash',
+           'plan_workers', 'finished_record', 'run_units', 'load_units']
 
 # %% ../nbs/02_engine.ipynb #c005
 def is_cuda(device) -> bool:
@@ -138,6 +138,7 @@ class FitResult:
     train_time_s: float # training time (evaluation excluded), summed over resumed sessions
     best_checkpoint: Path
     last_checkpoint: Path | None # the last epoch's weights (with `keep_last`), else None
+    stopped_early: bool = False # stopped before `epochs` because validation stopped improving (`patience`)
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, loss: Callable[[nn.Module], torch.Tensor], device: str) -> float:
     "One optimiser step on the loss `loss(net)` (computed under AMP on CUDA); returns the loss."
@@ -147,6 +148,11 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, loss: Callabl
     scaler.scale(value).backward(); scaler.step(opt); scaler.update()
     return float(value.detach())
 
+def scored_since_best(history: list[dict], select: str) -> int:
+    "How many scored epochs (a finite `select` value) came after the best one (the first of ties): how long validation has not improved."
+    scores = [row[select] for row in history if np.isfinite(row.get(select, np.nan))]
+    return len(scores) - 1 - int(np.argmax(scores)) if scores else 0
+
 def _resume(last: Path, identity: dict, model, opt, scaler, device, epochs: int, keep_last: bool) -> tuple[list, int, float, float]:
     "(history, epochs done, best selected value, training time) of an existing last.pt of this identity; a finished run's record is not continued."
     state = load_checkpoint_state(last, device)
@@ -155,7 +161,7 @@ def _resume(last: Path, identity: dict, model, opt, scaler, device, epochs: int,
     if "optimizer" in state:
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
         if state["scaler"]: scaler.load_state_dict(state["scaler"])   # empty when saved by a CPU run (scaler disabled)
-    elif state["epoch"] < epochs:
+    elif state["epoch"] < epochs and not state.get("stopped_early"):
         raise ValueError(f"{last} is a finished run of {state['epoch']} epochs whose optimiser state was dropped; it cannot go on to {epochs}: use another out_dir")
     elif "model" in state: model.load_state_dict(state["model"])
     elif keep_last: raise ValueError(f"{last} is a finished run that did not keep its last weights (keep_last=False); use another out_dir")
@@ -172,9 +178,12 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
         device: str = "cpu", rank: int = 0, world: int = 1, # from `distributed`
         samples_per_epoch: int = 0, desc: str = "", progress: bool = True,
         keep_last: bool = False, # keep the last epoch's weights in last.pt once finished (a warm start reads them)
+        patience: int = 0, # stop once this many scored epochs in a row have not improved on the best (early stopping); 0: train every epoch
        ) -> FitResult:
-    "Train for `epochs` seeded epochs, evaluating and checkpointing after each; resume an existing last.pt of the same identity."
+    """Train for `epochs` seeded epochs (or until validation has not improved for `patience` scored epochs: `epochs` is then the cap),
+    evaluating and checkpointing after each; resume an existing last.pt of the same identity."""
     if n_train < 1: raise ValueError("n_train must be >= 1")
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0: raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
     if epochs < 1 or batch_size < 1: raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if batch_size % world: raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({world})")
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +191,9 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
     scaler = torch.amp.GradScaler("cuda", enabled=uses_amp(model, device))
     history, start, best_score, elapsed = _resume(last, identity, model, opt, scaler, device, epochs, keep_last) if last.exists() else ([], 0, -np.inf, 0.0)
     net, per_rank = wrap_ddp(model, world, device), batch_size // world
+    stalled = lambda: patience > 0 and scored_since_best(history, select) >= patience
     for epoch in tqdm(range(start, epochs), desc=desc, disable=not progress or rank > 0, leave=False):
+        if stalled(): break
         t0 = time.perf_counter()
         for group in opt.param_groups: group["lr"] = lr_at(epoch)
         net.train()
@@ -201,12 +212,13 @@ def fit(model: nn.Module, # built and seeded by the caller, on `device`
             if improved: save_checkpoint(best, {"model": model.state_dict(), "epoch": epoch + 1, "metrics": row})
             save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                                    "history": history, "best_score": best_score, "train_time_s": elapsed, **identity})
+    stopped = stalled() and len(history) < epochs
     if rank == 0:   # finished: the record of the run (and the last weights only when asked for), without the optimiser's state
-        save_checkpoint(last, {**({"model": model.state_dict()} if keep_last else {}), "epoch": epochs, "history": history,
-                               "best_score": best_score, "train_time_s": elapsed, **identity})
+        save_checkpoint(last, {**({"model": model.state_dict()} if keep_last else {}), "epoch": len(history), "history": history,
+                               "best_score": best_score, "train_time_s": elapsed, "stopped_early": stopped, **identity})
     if world > 1: torch.distributed.barrier()   # every rank returns once the checkpoints are written
     hist = pd.DataFrame(history)
-    return FitResult(hist, int(hist.loc[hist[select].idxmax(), "epoch"]), elapsed, best, last if keep_last else None)
+    return FitResult(hist, int(hist.loc[hist[select].idxmax(), "epoch"]), elapsed, best, last if keep_last else None, stopped)
 
 # %% ../nbs/02_engine.ipynb #c021
 @dataclasses.dataclass(frozen=True)

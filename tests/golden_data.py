@@ -25,7 +25,8 @@ def cryoem() -> dict:
     name, cfg = next(iter(p.micrograph_configs().items()))
     d = simulate_condition(name, cfg, p, replay=False)
     mics = [m for s in d.sets.values() for m in s]
-    return {"cryoem data hash": d.data_hash, "cryoem masks": _hash(*[m.mask for m in mics])}
+    from project_lib.cryoem.train import data_hash
+    return {"cryoem data hash": d.data_hash, "cryoem training hash": data_hash(list(d.training_set(1))), "cryoem masks": _hash(*[m.mask for m in mics])}
 
 def cryoem_al() -> dict:
     from project_lib.cryoem.al import ALStudyParams, simulate_sets

@@ -130,7 +130,7 @@ def test_one_unit_trains_under_torchrun_through_the_stage_entry_point(params_fil
     assert len(record["history"]["epoch"]) == p.epochs and (root / unit.key / record["best_checkpoint"]).is_file()
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {unit.key: {"best_epoch": record["best_epoch"], "threshold": record["threshold"]}}
     assert sorted(f.name for f in (root / "dose-40").iterdir()) == ["attention_unet-s0", "split.json"]   # one unit, nothing else trained
-    assert (tmp_path / "tiny" / "cryoem" / "cache" / "dose-40").is_dir()              # its training cache, outside the DVC output
+    assert not any((tmp_path / "tiny" / "cryoem" / "cache" / "dose-40").glob("*/*"))   # its training cache (outside the DVC output) is deleted
 
 
 def _same(a, b):
@@ -145,7 +145,7 @@ def test_a_condition_is_lazy_and_the_same_as_its_list(p):
     n = p.n_train + p.n_val + p.n_test
     listed = simulate_dataset(cfg, n, p.data_seed)
     split = make_split(n, (p.n_train / n, p.n_val / n, p.n_test / n), p.split_seed)
-    assert d.split == split and d.data_hash == data_hash(listed)
+    assert d.split == split and d.data_hash == data_hash([listed[i] for i in sorted(split["val"] + split["test"])])   # the evaluated sets
     for k in ("train", "val", "test"):
         assert isinstance(d.sets[k], SimulatedMicrographs)
         assert data_hash(d.sets[k]) == data_hash([listed[i] for i in split[k]]) and _same(d.sets[k], [listed[i] for i in split[k]])
@@ -153,6 +153,15 @@ def test_a_condition_is_lazy_and_the_same_as_its_list(p):
     for k, v in d.alt_sets.items():
         j = int(k[3:])
         assert data_hash(v) == data_hash(alt[j * p.n_alt_val:(j + 1) * p.n_alt_val]) and _same(v, alt[j * p.n_alt_val:(j + 1) * p.n_alt_val])
+    # seed 0 trains on the split's training set, seed s > 0 on the next n_train micrographs of the same stream after the split's
+    longer = simulate_dataset(cfg, n + 2 * p.n_train, p.data_seed)
+    assert _same(longer[:n], listed)
+    assert _same(d.training_set(0), [listed[i] for i in split["train"]]) and _same(d.training_set(2), longer[n + p.n_train:])
+    assert len({d.training_set(s).recipe_hash() for s in range(3)}) == 3
+    assert d.training_set(1).recipe_hash() == SimulatedMicrographs(cfg, p.data_seed, range(n, n + p.n_train)).recipe_hash()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            d.training_set(bad)
     unit = condition_units(d, p)[0]
     images = sum(m.image.nbytes for m in listed)
     assert len(pickle.dumps(unit)) < images / 4                                          # a unit ships the recipe, not the images

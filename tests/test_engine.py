@@ -82,3 +82,33 @@ def test_a_float64_model_trains_in_float64(tmp_path):
     w, x = w0, data[:, 0].numpy()
     w -= 0.1 * float(np.mean(2 * (w - 3) * x * x))    # one full-batch step, by hand
     assert model.weight.dtype == torch.float64 and float(model.weight) == pytest.approx(w, rel=1e-15)
+
+
+def _scripted(out_dir, scores, patience, epochs=20):
+    "A run whose validation numbers are `scores` in turn (NaN: an epoch not validated); how many epochs evaluated."
+    torch.manual_seed(0)
+    model, calls = nn.Linear(1, 1, bias=False), []
+    def evaluate(m):
+        calls.append(1)
+        return {"score": scores[len(calls) - 1]}
+    result = fit(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda net, idx, gen: (net(torch.ones(len(idx), 1)) ** 2).mean(),
+                 n_train=4, epochs=epochs, batch_size=2, seed=0, lr_at=lambda e: 0.1, evaluate=evaluate, select="score",
+                 out_dir=out_dir, identity={"config": {"scores": "scripted"}}, progress=False, patience=patience)
+    return result, len(calls)
+
+
+def test_early_stopping_counts_scored_epochs_without_improvement(tmp_path):
+    nan = float("nan")
+    # best 3.0 at epoch 2; epochs 3, 5 (a tie is no improvement) and 6 are scored without improving, epoch 4 is not scored
+    result, calls = _scripted(tmp_path / "a", [1.0, 3.0, 2.0, nan, 3.0, 2.5, 9.0], patience=3)
+    assert calls == 6 and len(result.history) == 6 and result.stopped_early and result.best_epoch == 2
+    assert load_checkpoint_state(tmp_path / "a" / "last.pt")["epoch"] == 6
+    again, calls = _scripted(tmp_path / "a", [0.0] * 20, patience=3)   # a finished, early-stopped record is not continued
+    assert calls == 0 and again.history.equals(result.history) and again.stopped_early
+    capped, calls = _scripted(tmp_path / "b", [float(k) for k in range(5)], patience=2, epochs=5)   # still improving at the cap
+    assert calls == 5 and not capped.stopped_early and capped.best_epoch == 5
+    full, calls = _scripted(tmp_path / "c", [1.0, 0.0, 0.0, 0.0, 0.0], patience=0, epochs=5)   # 0: no early stopping
+    assert calls == 5 and not full.stopped_early
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="patience must be an integer >= 0"):
+            _scripted(tmp_path / "d", [1.0], patience=bad)

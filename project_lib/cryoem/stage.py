@@ -15,7 +15,7 @@ from ..core import load_study_params, output_dir, select_device
 from ..engine import Executor, TrainingUnit, code_hash, distributed, finished_record, run_units
 from . import data as cryoem_data, metrics as cryoem_metrics, models as cryoem_models, train as cryoem_train
 from .data import Micrograph, MicrographConfig
-from .train import SimulatedMicrographs, TrainConfig, cache_micrographs, data_hash, make_split, run_record, train, write_manifest
+from .train import SimulatedMicrographs, TrainConfig, data_hash, make_split, run_record, train, write_manifest
 
 # %% auto #0
 __all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition',
@@ -69,7 +69,8 @@ class CryoEMStudyParams:
     lr_schedule: str # "constant" or "cosine"
     val_every: int # validate every k-th epoch (and the last): only validated epochs can be the best
     val_subset: int # validate on the first n validation micrographs (0 = all); evaluation chooses the thresholds on all of them
-    seeds: list[int]
+    patience: int # early stopping: validations in a row without a better F1 before a training stops (epochs is the cap); 0 = none
+    seeds: list[int] # seed 0 trains on the split's training set, every other seed on a fresh draw (`ConditionData.training_set`)
     bootstrap_resamples: int
     equivalence_margin: float # ± particle F1 (and AUPRC) within which the arms are called equivalent
     coverage_simulations: int # simulated data sets for the interval coverage check
@@ -124,22 +125,32 @@ class ConditionData:
     config: MicrographConfig
     sets: dict[str, SimulatedMicrographs] # train, val, test: generated on access, never held whole
     alt_sets: dict[str, SimulatedMicrographs] # the replay's alternative validation sets (empty without replay)
-    split: dict[str, list[int]] # ids of the train, val and test micrographs among all the condition's micrographs
-    data_hash: str # `data_hash` of all the condition's micrographs, in order
+    split: dict[str, list[int]] # ids of the train, val and test micrographs among the condition's first n_train + n_val + n_test
+    data_hash: str # `data_hash` of the evaluated micrographs (validation and test, in the stream's order)
 
     @property
     def folder(self) -> str: return condition_folder(self.name)
 
+    def training_set(self, seed: int) -> SimulatedMicrographs:
+        """The micrographs seed `seed` trains on: seed 0 the split's training set, seed s > 0 a fresh draw of as many micrographs from
+        the same stream (the ids after the split's), so that the spread over seeds includes the training set's draw."""
+        train = self.sets["train"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if seed == 0: return train
+        start = sum(len(v) for v in self.split.values()) + (seed - 1) * len(train)
+        return SimulatedMicrographs(train.cfg, train.seed, range(start, start + len(train)))
+
 def simulate_condition(name: str, cfg: MicrographConfig, p, # study parameters (`CryoEMStudyParams`)
                        replay: bool) -> ConditionData:
-    "A condition's micrographs (lazy) and split; with `replay`, also the alternative validation sets (data seed + 1). One pass hashes them all."
+    "A condition's micrographs (lazy) and split; with `replay`, also the alternative validation sets (data seed + 1). One pass hashes the evaluated sets."
     n_total = p.n_train + p.n_val + p.n_test
     micrographs = SimulatedMicrographs(cfg, p.data_seed, range(n_total))
     split = make_split(n_total, (p.n_train / n_total, p.n_val / n_total, p.n_test / n_total), p.split_seed)
     sets = {k: micrographs.subset(split[k]) for k in ("train", "val", "test")}
     alt = SimulatedMicrographs(cfg, p.data_seed + 1, range(p.n_alt_val * p.n_alt_sets))
     alt_sets = {f"alt{k}": alt[k * p.n_alt_val:(k + 1) * p.n_alt_val] for k in range(p.n_alt_sets)} if replay else {}
-    return ConditionData(name, cfg, sets, alt_sets, split, micrographs.data_hash(*sets.values()))
+    evaluated = micrographs.subset(sorted(split["val"] + split["test"]))   # training sets are identified by their recipe (no pass over them)
+    return ConditionData(name, cfg, sets, alt_sets, split, evaluated.data_hash(sets["val"], sets["test"]))
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce31
 TRAINING_CODE = (cryoem_train, cryoem_models, cryoem_data, cryoem_metrics, engine) # the modules a unit's training runs (the picker selects its best epoch): a change retrains
@@ -150,22 +161,23 @@ def training_cache(runs_root: str | Path, folder: str) -> Path:
 
 def train_unit(unit_dir: Path, device: str, config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
                extra_eval: dict[str, Sequence[Micrograph]] | None) -> dict:
-    "Train one arm and seed of a condition into `unit_dir` (resuming its last.pt) from the condition's shared cache; its `run_record`."
+    "Train one arm and seed of a condition into `unit_dir` (resuming its last.pt) from its own training cache, deleted once trained; its `run_record`."
     unit_dir = Path(unit_dir)
-    run = train(config, train_set, val_set, unit_dir, device=device, extra_eval=extra_eval,
-                cache_dir=training_cache(unit_dir.parent.parent, unit_dir.parent.name), progress=False)
+    cache = training_cache(unit_dir.parent.parent, unit_dir.parent.name) / unit_dir.name
+    run = train(config, train_set, val_set, unit_dir, device=device, extra_eval=extra_eval, cache_dir=cache, progress=False)
+    shutil.rmtree(cache, ignore_errors=True)
     return run_record(run, unit_dir)
 
 def condition_units(d: ConditionData, p) -> list[TrainingUnit]:
     "One unit per seed and arm of a condition (seeds, then arms), keyed '<condition>/<model>-s<seed>'."
-    hashes = {"train_hash": data_hash(d.sets["train"]), "val_hash": data_hash(d.sets["val"]),
-              "extra_eval": {k: data_hash(v) for k, v in d.alt_sets.items()}, "code": code_hash(*TRAINING_CODE)}
+    hashes = {"val_hash": data_hash(d.sets["val"]), "extra_eval": {k: data_hash(v) for k, v in d.alt_sets.items()}, "code": code_hash(*TRAINING_CODE)}
     units = []
     for seed in p.seeds:
+        train_set = d.training_set(seed)
         for model in ARMS:
             config = p.train_config(model, seed)
-            units.append(TrainingUnit(f"{d.folder}/{model}-s{seed}", {"config": dataclasses.asdict(config), **hashes}, train_unit,
-                                      {"config": config, "train_set": d.sets["train"], "val_set": d.sets["val"], "extra_eval": d.alt_sets or None}))
+            units.append(TrainingUnit(f"{d.folder}/{model}-s{seed}", {"config": dataclasses.asdict(config), "train_recipe": train_set.recipe_hash(), **hashes},
+                                      train_unit, {"config": config, "train_set": train_set, "val_set": d.sets["val"], "extra_eval": d.alt_sets or None}))
     return units
 
 def study_units(p, # study parameters (`CryoEMStudyParams`)
@@ -200,18 +212,16 @@ def remove_stale(runs_root: str | Path, keys: list[str]):
 def train_study(p, # study parameters (`CryoEMStudyParams`)
                 runs_root: str | Path, # the stage's runs folder, e.g. outputs/cpu/cryoem/runs
                 executor: Executor = Executor()) -> dict[str, dict]:
-    """The training stage, a condition at a time: freeze its split, write its training cache, train every unit not yet finished, delete
-    the cache; {key: record}. Folders of conditions, arms or seeds no longer in the parameters are deleted first (stale results never
-    stay in the stage's output)."""
+    """The training stage, a condition at a time: freeze its split, train every unit not yet finished (each simulates its training set
+    into its own cache, deleted once trained; a killed unit's is deleted here); {key: record}. Folders of conditions, arms or seeds no
+    longer in the parameters are deleted first (stale results never stay in the stage's output)."""
     runs_root, records = Path(runs_root), {}
     units = study_units(p)
     remove_stale(runs_root, [u.key for _, us in units.values() for u in us])
     for d, condition in units.values():
         write_split(d, runs_root)
-        cache = training_cache(runs_root, d.folder)
-        if any(finished_record(u, runs_root) is None for u in condition): cache_micrographs(d.sets["train"], cache)
         records.update(run_units(condition, runs_root, executor))
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(training_cache(runs_root, d.folder), ignore_errors=True)
     return records
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce41

@@ -136,6 +136,11 @@ class SimulatedMicrographs(Sequence):
         "Every micrograph's `particle_geometry`, in order: kept when it was generated, generated again only if it never was."
         return [self._shared.geometry[i] if i in self._shared.geometry else particle_geometry(self._micrograph(i)) for i in self.ids]
 
+    def recipe_hash(self) -> str:
+        "Hash of what the micrographs are made from (configuration, seed, ids, the generator's code): identifies them without simulating them."
+        if self.structures is not None: raise ValueError("recipe_hash identifies micrographs of the built-in structures only: structures must be None")
+        return params_hash({"cfg": self.cfg, "seed": self.seed, "ids": list(self.ids), "generator": code_hash(cryoem_data)})
+
     def data_hash(self, *parts: SimulatedMicrographs) -> str:
         "`data_hash` of this sequence, computed once; `parts` (subsets of it, in its order) and each micrograph get theirs in the same pass."
         s = self._shared
@@ -178,19 +183,24 @@ def cache_micrographs(micrographs: Sequence[Micrograph], # all of the same shape
                      ) -> tuple[Path, str]: # (folder with images.npy and masks.npy, data hash)
     "Write images and masks once as .npy files in a folder named by the data hash; an existing one is reused."
     if len(micrographs) == 0: raise ValueError("micrographs must hold at least one micrograph")
-    h = data_hash(micrographs)
-    folder = Path(cache_dir) / h
-    if folder.is_dir(): return folder, h
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{h}-"))
-    try:
+    simulated = isinstance(micrographs, SimulatedMicrographs)
+    known = micrographs._shared.hashes.get(micrographs.ids) if simulated else None
+    if known and (Path(cache_dir) / known).is_dir(): return Path(cache_dir) / known, known
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp, h = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".cache-")), hashlib.sha256()
+    try:   # one pass: each micrograph is hashed as it is written (a simulated one is made once)
         with NpyRowWriter(tmp / "images.npy", len(micrographs), "micrographs") as fi, NpyRowWriter(tmp / "masks.npy", len(micrographs), "masks") as fm:
-            for m in micrographs: fi.write(np.asarray(m.image, np.float32)[None]); fm.write(np.asarray(m.mask, np.bool_)[None])
-        tmp.rename(folder)
+            for m in micrographs:
+                _hash_update(h, m); fi.write(np.asarray(m.image, np.float32)[None]); fm.write(np.asarray(m.mask, np.bool_)[None])
+        digest = h.hexdigest()[:16]
+        folder = Path(cache_dir) / digest
+        if folder.is_dir(): shutil.rmtree(tmp)   # the same data, already cached (by another process meanwhile)
+        else: tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder, h
+    if simulated: micrographs._shared.hashes[micrographs.ids] = digest
+    return folder, digest
 
 def _training_batch(train_set: Sequence[Micrograph], folder: Path | None, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     "Images (B, 1, N, N) and float masks of training items `idx`: rows of the cache `folder` (`cache_micrographs`), or with no folder the micrographs themselves (a stored `SimulatedMicrographs` reads them from its store): the same values."
@@ -218,6 +228,7 @@ class TrainConfig:
     samples_per_epoch: int = 0 # 0: an epoch is one pass over the training set; n > 0: n samples whatever the set's size (a budget fixed in steps)
     val_every: int = 1 # validate after every k-th epoch (and the last); only validated epochs can be the best
     val_subset: int = 0 # validate on the first n validation micrographs (held in memory while training); 0 = all of them
+    patience: int = 0 # stop once this many validations in a row have not improved the best F1 (`epochs` is then the cap); 0 = train every epoch
     seed: int = 0
 
     def __post_init__(self):
@@ -227,7 +238,7 @@ class TrainConfig:
         if self.crop_px < 0 or self.crop_px % 16: raise ValueError(f"crop_px must be 0 or a positive multiple of 16, got {self.crop_px}")
         if self.samples_per_epoch < 0: raise ValueError(f"samples_per_epoch must be >= 0, got {self.samples_per_epoch}")
         if self.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        _check_int("val_every", self.val_every, 1); _check_int("val_subset", self.val_subset, 0)
+        _check_int("val_every", self.val_every, 1); _check_int("val_subset", self.val_subset, 0); _check_int("patience", self.patience, 0)
 
 def validated_epochs(config: TrainConfig) -> list[int]:
     "The (1-based) epochs after which a training validates: every `val_every`-th, and the last."
@@ -395,24 +406,26 @@ def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     return (x.flip(3), y.flip(3)) if flip else (x, y)
 
 def picking_metadata(train_set: Sequence[Micrograph], threshold: float, # the picking threshold chosen on validation
-                     n: int = 8, # training micrographs the polarity is measured on (the first n)
+                     n: int = 8, # training micrographs the polarity is measured on (the last n)
                     ) -> dict:
     """What picking with a trained network needs besides its weights: the pixel size (Å) and nominal particle diameter (Å) it was
     trained at, its picking threshold, and the particles' contrast in its training micrographs ("dark": darker than the
     background, as in defocused cryo-EM images; "bright" otherwise), measured as the mean normalised intensity inside minus outside the masks."""
-    first = [train_set[i] for i in range(min(n, len(train_set)))]
+    first = [train_set[i] for i in range(max(len(train_set) - n, 0), len(train_set))]   # the last n: the ones a cache pass leaves in memory
     if not first: raise ValueError("train_set must hold at least one micrograph")
     pixels = {float(m.metadata.get("pixel_size_a", float("nan"))) for m in first}
     if len(pixels) != 1: raise ValueError(f"the training micrographs have several pixel sizes {sorted(pixels)}: a picker is trained at one")
     pixel = pixels.pop()
-    inside = [float(m.image[m.mask].mean() - m.image[~m.mask].mean()) for m in first if m.mask.any() and (~m.mask).any()]
+    masks = [m.mask for m in first]   # computed once per micrograph (a property that draws the discs)
+    inside = [float(m.image[k].mean() - m.image[~k].mean()) for m, k in zip(first, masks) if k.any() and (~k).any()]
     return {"pixel_size_a": pixel, "diameter_a": float(first[0].diameter_px * pixel), "threshold": threshold,
             "polarity": ("dark" if np.mean(inside) < 0 else "bright") if inside else "unknown",
             "polarity_contrast": float(np.mean(inside)) if inside else float("nan")}
 
 def add_picking_metadata(checkpoint: str | Path, picking: dict, config: TrainConfig):
-    "Rewrite a best checkpoint with its picking metadata and training configuration (atomically), so that the file alone can pick."
-    save_checkpoint(checkpoint, {**load_checkpoint_state(checkpoint), "picking": picking, "config": dataclasses.asdict(config)})
+    "Rewrite a best checkpoint with its picking metadata and training configuration (atomically), so that the file alone can pick; unchanged if it has them."
+    state, entries = load_checkpoint_state(checkpoint), {"picking": picking, "config": dataclasses.asdict(config)}
+    if any(state.get(k) != v for k, v in entries.items()): save_checkpoint(checkpoint, {**state, **entries})
 
 def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
           out_dir: str | Path, # checkpoints go here; an existing last.pt of the same config and data is resumed
@@ -461,7 +474,7 @@ def train(config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequenc
     run = fit(model, torch.optim.Adam(model.parameters(), lr=config.lr), batch_loss, n_train=len(train_set), epochs=config.epochs,
               batch_size=config.batch_size, seed=config.seed, lr_at=lr_at, evaluate=evaluate, select="val_f1",
               out_dir=out_dir, identity=identity, device=device, rank=rank, world=world, samples_per_epoch=config.samples_per_epoch,
-              desc=f"{config.model} seed {config.seed}", progress=progress, keep_last=keep_last)
+              desc=f"{config.model} seed {config.seed}", progress=progress, keep_last=keep_last, patience=config.patience)
     best_row = run.history.set_index("epoch").loc[run.best_epoch]
     if rank == 0: add_picking_metadata(run.best_checkpoint, picking_metadata(train_set, float(best_row.val_threshold)), config)
     return RunResult(config, run.history, run.best_epoch, float(best_row.val_threshold), train_hash, identity["val_hash"],
