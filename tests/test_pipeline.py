@@ -58,6 +58,8 @@ def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
     assert verdict["low"] <= verdict["low90"] <= verdict["high90"] <= verdict["high"]                 # pooled over the conditions, with TOST's interval
     assert set(metrics["pooled"]) >= {"tau2", "i2", "k"} and metrics["pooled"]["k"] == 3
     assert all(0 <= c["edge_share"] <= 1 and c["particles_per_um2"] > 0 for c in metrics["conditions"].values())
+    assert all(0 < c["f1_ideal_observer"] <= 1 and c["power_se"] > 0 for c in metrics["conditions"].values())   # the ceiling and the power design
+    assert metrics["convergence"]["cap"] == 2 and 0 <= metrics["convergence"]["stopped_share"] <= 1
     assert (out / "plots" / "difficulty.csv").read_text().startswith("condition,unet,attention_unet,template_matching,oracle,difference")
     assert (out / "plots" / "learning-curves.csv").read_text().startswith("epoch,unet,attention_unet")
     assert len(list((out / "real_picks").glob("*.star"))) == 4

@@ -4,18 +4,19 @@
 
 # %% ../../nbs/25_cryoem_baselines.ipynb #c002
 from __future__ import annotations
-import math
-from collections.abc import Sequence
+import hashlib, math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy import fft
 from scipy.spatial.transform import Rotation
 
-from .data import CTFParams, Micrograph, MicrographConfig, Structure, ctf_image, project_structure
+from . import data as cryoem_data
+from .data import CTFParams, Micrograph, MicrographConfig, Structure, ctf_image, detector_mtf, project_structure
 
 # %% auto #0
 __all__ = ['oracle_probability_map', 'template_bank', 'disc_window', 'normalised_cross_correlation', 'micrograph_ctf',
-           'ctf_filter_templates', 'template_match_map']
+           'ctf_filter_templates', 'template_match_map', 'simulation_internals', 'image_key', 'ideal_observer_f1']
 
 # %% ../../nbs/25_cryoem_baselines.ipynb #c005
 def oracle_probability_map(micrograph: Micrograph, # a micrograph with its ground truth
@@ -112,19 +113,23 @@ def micrograph_ctf(micrograph: Micrograph, # a simulated micrograph (its metadat
 def ctf_filter_templates(templates: np.ndarray, # (count, box, box) projections
                          ctf_params: CTFParams, # the micrograph's CTF
                          pixel_size_a: float, # Å per pixel
+                         detector_pixel_a: float | None = None, # the detector's physical pixel at the specimen: its MTF too; None: the CTF only
                         ) -> np.ndarray: # (count, box, box): the templates as the microscope images them
-    "Templates multiplied by the CTF in Fourier space, on a grid at least twice the box, cropped back to the box."
+    "Templates multiplied by the CTF (and the detector's MTF) in Fourier space, on a grid at least twice the box, cropped back to the box."
     templates = np.asarray(templates, dtype=np.float64)
     grid = tuple(fft.next_fast_len(2 * side, real=True) for side in templates.shape[-2:])
     transfer = ctf_image(grid, pixel_size_a, ctf_params)[:, :grid[1] // 2 + 1]
+    if detector_pixel_a is not None: transfer = transfer * detector_mtf(grid, pixel_size_a, detector_pixel_a)[:, :grid[1] // 2 + 1]
     return fft.irfft2(fft.rfft2(templates, s=grid) * transfer, s=grid)[..., :templates.shape[-2], :templates.shape[-1]]
 
 def template_match_map(image: np.ndarray, # (H, W) micrograph
                        templates: np.ndarray | Sequence[np.ndarray], # a (count, box, box) stack or a list of them (`template_bank`)
                        ctf_params: CTFParams | None, # the micrograph's CTF; None matches the bare projections
                        pixel_size_a: float, # Å per pixel
+                       detector_pixel_a: float | None = None, # the detector's physical pixel: templates through its MTF too
+                       allowed: np.ndarray | None = None, # (H, W) bool: where particles may be (e.g. the holes, off the carbon); 0 elsewhere
                       ) -> np.ndarray: # (H, W) float32 score (1 + best NCC) / 2, in [0, 1]
-    "Best NCC over CTF-filtered templates at each pixel, mapped to [0, 1]: a probability-like map."
+    "Best NCC over CTF-filtered templates at each pixel, mapped to [0, 1]: a probability-like map (0 outside `allowed`)."
     image = _check_image(image)
     if pixel_size_a <= 0: raise ValueError(f"pixel_size_a must be positive, got {pixel_size_a}")
     stacks = [templates] if isinstance(templates, np.ndarray) else list(templates)
@@ -132,6 +137,64 @@ def template_match_map(image: np.ndarray, # (H, W) micrograph
     best = np.full(image.shape, -1.0)
     for stack in stacks:
         stack = _check_templates(stack, image.shape)
-        if ctf_params is not None: stack = ctf_filter_templates(stack, ctf_params, pixel_size_a)
+        if ctf_params is not None: stack = ctf_filter_templates(stack, ctf_params, pixel_size_a, detector_pixel_a)
         best = np.maximum(best, normalised_cross_correlation(image, stack).max(axis=0))
-    return ((1 + np.clip(best, -1.0, 1.0)) / 2).astype(np.float32)
+    score = ((1 + np.clip(best, -1.0, 1.0)) / 2).astype(np.float32)
+    if allowed is None: return score
+    if np.shape(allowed) != image.shape: raise ValueError(f"allowed must be a mask of the image's shape {image.shape}, got {np.shape(allowed)}")
+    return np.where(np.asarray(allowed, bool), score, np.float32(0))
+
+# %% ../../nbs/25_cryoem_baselines.ipynb #d1b65121
+def simulation_internals(micrographs) -> Iterator[tuple[Micrograph, np.ndarray, np.ndarray, np.ndarray]]:
+    """(micrograph, noise-free picked-particle signal, counts, clear hole mask) of each micrograph of a `SimulatedMicrographs`, simulated
+    again with the simulator's internals; each is checked to be the very micrograph of the sequence (the same image)."""
+    for i, m in zip(micrographs.ids, micrographs):
+        rng = np.random.default_rng(np.random.SeedSequence(micrographs.seed, spawn_key=(i,)))   # the stream `SimulatedMicrographs` draws micrograph i from
+        again = cryoem_data._simulate(micrographs.cfg, rng, micrographs.structures)
+        if not np.array_equal(again[0].image, m.image): raise ValueError(f"micrograph {i} simulated again differs from the sequence's: not a SimulatedMicrographs stream")
+        yield again
+
+def image_key(image: np.ndarray) -> str:
+    "A digest of an image's float32 pixels: finds a micrograph's mask again whatever sequence holds it."
+    return hashlib.sha256(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()[:16]
+
+def _known_image_scores(mic: Micrograph, signal: np.ndarray, counts: np.ndarray, clear: np.ndarray, rng: np.random.Generator,
+                        n_null: int) -> tuple[list, list]:
+    """Scores of each whole particle's own noise-free image (zero mean over its disk: blind to the background level) correlated with the
+    counts at its place and at up to `n_null` particle-free places of the hole, in units of the local shot noise."""
+    n, free = counts.shape[0], clear & ~mic.mask
+    at, off = [], []
+    for (x, y), d in zip(np.asarray(mic.centres).astype(int), mic.diameters_px):
+        r = int(math.ceil(d / 2))
+        if min(x, y) < r or max(x, y) >= n - r: continue                      # whole particles only
+        rows, cols = np.ogrid[-r:r + 1, -r:r + 1]
+        disk = np.hypot(rows, cols) <= d / 2
+        t = signal[y - r:y + r + 1, x - r:x + r + 1] * disk
+        t = np.where(disk, t - t[disk].mean(), 0.0)
+        norm = np.sqrt((t ** 2).sum())
+        if norm == 0: continue
+        score = lambda cy, cx: float((t * counts[cy - r:cy + r + 1, cx - r:cx + r + 1]).sum() / (norm * np.sqrt(max(counts[cy - r:cy + r + 1, cx - r:cx + r + 1].mean(), 1e-12))))
+        at.append(score(y, x))
+        off += [score(cy, cx) for cx, cy in rng.integers(r, n - r, size=(n_null, 2)) if free[cy - r:cy + r + 1, cx - r:cx + r + 1][disk].all()]
+    return at, off
+
+def ideal_observer_f1(internals: Sequence[tuple[Micrograph, np.ndarray, np.ndarray, np.ndarray]], # `simulation_internals` of a test set
+                      seed: int = 0, # places of the null scores
+                      n_null: int = 20, # null places tried per particle
+                     ) -> dict: # f1, precision, recall at the best threshold; particles and empty sites counted
+    "The ideal observer's particle F1 (best threshold, pooled over micrographs): known noise-free particle images at the true places against the same images at empty places."
+    rng = np.random.default_rng(seed)
+    hits, nulls, sites = [], [], 0.0
+    for mic, signal, counts, clear in internals:
+        at, off = _known_image_scores(mic, signal, counts, clear, rng, n_null)
+        hits += at; nulls += off
+        if len(mic.diameters_px): sites += (clear & ~mic.mask).sum() / np.mean(np.pi * np.asarray(mic.diameters_px) ** 2 / 4)
+    hits, nulls = np.asarray(hits), np.asarray(nulls)
+    if not len(hits) or not len(nulls): raise ValueError("the micrographs hold no whole particle or no empty place in the holes to score")
+    thresholds = np.unique(hits)   # counts of scores >= each threshold, by sorting
+    tp = len(hits) - np.searchsorted(np.sort(hits), thresholds, "left")
+    fp = sites * (1 - np.searchsorted(np.sort(nulls), thresholds, "left") / len(nulls))
+    f1 = 2 * tp / (2 * tp + fp + (len(hits) - tp))
+    k = int(np.argmax(f1))
+    return {"f1": float(f1[k]), "precision": float(tp[k] / (tp[k] + fp[k])), "recall": float(tp[k] / len(hits)),
+            "n_particles": int(len(hits)), "empty_sites": float(sites)}

@@ -8,10 +8,12 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 # %% auto #0
-__all__ = ['MDE_FACTOR', 'bootstrap_weights', 'metric_matrix', 'paired_summary', 'picker_summary', 'variance_components',
-           'interval_coverage', 'tost_equivalent', 'verdict', 'difference_draws', 'pooled_random_effects',
+__all__ = ['MDE_FACTOR', 'TOST_POWER_Z', 'bootstrap_weights', 'metric_matrix', 'paired_summary', 'picker_summary',
+           'variance_components', 'interval_coverage', 'tost_equivalent', 'verdict', 'difference_draws',
+           'pooled_random_effects', 'convergence_summary', 'difference_by_budget', 'seeds_needed', 'power_design',
            'flawed_protocol', 'flawed_gap_distribution', 'plot_learning_curves', 'plot_pr_curves', 'plot_picks',
            'plot_spectra']
 
@@ -118,6 +120,64 @@ def pooled_random_effects(estimates, ses) -> dict[str, float]:
     return {"estimate": mu, "se": se_mu, "low": mu - 1.959964 * se_mu, "high": mu + 1.959964 * se_mu,
             "low90": mu - 1.644854 * se_mu, "high90": mu + 1.644854 * se_mu, "tau2": tau2, "q": q,
             "i2": max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0, "k": k, "mde": MDE_FACTOR * se_mu}
+
+# %% ../../nbs/24_cryoem_compare.ipynb #2c5c3716
+def convergence_summary(histories: pd.DataFrame, # columns condition, model, seed, epoch, <select> (NaN: not validated)
+                        cap: int, # the epochs a training may run at most
+                        select: str = "val_f1") -> pd.DataFrame:
+    """Per condition and arm, over seeds: mean epochs trained and best epoch, the share of trainings stopped before the cap, and the mean
+    gain of `select` over the last quarter of each training's validations (the mean of the last quarter minus that of the quarter before)."""
+    def one(run: pd.DataFrame) -> dict:
+        scored = run.dropna(subset=[select])
+        v, q = scored[select].to_numpy(), max(1, len(scored) // 4)
+        return {"epochs": int(run.epoch.max()), "best_epoch": int(scored.epoch.iloc[int(np.argmax(v))]), "stopped": int(run.epoch.max()) < cap,
+                "gain": float(v[-q:].mean() - v[-2 * q:-q].mean()) if len(v) >= 2 * q else float("nan")}
+    runs = pd.DataFrame([{"condition": c, "model": m, "seed": s, **one(r)} for (c, m, s), r in histories.groupby(["condition", "model", "seed"], sort=False)])
+    return (runs.groupby(["condition", "model"], sort=False)
+            .agg(epochs_mean=("epochs", "mean"), epochs_max=("epochs", "max"), best_epoch_mean=("best_epoch", "mean"),
+                 stopped_share=("stopped", "mean"), last_quarter_gain=("gain", "mean")).reset_index())
+
+def difference_by_budget(histories: pd.DataFrame, # as for `convergence_summary`
+                         budgets: list[int], # caps (epochs) to read the histories at
+                         arms: tuple[str, str], # (standard, attention): the difference is attention − standard
+                         select: str = "val_f1") -> pd.DataFrame:
+    """Per condition and budget: the mean over seeds of each arm's best `select` among the validations up to the budget (the checkpoint
+    early stopping would have selected with that cap), and their difference. A training stopped before a budget keeps its best."""
+    rows = []
+    for (c, m, s), run in histories.groupby(["condition", "model", "seed"], sort=False):
+        scored = run.dropna(subset=[select])
+        for b in budgets:
+            upto = scored[scored.epoch <= b][select]
+            rows.append({"condition": c, "model": m, "seed": s, "budget": b, "best": float(upto.max()) if len(upto) else float("nan")})
+    best = pd.DataFrame(rows).groupby(["condition", "budget", "model"], sort=False).best.mean().unstack("model")
+    return best[list(arms)].assign(difference=best[arms[1]] - best[arms[0]]).reset_index()
+
+TOST_POWER_Z = 1.644854 + 1.281552 # margin / se giving 80 % power to the two one-sided 5 % tests when the true difference is 0
+
+def seeds_needed(components: tuple[float, float, float], # (seed, micrograph, residual) variances, `variance_components`
+                 n_micrographs: int, # test micrographs per seed
+                 target_se: float) -> float: # the standard error a verdict needs
+    "The fewest seeds for which the mean paired difference reaches `target_se` with `n_micrographs` test micrographs (inf if more micrographs are needed)."
+    vs, vm, ve = components
+    room = target_se ** 2 - vm / n_micrographs
+    return float(np.ceil((vs + ve / n_micrographs) / room)) if room > 0 else float("inf")
+
+def power_design(diff: np.ndarray, # (seeds, micrographs) paired differences of one condition: the pilot
+                 margin: float, # the declared equivalence margin
+                ) -> dict:
+    """What the pilot's variance components say about the design: the standard error of the mean difference, the smallest effect a
+    two-sided 5 % test detects with 80 % power, the power of the two one-sided tests at the margin if the true difference were 0, and
+    the seeds a verdict at the margin needs with these test micrographs and with four times as many."""
+    diff = np.asarray(diff, float)
+    if diff.ndim != 2 or min(diff.shape) < 2: raise ValueError(f"diff must be a (seeds, micrographs) matrix with at least 2 of each, got shape {diff.shape}")
+    if margin <= 0: raise ValueError(f"margin must be positive, got {margin}")
+    comps = variance_components(diff)
+    s, m = diff.shape
+    se = float(np.sqrt(comps[0] / s + comps[1] / m + comps[2] / (s * m)))
+    target = margin / TOST_POWER_Z
+    return {"var_seed": comps[0], "var_micrograph": comps[1], "var_residual": comps[2], "se": se, "mde": MDE_FACTOR * se,
+            "tost_power_at_0": float(max(0.0, 2 * norm.cdf(margin / se - 1.644854) - 1)) if se > 0 else 1.0,
+            "seeds_needed": seeds_needed(comps, m, target), "seeds_needed_4x_micrographs": seeds_needed(comps, 4 * m, target)}
 
 # %% ../../nbs/24_cryoem_compare.ipynb #c010
 def flawed_protocol(histories: pd.DataFrame, # columns model, seed, epoch and <set>_pixel_f1, <set>_thresholded_auc ...

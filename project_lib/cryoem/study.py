@@ -15,16 +15,19 @@ import torch
 from joblib import Parallel, delayed
 
 from ..engine import load_units
-from .compare import MDE_FACTOR, difference_draws, paired_summary, picker_summary, verdict
-from .baselines import micrograph_ctf, oracle_probability_map, template_match_map
-from .data import Micrograph, MicrographConfig, edge_particles
+from .compare import MDE_FACTOR, difference_draws, flawed_gap_distribution, flawed_protocol, paired_summary, picker_summary, verdict
+from .baselines import ideal_observer_f1, image_key, micrograph_ctf, oracle_probability_map, simulation_internals, template_match_map
+from .data import Micrograph, MicrographConfig, edge_particles, intensity_statistics, log_spectrum_distance, power_ratio, radial_power_spectrum
+from .io import read_micrograph
+from .pick import pick_micrograph_file, to_model_grid
 from .stage import ARMS, ConditionData, CryoEMStudyParams, study_units   # ARMS, CryoEMStudyParams: the study's names too
 from .train import (PREDICT_BATCH, RunResult, TrainConfig, _truth, cache_micrographs, check_comparable, choose_thresholds, load_best,
                                       predict_maps, run_from_record, score_micrograph, train, write_manifest)
 
 # %% auto #0
 __all__ = ['BASELINES', 'SEED_CLAIM', 'train_arms', 'ConditionRun', 'picker_maps', 'score_condition', 'evaluate_study',
-           'condition_table', 'plot_difficulty', 'condition_words', 'answer_lines']
+           'condition_table', 'plot_difficulty', 'realism_at_training_pixel', 'pick_real_micrographs',
+           'replay_original_protocol', 'condition_words', 'answer_lines']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
 def _train_one(config: TrainConfig, train_set, val_set, out_dir: Path, device: str, extra_eval, cache_dir: Path, threads: int):
@@ -66,13 +69,17 @@ class ConditionRun:
     test_picks: dict[tuple[str, int], pd.DataFrame] # every picker's picks on the test set at every score, with their image (figures)
     test_truth: pd.DataFrame # the test set's true centres and radii, with their image (figures)
     test_mean_probability: dict[tuple[str, int], float] # mean of every picker's test maps (accumulated in float64)
+    ceiling: dict # the ideal observer on the test set (`ideal_observer_f1`): the F1 the noise allows
 
 def picker_maps(d: ConditionData, runs: dict[tuple[str, int], RunResult], templates: list[np.ndarray],
+                holes: dict[str, np.ndarray], # {`image_key`: the micrograph's clear hole mask}: template matching picks in the holes only
                 device: str = "cpu") -> dict[tuple[str, int], Callable[[Sequence[Micrograph]], Iterator[np.ndarray]]]:
-    "Every picker of a condition as a function from micrographs to their score maps, made one by one: each run's best checkpoint, template matching, the oracle."
+    """Every picker of a condition as a function from micrographs to their score maps, made one by one: each run's best checkpoint,
+    template matching (templates through the micrograph's CTF and the detector's MTF, carbon masked), the oracle."""
     cfg = d.config
     makers = {key: functools.partial(predict_maps, load_best(r, device), device=device) for key, r in runs.items()}
-    makers[("template_matching", 0)] = lambda mics: (template_match_map(m.image, templates, micrograph_ctf(m, cfg), cfg.pixel_size_a) for m in mics)
+    makers[("template_matching", 0)] = lambda mics: (template_match_map(m.image, templates, micrograph_ctf(m, cfg), cfg.pixel_size_a, cfg.detector_pixel_a,
+                                                                        holes[image_key(m.image)]) for m in mics)
     makers[("oracle", 0)] = lambda mics: (oracle_probability_map(m) for m in mics)
     return makers
 
@@ -81,11 +88,19 @@ def score_condition(d: ConditionData, # the condition's micrographs (`cryoem.sta
                     split_hash: str, # of the split manifest the runs trained on
                     templates: list[np.ndarray], # template bank at the condition's pixel size
                     device: str = "cpu") -> ConditionRun:
-    """Check that the arms are comparable, then score every run's best checkpoint, template matching and the oracle on the test set.
-    Holds the validation micrographs and one picker's validation maps (for its thresholds), then one batch of test micrographs and their maps."""
+    """Check that the arms are comparable, then score every run's best checkpoint, template matching and the oracle on the test set, and
+    the ideal observer (the ceiling). Holds the validation micrographs and one picker's validation maps (for its thresholds), then one
+    batch of test micrographs and their maps."""
     seeds = list(dict.fromkeys(s for _, s in runs))
-    check_comparable([runs[(ARMS[0], s)] for s in seeds], [runs[(ARMS[1], s)] for s in seeds])
-    makers, val, test = picker_maps(d, runs, templates, device), list(d.sets["val"]), d.sets["test"]
+    for s in seeds: check_comparable([runs[(ARMS[0], s)]], [runs[(ARMS[1], s)]])   # a seed's arms: one training draw, validation set and budget
+    shared = {(r.val_hash, r.budget_hash) for r in runs.values()}
+    if len(shared) != 1: raise ValueError(f"refusing to compare: the seeds' runs differ in validation micrographs or budget {sorted(shared)}")
+    holes = {image_key(m.image): clear for m, *_, clear in simulation_internals(d.sets["val"])}
+    def remember_holes(internals):
+        for item in internals:
+            holes[image_key(item[0].image)] = item[3]; yield item
+    ceiling = ideal_observer_f1(remember_holes(simulation_internals(d.sets["test"])))   # one pass: the ceiling and the test set's holes
+    makers, val, test = picker_maps(d, runs, templates, holes, device), list(d.sets["val"]), d.sets["test"]
     thresholds = {key: choose_thresholds(np.stack(list(maps(val))), val) for key, maps in makers.items()}
     rows, picks, truth, total = {k: [] for k in makers}, {k: [] for k in makers}, [], dict.fromkeys(makers, 0.0)
     for start in range(0, len(test), PREDICT_BATCH):   # the test set streamed once, in `predict`'s batches (the same maps)
@@ -98,7 +113,7 @@ def score_condition(d: ConditionData, # the condition's micrographs (`cryoem.sta
     per_mic = pd.concat([pd.DataFrame(rows[k]).assign(condition=d.name, model=k[0], seed=k[1]) for k in makers], ignore_index=True)
     pixels = len(test) * d.config.size_px ** 2
     return ConditionRun(d.name, d.config, d.sets, d.alt_sets, split_hash, runs, per_mic, {k: t[0] for k, t in thresholds.items()},
-                        {k: pd.concat(v) for k, v in picks.items()}, pd.concat(truth), {k: t / pixels for k, t in total.items()})
+                        {k: pd.concat(v) for k, v in picks.items()}, pd.concat(truth), {k: t / pixels for k, t in total.items()}, ceiling)
 
 def evaluate_study(p: CryoEMStudyParams,
                    runs_root: str | Path, # the training stage's runs folder
@@ -156,6 +171,79 @@ def plot_difficulty(table: pd.DataFrame, # from `condition_table`
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/27_cryoem_study.ipynb #a253a3d0
+_SCALAR_MEASURES = ("low/high power ratio", "skewness", "kurtosis")
+
+def realism_at_training_pixel(real: dict[str, tuple[np.ndarray, float]], # {name: (image, its pixel size in Å)}, e.g. from `read_micrograph`
+                              simulated: Sequence[Micrograph], # the study's simulated micrographs at `pixel_size_a`
+                              pixel_size_a: float, # the training pixel size, Å
+                             ) -> tuple[pd.DataFrame, pd.DataFrame, dict]: # (measures per image, verdict per real micrograph and measure, spectra)
+    "Real micrographs binned to the training pixel size against simulated ones: power ratio, intensity shape, spectral distance; which match."
+    if len(real) < 2: raise ValueError(f"real must hold at least two micrographs (the spectral verdict compares with the other one), got {len(real)}")
+    if len(simulated) < 2: raise ValueError(f"simulated must hold at least two micrographs (a range), got {len(simulated)}")
+    nyquist = 0.5 / pixel_size_a
+    low, high, band = (0.1 * nyquist, 0.3 * nyquist), (0.6 * nyquist, 0.9 * nyquist), (0.1 * nyquist, 0.9 * nyquist)
+    binned = {name: to_model_grid(image, px, pixel_size_a)[0] for name, (image, px) in real.items()}
+    def measures(image):
+        stats = intensity_statistics(image)
+        return {"low/high power ratio": power_ratio(image, pixel_size_a, low, high), "skewness": stats["skewness"], "kurtosis": stats["kurtosis"],
+                **{f"distance to {n}": log_spectrum_distance(image, r, pixel_size_a, band) for n, r in binned.items()}}
+    table = pd.DataFrame([{"image": n, "kind": "real", "pixels": "×".join(map(str, im.shape)), **measures(im)} for n, im in binned.items()] +
+                         [{"image": f"simulated {i}", "kind": "simulated", "pixels": "×".join(map(str, m.image.shape)), **measures(m.image)}
+                          for i, m in enumerate(simulated)])
+    sim, rows = table[table.kind == "simulated"], []
+    for name in binned:
+        value = table.set_index("image").loc[name]
+        for col in _SCALAR_MEASURES:   # the central 80% of the simulated micrographs: one odd micrograph does not make every value match
+            lo, hi = sim[col].quantile(0.1), sim[col].quantile(0.9)
+            rows.append({"real micrograph": name, "measure": col, "real": value[col], "simulated": f"{lo:.3g} to {hi:.3g} (10th-90th percentile)",
+                         "matches": bool(lo <= value[col] <= hi)})
+        other = next(n for n in binned if n != name)
+        median = float(sim[f"distance to {name}"].median())
+        rows.append({"real micrograph": name, "measure": "log-spectrum distance", "real": value[f"distance to {other}"],
+                     "simulated": f"median {median:.3g}", "matches": bool(median <= value[f"distance to {other}"])})
+    spectra = {**{f"real {n}": radial_power_spectrum(im, pixel_size_a) for n, im in binned.items()},
+               "simulated (first test micrograph)": radial_power_spectrum(simulated[0].image, pixel_size_a)}
+    return table, pd.DataFrame(rows), spectra
+
+# %% ../../nbs/27_cryoem_study.ipynb #ffd51112
+def pick_real_micrographs(paths: Sequence[str | Path], # real micrographs (.mrc, .tif, .png)
+                          checkpoints: dict[str, str | Path], # {picker name: best checkpoint with its picking metadata}
+                          out_dir: str | Path, # picks go to out_dir/<micrograph>_<picker>.star
+                          device: str = "cpu") -> tuple[pd.DataFrame, list[tuple]]: # (one row per micrograph and picker, figure panels)
+    "Every picker on every real micrograph from its checkpoint alone, edge-cut picks left out; refusals recorded with their reason."
+    rows, panels = [], []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path in map(Path, paths):
+        image, pixel = read_micrograph(path)
+        area_um2 = image.shape[0] * image.shape[1] * (pixel / 1e4) ** 2
+        for name, checkpoint in checkpoints.items():
+            row = {"micrograph": f"real {path.stem}", "picker": name, "pixel size (Å)": pixel}
+            try:
+                picks, prob = pick_micrograph_file(path, checkpoint, out_path=Path(out_dir) / f"{path.stem}_{name}.star", device=device, exclude_edge=True)
+            except ValueError as refusal:
+                rows.append({**row, "picks": float("nan"), "picks per µm²": float("nan"), "mean probability": float("nan"), "refused": str(refusal)})
+                continue
+            rows.append({**row, "picks": len(picks), "picks per µm²": len(picks) / area_um2, "mean probability": float(prob.mean()), "refused": ""})
+            diameter_px = torch.load(checkpoint, map_location="cpu", weights_only=False)["picking"]["diameter_a"] / pixel
+            panels.append((image, picks, f"{path.stem}, {name}: {len(picks)} picks", diameter_px))
+    return pd.DataFrame(rows), panels
+
+def replay_original_protocol(histories: pd.DataFrame, # the reference condition's training histories (with the alternative sets' columns)
+                             alt_sets: list[str], # names of the alternative validation sets
+                             arms: tuple[str, str], n_assignments: int = 2000, seed: int = 0,
+                            ) -> tuple[pd.DataFrame, np.ndarray]: # (both assignments of the first two sets, gaps over random assignments)
+    "The original protocol on the same runs: each arm reported on its own validation set at a fixed threshold; the gap it reports depends on the assignment."
+    def scored(assignment):
+        return flawed_protocol(histories, assignment).groupby("model")[["pixel_f1", "auc_thresholded"]].mean()
+    rows = []
+    for a, b in ((alt_sets[0], alt_sets[1]), (alt_sets[1], alt_sets[0])):
+        s = scored({arms[0]: a, arms[1]: b})
+        rows.append({"assignment": f"standard on {a}, attention on {b}", "pixel F1 gap (attention − standard)": s.pixel_f1[arms[1]] - s.pixel_f1[arms[0]],
+                     "thresholded 'AUC' (standard, attention)": f"{s.auc_thresholded[arms[0]]:.3f}, {s.auc_thresholded[arms[1]]:.3f}",
+                     "thresholded 'AUC' (mean)": float(s.auc_thresholded.mean())})
+    return pd.DataFrame(rows), flawed_gap_distribution(histories, alt_sets, arms[0], arms[1], n_assignments, seed=seed)
+
 # %% ../../nbs/27_cryoem_study.ipynb #c041
 SEED_CLAIM = 0.13 # the original study's claimed gain of the attention gate in particle F1 (0.70 -> 0.83)
 
@@ -177,8 +265,9 @@ def answer_lines(metrics: dict, # what the evaluation stage writes to metrics.js
     lines = [f"- **{name}** (dose {c['dose']:g} e⁻/Å², median particle SNR {c['median_particle_snr']:.3g}; {c['edge_share']:.0%} of test particles cut "
              f"by the border, particle mask covering {c['coverage']:.0%} of the area): particle F1 U-Net {_ci(c, 'f1_unet')}, Attention U-Net "
              f"{_ci(c, 'f1_attention_unet')}; attention − standard {_ci(c, 'f1_difference', '+')} (90%: [{c['f1_difference_low90']:+.3f}, "
-             f"{c['f1_difference_high90']:+.3f}]): **{condition_words(c, margin)}**. Template matching F1 {c['f1_template_matching']:.3f}, oracle "
-             f"{c['f1_oracle']:.3f}." for name, c in conds.items()]
+             f"{c['f1_difference_high90']:+.3f}]): **{condition_words(c, margin)}**. Template matching F1 {c['f1_template_matching']:.3f}; the "
+             f"ideal observer (the ceiling the noise allows) {c['f1_ideal_observer']:.3f}; the true mask through the picker {c['f1_oracle']:.3f}."
+             for name, c in conds.items()]
     pooled = m["pooled"]
     words = ("a difference" if pooled["shows_difference"] else f"equivalent within ±{margin:g}" if pooled["shows_equivalence"]
              else f"no difference detected (smallest detectable effect {pooled['mde']:.3f})")
@@ -199,12 +288,28 @@ def answer_lines(metrics: dict, # what the evaluation stage writes to metrics.js
         lines.append("- **Real micrographs** (no ground truth): the reference condition's networks pick " +
                      "; ".join(f"{k}: {v:.0f} per µm²" for k, v in m["real"].items()) +
                      f", against {m['truth_particles_per_um2']:.0f} true particles per µm² in the simulated test set.")
+    if m.get("realism"):
+        lines.append("- **Realism at the training pixel size** (each real micrograph against the simulated test micrographs): " + "; ".join(
+            f"{name}: matches {sum(v.values())} of {len(v)} measures" + (f" (not {', '.join(k for k, ok in v.items() if not ok)})" if not all(v.values()) else "")
+            for name, v in m["realism"].items()) + ".")
     lines.append(f"- **The original protocol** on the same runs reports a pixel-F1 gap between {m['original_protocol_gap_min']:+.3f} and "
                  f"{m['original_protocol_gap_max']:+.3f} depending only on which validation set each arm is scored on (positive in "
                  f"{m['original_protocol_gap_positive']:.0%} of assignments); its thresholded \"AUC\" is not a ROC-AUC.")
-    lines.append(f"- **Training**: the gain of validation F1 over the last quarter of the epochs is {m['plateau_min']:+.3f} to {m['plateau_max']:+.3f} "
-                 "across conditions and arms (mean over seeds)" + (": the curves have flattened." if max(abs(m["plateau_min"]), abs(m["plateau_max"])) <= 0.01
-                 else "; where it exceeds 0.01 the curves were still rising and longer training could change that condition's numbers."))
+    cv = m["convergence"]
+    flat, stable = max(abs(cv["gain_min"]), abs(cv["gain_max"])) <= 0.005, cv["budget_shift_max"] <= 0.01
+    lines.append(f"- **Training to a plateau**: {cv['stopped_share']:.0%} of the trainings stopped early (no better validation F1 in {cv['patience']} "
+                 f"validations) before the cap of {cv['cap']} epochs; the gain of validation F1 over the last quarter of each training is "
+                 f"{cv['gain_min']:+.3f} to {cv['gain_max']:+.3f} across conditions and arms (mean over seeds)" +
+                 (": plateaus" if flat else ": above 0.005 somewhere, so not every curve had flattened") +
+                 f"; the difference between the arms read at caps from half the budget to all of it moves by at most {cv['budget_shift_max']:.3f}" +
+                 (" (stable within ±0.01)." if stable else ", more than ±0.01: the comparison still depends on the budget."))
+    inf = float("inf")   # a design the test micrographs' variance alone rules out has no finite seed count (left out of metrics.json)
+    need, need4 = (max(c.get(k, inf) for c in conds.values()) for k in ("power_seeds_needed", "power_seeds_needed_4x_micrographs"))
+    lines.append(f"- **Power**: the standard error of a condition's F1 difference is {min(c['power_se'] for c in conds.values()):.3f}–"
+                 f"{max(c['power_se'] for c in conds.values()):.3f} (smallest detectable effect {min(c['power_mde'] for c in conds.values()):.3f}–"
+                 f"{max(c['power_mde'] for c in conds.values()):.3f}); a verdict at ±{margin:g} with 80% power in every condition would need "
+                 + (f"{need:.0f} seeds with these test micrographs" if np.isfinite(need) else "more test micrographs first (with these, their variance alone exceeds the target)")
+                 + (f" ({need4:.0f} with four times as many)" if np.isfinite(need4) else "") + ". The pooled estimate is the verdict this budget buys.")
     low_cover = [n for n, c in conds.items() if c["interval_coverage"] < 0.9]
     covers = [c["interval_coverage"] for c in conds.values()]
     lines.append(f"- **Intervals**: simulated coverage of the 95% interval of the F1 difference is {min(covers):.2f}–{max(covers):.2f} across conditions" +
