@@ -234,7 +234,7 @@ def test_only_what_is_read_again_stays_on_disk_and_a_pruned_chain_retrains_the_s
     assert "model" in state(round0 / "last.pt") and "optimizer" not in state(round0 / "last.pt")
     chain = next(d for d in (root / "s3/entropy").iterdir() if d.is_dir())
     assert chain.name.startswith("s3-n6-")                                          # the last round's (6 of 10 labelled)
-    assert sorted(state(chain / "last.pt")) == ["best_score", "config", "epoch", "history", "init_hash", "train_hash", "train_time_s", "val_hash"]
+    assert sorted(state(chain / "last.pt")) == ["best_score", "config", "epoch", "history", "init_hash", "stopped_early", "train_hash", "train_time_s", "val_hash"]
     first = json.loads((root / "s3/entropy/unit.json").read_text())["record"]
     (root / "s3/entropy/unit.json").unlink()
     again = json.loads(json.dumps(train_al_units(p, sets, root)["s3/entropy"]))

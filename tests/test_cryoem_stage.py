@@ -20,7 +20,7 @@ import yaml
 
 from project_lib.core import load_study_params
 from project_lib.engine import Executor, file_hash, load_units
-from project_lib.cryoem.baselines import micrograph_ctf, oracle_probability_map, template_bank, template_match_map
+from project_lib.cryoem.baselines import micrograph_ctf, oracle_probability_map, simulation_internals, template_bank, template_match_map
 from project_lib.cryoem.data import load_structure
 from project_lib.cryoem.stage import CryoEMStudyParams, condition_units, simulate_condition, study_units, train_study
 from project_lib.cryoem.study import evaluate_study
@@ -177,8 +177,10 @@ def test_scoring_a_condition_streams_and_equals_the_whole_set_scoring(p, tmp_pat
     for (d, units), run in zip(study_units(p).values(), scored.values()):
         val, test, rows = list(d.sets["val"]), list(d.sets["test"]), []
         stacked = {k: (predict(load_best(r), val), predict(load_best(r), test)) for k, r in run.runs.items()}
-        tm = lambda mics: np.stack([template_match_map(m.image, templates, micrograph_ctf(m, d.config), d.config.pixel_size_a) for m in mics])
-        stacked[("template_matching", 0)] = (tm(val), tm(test))
+        holes = {k: [clear for *_, clear in simulation_internals(d.sets[k])] for k in ("val", "test")}   # the carbon masked out
+        tm = lambda mics, allowed: np.stack([template_match_map(m.image, templates, micrograph_ctf(m, d.config), d.config.pixel_size_a,
+                                                                d.config.detector_pixel_a, a) for m, a in zip(mics, allowed, strict=True)])
+        stacked[("template_matching", 0)] = (tm(val, holes["val"]), tm(test, holes["test"]))
         stacked[("oracle", 0)] = tuple(np.stack([oracle_probability_map(m) for m in s]) for s in (val, test))
         for (model, seed), (v, t) in stacked.items():
             table, threshold = score_picker(v, t, val, test)
