@@ -304,12 +304,14 @@ def answer_lines(metrics: dict, # what the evaluation stage writes to metrics.js
                  f"; the difference between the arms read at caps from half the budget to all of it moves by at most {cv['budget_shift_max']:.3f}" +
                  (" (stable within ±0.01)." if stable else ", more than ±0.01: the comparison still depends on the budget."))
     inf = float("inf")   # a design the test micrographs' variance alone rules out has no finite seed count (left out of metrics.json)
-    need, need4 = (max(c.get(k, inf) for c in conds.values()) for k in ("power_seeds_needed", "power_seeds_needed_4x_micrographs"))
+    def seeds(c):
+        need, need4 = (c.get(k, inf) for k in ("power_seeds_needed", "power_seeds_needed_4x_micrographs"))
+        return ((f"{need:.0f} seeds" if np.isfinite(need) else "more test micrographs first") +
+                (f" ({need4:.0f} with four times as many micrographs)" if np.isfinite(need4) else ""))
     lines.append(f"- **Power**: the standard error of a condition's F1 difference is {min(c['power_se'] for c in conds.values()):.3f}–"
                  f"{max(c['power_se'] for c in conds.values()):.3f} (smallest detectable effect {min(c['power_mde'] for c in conds.values()):.3f}–"
-                 f"{max(c['power_mde'] for c in conds.values()):.3f}); a verdict at ±{margin:g} with 80% power in every condition would need "
-                 + (f"{need:.0f} seeds with these test micrographs" if np.isfinite(need) else "more test micrographs first (with these, their variance alone exceeds the target)")
-                 + (f" ({need4:.0f} with four times as many)" if np.isfinite(need4) else "") + ". The pooled estimate is the verdict this budget buys.")
+                 f"{max(c['power_mde'] for c in conds.values()):.3f}); a verdict at ±{margin:g} with 80% power would need, with these test micrographs, "
+                 + "; ".join(f"{name}: {seeds(c)}" for name, c in conds.items()) + ". The pooled estimate is the verdict this budget buys.")
     low_cover = [n for n, c in conds.items() if c["interval_coverage"] < 0.9]
     covers = [c["interval_coverage"] for c in conds.values()]
     lines.append(f"- **Intervals**: simulated coverage of the 95% interval of the F1 difference is {min(covers):.2f}–{max(covers):.2f} across conditions" +
