@@ -9,8 +9,8 @@ from PIL import Image
 from torch import nn
 
 from project_lib.cryoem.io import (bin_image, cryoppp_mrc_to_jpg_frame, flip_y, fourier_resample, read_coordinates,
-                                   read_micrograph, read_star_picks, write_mrc, write_picks)
-from project_lib.cryoem.pick import pick_micrograph_file, predict_probability, to_model_grid
+                                   read_micrograph, read_star_picks, to_model_grid, write_mrc, write_picks)
+from project_lib.cryoem.pick import pick_micrograph_file, predict_probability
 
 RELION31 = """
 # version 30001

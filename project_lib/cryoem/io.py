@@ -4,6 +4,7 @@
 
 # %% ../../nbs/20a_cryoem_io.ipynb #c002
 from __future__ import annotations
+from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
@@ -15,10 +16,11 @@ from PIL import Image, UnidentifiedImageError
 from scipy import signal
 
 from ..core import atomic_write_text
+from .data import Micrograph
 
 # %% auto #0
 __all__ = ['read_micrograph', 'write_mrc', 'read_star_picks', 'read_coordinates', 'write_picks', 'cryoppp_mrc_to_jpg_frame',
-           'flip_y', 'bin_image', 'fourier_resample']
+           'flip_y', 'bin_image', 'fourier_resample', 'to_model_grid', 'write_cryoppp_folder', 'read_cryoppp_folder']
 
 # %% ../../nbs/20a_cryoem_io.ipynb #c005
 def _load_pixels(path: Path) -> tuple[np.ndarray, float | None]:
@@ -198,3 +200,63 @@ def fourier_resample(image: np.ndarray, # 2-D image
     if image.ndim != 2: raise ValueError(f"image must be 2-D, got shape {image.shape}")
     if len(shape) != 2 or min(shape) < 1: raise ValueError(f"shape must be two positive sizes, got {shape}")
     return signal.resample(signal.resample(image, int(shape[0]), axis=0), int(shape[1]), axis=1)
+
+# %% ../../nbs/20a_cryoem_io.ipynb #c031
+def to_model_grid(image: np.ndarray, # 2-D micrograph
+                  pixel_size_a: float, # its pixel size, Å
+                  model_pixel_size_a: float, # the pixel size the model was trained at, Å
+                 ) -> tuple[np.ndarray, np.ndarray, float]: # (working image, scale (x, y), offset): original = working * scale + offset
+    "The micrograph at the model's pixel size, and the map from working back to original pixel coordinates."
+    if not pixel_size_a > 0 or not model_pixel_size_a > 0:
+        raise ValueError(f"pixel_size_a and model_pixel_size_a must be positive, got {pixel_size_a} and {model_pixel_size_a}")
+    image = np.asarray(image, dtype=np.float64)
+    ratio = model_pixel_size_a / pixel_size_a
+    factor = round(ratio)
+    if factor >= 1 and abs(ratio - factor) <= 1e-3 * ratio:
+        return bin_image(image, factor), np.array([factor, factor], float), (factor - 1) / 2
+    rows, cols = image.shape
+    shape = (max(1, round(rows / ratio)), max(1, round(cols / ratio)))
+    return fourier_resample(image, shape), np.array([cols / shape[1], rows / shape[0]]), 0.0
+
+# %% ../../nbs/20a_cryoem_io.ipynb #da478340
+def write_cryoppp_folder(micrographs: Sequence[Micrograph], # with centres (x = column, y = row) and diameters_px
+                         folder: str | Path, # the data set's folder, e.g. .../10017
+                         pixel_size_a: float, # written to the MRC headers
+                        ) -> Path:
+    "Micrographs in CryoPPP's layout: one MRC each and a CSV of its particles in the JPG frame (mirrored top to bottom), pixels."
+    folder = Path(folder)
+    (folder / "micrographs").mkdir(parents=True, exist_ok=True); (folder / "ground_truth" / "particle_coordinates").mkdir(parents=True, exist_ok=True)
+    for k, m in enumerate(micrographs):
+        name = f"micrograph_{k:04d}"
+        write_mrc(folder / "micrographs" / f"{name}.mrc", m.image, pixel_size_a)
+        xy = np.asarray(m.centres, float).reshape(-1, 2)
+        table = pd.DataFrame({"X-Coordinate": xy[:, 0], "Y-Coordinate": m.image.shape[0] - 1 - xy[:, 1], "Diameter": np.asarray(m.diameters_px, float)})
+        atomic_write_text(folder / "ground_truth" / "particle_coordinates" / f"{name}.csv", table.to_csv(index=False))
+    return folder
+
+def read_cryoppp_folder(folder: str | Path, # one EMPIAR data set in CryoPPP's layout
+                        pixel_size_a: float, # the micrographs' pixel size, Å (a parameter: headers are not always right)
+                        diameter_a: float, # the nominal (smallest) particle diameter, Å: the picker's scale
+                        working_pixel_a: float, # the pixel size to train and pick at, Å (binned or resampled to it)
+                       ) -> list[Micrograph]:
+    "Every micrograph of a CryoPPP folder (sorted by name) with its particles, at the working pixel size; clear errors for a missing or odd layout."
+    folder = Path(folder)
+    if not folder.is_dir(): raise FileNotFoundError(f"CryoPPP folder {folder} does not exist")
+    if not pixel_size_a > 0 or not diameter_a > 0: raise ValueError(f"pixel_size_a and diameter_a must be positive, got {pixel_size_a} and {diameter_a}")
+    paths = sorted((folder / "micrographs").glob("*.mrc"))
+    if not paths: raise ValueError(f"CryoPPP folder {folder} has no micrographs/*.mrc")
+    out = []
+    for path in paths:
+        coordinates = folder / "ground_truth" / "particle_coordinates" / f"{path.stem}.csv"
+        if not coordinates.is_file(): raise FileNotFoundError(f"micrograph {path.name} has no coordinates: {coordinates} does not exist")
+        image, _ = read_micrograph(path)
+        picks = flip_y(read_coordinates(coordinates, image.shape), image.shape[0])   # JPG frame -> MRC frame
+        work, scale, offset = to_model_grid(image, pixel_size_a, working_pixel_a)
+        std = work.std()
+        if std == 0: raise ValueError(f"micrograph {path} is constant")
+        centres = (picks[["x", "y"]].to_numpy() - offset) / scale
+        out.append(Micrograph(((work - work.mean()) / std).astype(np.float32), centres, diameter_a / working_pixel_a,
+                              {"pixel_size_a": working_pixel_a, "source": path.name}, picks.diameter.to_numpy() / scale.mean()))
+    shapes = {m.image.shape for m in out}
+    if len(shapes) > 1: raise ValueError(f"CryoPPP folder {folder}: micrographs of several shapes {sorted(shapes)}; one data set has one detector size")
+    return out

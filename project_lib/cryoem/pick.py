@@ -11,30 +11,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .io import bin_image, fourier_resample, read_micrograph, write_picks
+from .io import read_micrograph, to_model_grid, write_picks
 from .metrics import extract_picks
 from .train import TrainConfig, load_checkpoint, probabilities
 from ..engine import load_checkpoint_state
 
 # %% auto #0
-__all__ = ['to_model_grid', 'predict_probability', 'load_picker', 'pick_micrograph_file']
-
-# %% ../../nbs/26_cryoem_pick.ipynb #c005
-def to_model_grid(image: np.ndarray, # 2-D micrograph
-                  pixel_size_a: float, # its pixel size, Å
-                  model_pixel_size_a: float, # the pixel size the model was trained at, Å
-                 ) -> tuple[np.ndarray, np.ndarray, float]: # (working image, scale (x, y), offset): original = working * scale + offset
-    "The micrograph at the model's pixel size, and the map from working back to original pixel coordinates."
-    if not pixel_size_a > 0 or not model_pixel_size_a > 0:
-        raise ValueError(f"pixel_size_a and model_pixel_size_a must be positive, got {pixel_size_a} and {model_pixel_size_a}")
-    image = np.asarray(image, dtype=np.float64)
-    ratio = model_pixel_size_a / pixel_size_a
-    factor = round(ratio)
-    if factor >= 1 and abs(ratio - factor) <= 1e-3 * ratio:
-        return bin_image(image, factor), np.array([factor, factor], float), (factor - 1) / 2
-    rows, cols = image.shape
-    shape = (max(1, round(rows / ratio)), max(1, round(cols / ratio)))
-    return fourier_resample(image, shape), np.array([cols / shape[1], rows / shape[0]]), 0.0
+__all__ = ['predict_probability', 'load_picker', 'pick_micrograph_file']
 
 # %% ../../nbs/26_cryoem_pick.ipynb #c009
 def predict_probability(model: nn.Module, # maps (1, 1, H, W) to logits of the same shape

@@ -11,16 +11,17 @@ from pathlib import Path
 import torch
 
 from .. import engine
-from ..core import load_study_params, output_dir, select_device
+from ..core import load_study_params, output_dir, project_root, select_device
 from ..engine import Executor, TrainingUnit, code_hash, distributed, finished_record, run_units
 from . import data as cryoem_data, metrics as cryoem_metrics, models as cryoem_models, train as cryoem_train
 from .data import Micrograph, MicrographConfig
+from .io import read_cryoppp_folder
 from .train import SimulatedMicrographs, TrainConfig, data_hash, make_split, run_record, train, write_manifest
 
 # %% auto #0
 __all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition',
-           'training_cache', 'train_unit', 'condition_units', 'study_units', 'write_split', 'remove_stale',
-           'train_study', 'train_one', 'main']
+           'cryoppp_condition', 'training_cache', 'train_unit', 'condition_units', 'study_units', 'write_split',
+           'remove_stale', 'train_study', 'train_one', 'main']
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce11
 _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
@@ -76,6 +77,8 @@ class CryoEMStudyParams:
     coverage_simulations: int # simulated data sets for the interval coverage check
     template_orientations: int # projections per particle type in the template bank
     n_jobs: int # parallel training runs on CPU
+    data: str = "simulated" # "simulated", or "cryoppp": one real data set in CryoPPP's layout (settings in `cryoppp`) as the only condition
+    cryoppp: dict = dataclasses.field(default_factory=dict) # folder (absolute, or relative to the project), pixel_size_a and diameter_a (Å) of its micrographs
 
     def __post_init__(self):
         if self.reference_condition not in self.conditions: raise ValueError(f"reference_condition {self.reference_condition!r} must be one of conditions {list(self.conditions)}")
@@ -87,6 +90,12 @@ class CryoEMStudyParams:
         if self.n_alt_sets < 2: raise ValueError(f"n_alt_sets must be >= 2 (the replay assigns two different sets), got {self.n_alt_sets}")
         self.train_config("unet", 0)   # TrainConfig checks the training fields (val_every, val_subset, ...)
         if self.val_subset > self.n_val: raise ValueError(f"val_subset ({self.val_subset}) must not exceed n_val ({self.n_val}): training validates on the first val_subset validation micrographs")
+        if self.data not in ("simulated", "cryoppp"): raise ValueError(f"data must be 'simulated' or 'cryoppp', got {self.data!r}")
+        if self.data == "cryoppp":
+            keys = {"folder", "pixel_size_a", "diameter_a"}
+            if set(self.cryoppp) != keys: raise ValueError(f"data 'cryoppp' needs cryoppp with exactly the keys {sorted(keys)}, got {sorted(self.cryoppp)}")
+            if not all(isinstance(self.cryoppp[k], (int, float)) and not isinstance(self.cryoppp[k], bool) and self.cryoppp[k] > 0 for k in ("pixel_size_a", "diameter_a")):
+                raise ValueError(f"cryoppp pixel_size_a and diameter_a must be positive numbers (Å), got {self.cryoppp['pixel_size_a']!r} and {self.cryoppp['diameter_a']!r}")
 
     def micrograph_config(self, condition: str | None = None) -> MicrographConfig:
         "The simulator's configuration of one condition (default: the reference condition): the default micrograph with the condition's changes."
@@ -133,10 +142,10 @@ class ConditionData:
 
     def training_set(self, seed: int) -> SimulatedMicrographs:
         """The micrographs seed `seed` trains on: seed 0 the split's training set, seed s > 0 a fresh draw of as many micrographs from
-        the same stream (the ids after the split's), so that the spread over seeds includes the training set's draw."""
+        the same stream (the ids after the split's), so that the spread over seeds includes the training set's draw; real data have one."""
         train = self.sets["train"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if seed == 0: return train
+        if seed == 0 or not isinstance(train, SimulatedMicrographs): return train   # real micrographs: one training set for every seed
         start = sum(len(v) for v in self.split.values()) + (seed - 1) * len(train)
         return SimulatedMicrographs(train.cfg, train.seed, range(start, start + len(train)))
 
@@ -151,6 +160,19 @@ def simulate_condition(name: str, cfg: MicrographConfig, p, # study parameters (
     alt_sets = {f"alt{k}": alt[k * p.n_alt_val:(k + 1) * p.n_alt_val] for k in range(p.n_alt_sets)} if replay else {}
     evaluated = micrographs.subset(sorted(split["val"] + split["test"]))   # training sets are identified by their recipe (no pass over them)
     return ConditionData(name, cfg, sets, alt_sets, split, evaluated.data_hash(sets["val"], sets["test"]))
+
+def cryoppp_condition(p) -> ConditionData:
+    """The one condition of `data: cryoppp`: the folder's micrographs (sorted by name, the first n_train + n_val + n_test) at the
+    working pixel size, split as simulated ones; no replay sets. Its configuration carries the working pixel size and the micrographs' size."""
+    folder = Path(p.cryoppp["folder"])
+    folder = folder if folder.is_absolute() else project_root() / folder
+    mics = read_cryoppp_folder(folder, p.cryoppp["pixel_size_a"], p.cryoppp["diameter_a"], p.pixel_size_a)
+    n_total = p.n_train + p.n_val + p.n_test
+    if len(mics) < n_total: raise ValueError(f"CryoPPP folder {folder} holds {len(mics)} micrographs; n_train + n_val + n_test = {n_total}")
+    split = make_split(n_total, (p.n_train / n_total, p.n_val / n_total, p.n_test / n_total), p.split_seed)
+    sets = {k: [mics[i] for i in split[k]] for k in ("train", "val", "test")}
+    cfg = dataclasses.replace(p.micrograph_config(), size_px=mics[0].image.shape[0])
+    return ConditionData(folder.name, cfg, sets, {}, split, data_hash(sets["val"] + sets["test"]))
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce31
 TRAINING_CODE = (cryoem_train, cryoem_models, cryoem_data, cryoem_metrics, engine) # the modules a unit's training runs (the picker selects its best epoch): a change retrains
@@ -174,16 +196,21 @@ def condition_units(d: ConditionData, p) -> list[TrainingUnit]:
     units = []
     for seed in p.seeds:
         train_set = d.training_set(seed)
+        recipe = train_set.recipe_hash() if isinstance(train_set, SimulatedMicrographs) else data_hash(train_set)   # real micrographs: their content
         for model in ARMS:
             config = p.train_config(model, seed)
-            units.append(TrainingUnit(f"{d.folder}/{model}-s{seed}", {"config": dataclasses.asdict(config), "train_recipe": train_set.recipe_hash(), **hashes},
+            units.append(TrainingUnit(f"{d.folder}/{model}-s{seed}", {"config": dataclasses.asdict(config), "train_recipe": recipe, **hashes},
                                       train_unit, {"config": config, "train_set": train_set, "val_set": d.sets["val"], "extra_eval": d.alt_sets or None}))
     return units
 
 def study_units(p, # study parameters (`CryoEMStudyParams`)
                 folders: list[str] | None = None, # only these conditions (folder names); default: all
                ) -> dict[str, tuple[ConditionData, list[TrainingUnit]]]:
-    "{condition: (its micrographs, its units)}, in the order of the parameters; the replay runs in the reference condition."
+    "{condition: (its micrographs, its units)}, in the order of the parameters; the replay runs in the reference condition. `data: cryoppp`: its one condition."
+    if p.data == "cryoppp":
+        d = cryoppp_condition(p)
+        if folders is not None and set(folders) != {d.folder}: raise ValueError(f"folders {sorted(folders)} are not the CryoPPP condition {d.folder!r}")
+        return {d.name: (d, condition_units(d, p))}
     known = [condition_folder(n) for n in p.conditions]
     unknown = sorted(set(folders or []) - set(known))
     if unknown: raise ValueError(f"folders {unknown} are not conditions of these parameters; conditions: {known}")

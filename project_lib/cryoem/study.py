@@ -17,17 +17,18 @@ from joblib import Parallel, delayed
 from ..engine import load_units
 from .compare import MDE_FACTOR, difference_draws, flawed_gap_distribution, flawed_protocol, paired_summary, picker_summary, verdict
 from .baselines import ideal_observer_f1, image_key, micrograph_ctf, oracle_probability_map, simulation_internals, template_match_map
+from .metrics import particle_pr_curve
 from .data import Micrograph, MicrographConfig, edge_particles, intensity_statistics, log_spectrum_distance, power_ratio, radial_power_spectrum
-from .io import read_micrograph
-from .pick import pick_micrograph_file, to_model_grid
+from .io import read_micrograph, to_model_grid
+from .pick import pick_micrograph_file
 from .stage import ARMS, ConditionData, CryoEMStudyParams, study_units   # ARMS, CryoEMStudyParams: the study's names too
-from .train import (PREDICT_BATCH, RunResult, TrainConfig, _truth, cache_micrographs, check_comparable, choose_thresholds, load_best,
+from .train import (PREDICT_BATCH, RunResult, SimulatedMicrographs, TrainConfig, _truth, cache_micrographs, check_comparable, choose_thresholds, load_best,
                                       predict_maps, run_from_record, score_micrograph, train, write_manifest)
 
 # %% auto #0
 __all__ = ['BASELINES', 'SEED_CLAIM', 'train_arms', 'ConditionRun', 'picker_maps', 'score_condition', 'evaluate_study',
            'condition_table', 'plot_difficulty', 'realism_at_training_pixel', 'pick_real_micrographs',
-           'replay_original_protocol', 'condition_words', 'answer_lines']
+           'pr_curve_over_seeds', 'replay_original_protocol', 'condition_words', 'answer_lines']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
 def _train_one(config: TrainConfig, train_set, val_set, out_dir: Path, device: str, extra_eval, cache_dir: Path, threads: int):
@@ -72,14 +73,18 @@ class ConditionRun:
     ceiling: dict # the ideal observer on the test set (`ideal_observer_f1`): the F1 the noise allows
 
 def picker_maps(d: ConditionData, runs: dict[tuple[str, int], RunResult], templates: list[np.ndarray],
-                holes: dict[str, np.ndarray], # {`image_key`: the micrograph's clear hole mask}: template matching picks in the holes only
+                holes: dict[str, np.ndarray] | None, # {`image_key`: the micrograph's clear hole mask}: template matching picks in the holes only; None: everywhere
                 device: str = "cpu") -> dict[tuple[str, int], Callable[[Sequence[Micrograph]], Iterator[np.ndarray]]]:
     """Every picker of a condition as a function from micrographs to their score maps, made one by one: each run's best checkpoint,
     template matching (templates through the micrograph's CTF and the detector's MTF, carbon masked), the oracle."""
     cfg = d.config
     makers = {key: functools.partial(predict_maps, load_best(r, device), device=device) for key, r in runs.items()}
-    makers[("template_matching", 0)] = lambda mics: (template_match_map(m.image, templates, micrograph_ctf(m, cfg), cfg.pixel_size_a, cfg.detector_pixel_a,
-                                                                        holes[image_key(m.image)]) for m in mics)
+    dark = [-np.asarray(stack) for stack in templates]   # a real micrograph's CTF is not known here: projections as dark as defocused particles
+    def matched(m):
+        known = "defocus_u_um" in m.metadata
+        return template_match_map(m.image, templates if known else dark, micrograph_ctf(m, cfg) if known else None, cfg.pixel_size_a,
+                                  cfg.detector_pixel_a, holes[image_key(m.image)] if holes is not None else None)
+    makers[("template_matching", 0)] = lambda mics: (matched(m) for m in mics)
     makers[("oracle", 0)] = lambda mics: (oracle_probability_map(m) for m in mics)
     return makers
 
@@ -95,23 +100,25 @@ def score_condition(d: ConditionData, # the condition's micrographs (`cryoem.sta
     for s in seeds: check_comparable([runs[(ARMS[0], s)]], [runs[(ARMS[1], s)]])   # a seed's arms: one training draw, validation set and budget
     shared = {(r.val_hash, r.budget_hash) for r in runs.values()}
     if len(shared) != 1: raise ValueError(f"refusing to compare: the seeds' runs differ in validation micrographs or budget {sorted(shared)}")
-    holes = {image_key(m.image): clear for m, *_, clear in simulation_internals(d.sets["val"])}
-    def remember_holes(internals):
-        for item in internals:
-            holes[image_key(item[0].image)] = item[3]; yield item
-    ceiling = ideal_observer_f1(remember_holes(simulation_internals(d.sets["test"])))   # one pass: the ceiling and the test set's holes
+    holes, ceiling = None, {}   # real micrographs: no hole mask, no ideal observer
+    if isinstance(d.sets["test"], SimulatedMicrographs):
+        holes = {image_key(m.image): clear for m, *_, clear in simulation_internals(d.sets["val"])}
+        def remember_holes(internals):
+            for item in internals:
+                holes[image_key(item[0].image)] = item[3]; yield item
+        ceiling = ideal_observer_f1(remember_holes(simulation_internals(d.sets["test"])))   # one pass: the ceiling and the test set's holes
     makers, val, test = picker_maps(d, runs, templates, holes, device), list(d.sets["val"]), d.sets["test"]
     thresholds = {key: choose_thresholds(np.stack(list(maps(val))), val) for key, maps in makers.items()}
-    rows, picks, truth, total = {k: [] for k in makers}, {k: [] for k in makers}, [], dict.fromkeys(makers, 0.0)
+    rows, picks, truth, total, truth_shapes = {k: [] for k in makers}, {k: [] for k in makers}, [], dict.fromkeys(makers, 0.0), []
     for start in range(0, len(test), PREDICT_BATCH):   # the test set streamed once, in `predict`'s batches (the same maps)
         batch = list(test[start:start + PREDICT_BATCH])
-        truth += [_truth(m, start + j) for j, m in enumerate(batch)]
+        truth += [_truth(m, start + j) for j, m in enumerate(batch)]; truth_shapes += [m.image.shape for m in batch]
         for key, maps in makers.items():
             for j, (prob, m) in enumerate(zip(maps(batch), batch, strict=True)):
                 row, pk = score_micrograph(prob, m, start + j, thresholds[key])
                 rows[key].append(row); picks[key].append(pk); total[key] += float(np.sum(prob, dtype=np.float64))
     per_mic = pd.concat([pd.DataFrame(rows[k]).assign(condition=d.name, model=k[0], seed=k[1]) for k in makers], ignore_index=True)
-    pixels = len(test) * d.config.size_px ** 2
+    pixels = sum(int(np.prod(shape)) for shape in truth_shapes)
     return ConditionRun(d.name, d.config, d.sets, d.alt_sets, split_hash, runs, per_mic, {k: t[0] for k, t in thresholds.items()},
                         {k: pd.concat(v) for k, v in picks.items()}, pd.concat(truth), {k: t / pixels for k, t in total.items()}, ceiling)
 
@@ -229,6 +236,14 @@ def pick_real_micrographs(paths: Sequence[str | Path], # real micrographs (.mrc,
             panels.append((image, picks, f"{path.stem}, {name}: {len(picks)} picks", diameter_px))
     return pd.DataFrame(rows), panels
 
+def pr_curve_over_seeds(run: ConditionRun, picker: str) -> pd.DataFrame:
+    "One picker's particle precision-recall curve on a condition's test set, its seeds pooled: each seed's picks matched to the same true particles."
+    keyed = lambda table, seed: table.assign(image=[f"{seed}/{i}" for i in table.image])   # (seed, micrograph): one image of the pooled curve
+    seeds = [s for m, s in run.test_picks if m == picker]
+    if not seeds: raise ValueError(f"picker {picker!r} has no picks in condition {run.name!r}; pickers: {sorted({m for m, _ in run.test_picks})}")
+    return particle_pr_curve(pd.concat([keyed(run.test_picks[(picker, s)], s) for s in seeds]),
+                             pd.concat([keyed(run.test_truth, s) for s in seeds]), 0.0)
+
 def replay_original_protocol(histories: pd.DataFrame, # the reference condition's training histories (with the alternative sets' columns)
                              alt_sets: list[str], # names of the alternative validation sets
                              arms: tuple[str, str], n_assignments: int = 2000, seed: int = 0,
@@ -262,11 +277,13 @@ def answer_lines(metrics: dict, # what the evaluation stage writes to metrics.js
                 ) -> list[str]:
     "The report's answer, one markdown bullet per finding, built only from `metrics`."
     m, margin, conds = metrics, metrics["equivalence_margin"], metrics["conditions"]
-    lines = [f"- **{name}** (dose {c['dose']:g} e⁻/Å², median particle SNR {c['median_particle_snr']:.3g}; {c['edge_share']:.0%} of test particles cut "
+    about = lambda c: f"dose {c['dose']:g} e⁻/Å², median particle SNR {c['median_particle_snr']:.3g}; " if "dose" in c else ""   # simulated data only
+    ceiling = lambda c: f"; the ideal observer (the ceiling the noise allows) {c['f1_ideal_observer']:.3f}" if "f1_ideal_observer" in c else ""
+    lines = [f"- **{name}** ({about(c)}{c['edge_share']:.0%} of test particles cut "
              f"by the border, particle mask covering {c['coverage']:.0%} of the area): particle F1 U-Net {_ci(c, 'f1_unet')}, Attention U-Net "
              f"{_ci(c, 'f1_attention_unet')}; attention − standard {_ci(c, 'f1_difference', '+')} (90%: [{c['f1_difference_low90']:+.3f}, "
-             f"{c['f1_difference_high90']:+.3f}]): **{condition_words(c, margin)}**. Template matching F1 {c['f1_template_matching']:.3f}; the "
-             f"ideal observer (the ceiling the noise allows) {c['f1_ideal_observer']:.3f}; the true mask through the picker {c['f1_oracle']:.3f}."
+             f"{c['f1_difference_high90']:+.3f}]): **{condition_words(c, margin)}**. Template matching F1 {c['f1_template_matching']:.3f}"
+             f"{ceiling(c)}; the true mask through the picker {c['f1_oracle']:.3f}."
              for name, c in conds.items()]
     pooled = m["pooled"]
     words = ("a difference" if pooled["shows_difference"] else f"equivalent within ±{margin:g}" if pooled["shows_equivalence"]
@@ -292,7 +309,7 @@ def answer_lines(metrics: dict, # what the evaluation stage writes to metrics.js
         lines.append("- **Realism at the training pixel size** (each real micrograph against the simulated test micrographs): " + "; ".join(
             f"{name}: matches {sum(v.values())} of {len(v)} measures" + (f" (not {', '.join(k for k, ok in v.items() if not ok)})" if not all(v.values()) else "")
             for name, v in m["realism"].items()) + ".")
-    lines.append(f"- **The original protocol** on the same runs reports a pixel-F1 gap between {m['original_protocol_gap_min']:+.3f} and "
+    if "original_protocol_gap_min" in m: lines.append(f"- **The original protocol** on the same runs reports a pixel-F1 gap between {m['original_protocol_gap_min']:+.3f} and "
                  f"{m['original_protocol_gap_max']:+.3f} depending only on which validation set each arm is scored on (positive in "
                  f"{m['original_protocol_gap_positive']:.0%} of assignments); its thresholded \"AUC\" is not a ROC-AUC.")
     cv = m["convergence"]
