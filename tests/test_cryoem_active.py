@@ -273,3 +273,30 @@ def test_bad_validation_settings_are_refused():
         ALStudyParams(**{**_tiny(), "training": {**_tiny()["training"], "val_every": 0}})
     with pytest.raises(ValueError, match=r"val_subset \(4\) must not exceed n_val \(3\)"):
         ALStudyParams(**{**_tiny(), "training": {**_tiny()["training"], "val_subset": 4}})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [-1]}, "seeds must be >= 0"),
+    ({"strategies": ["random"]}, "at least one strategy to compare"),
+    ({"targets": []}, r"targets = \[\] is not a valid list"),
+    ({"bootstrap_resamples": 0}, "bootstrap_resamples must be >= 100"),
+    ({"replay_lr": -1.0}, "replay_lr > 0"),
+    ({"n_test": 1}, "n_test >= 2"),
+    ({"acquisition": {"mc_samples": "8"}}, "mc_samples must be an integer"),
+    ({"pool_size": 80.5}, "pool_size = 80.5 is not a valid int"),
+])
+def test_bad_study_settings_of_the_third_review_are_refused_when_read(change, message, tmp_path):
+    params = {**_tiny(), **change}
+    Path(tmp_path / "params.yaml").write_text(yaml.safe_dump({"cryoem_al": {"tiny": params}}))
+    with pytest.raises(ValueError, match=message):
+        load_study_params("cryoem_al", ALStudyParams, "tiny", tmp_path / "params.yaml")
+
+
+def test_k_center_greedy_refuses_repeated_candidates_and_broken_embeddings():
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(ValueError, match="candidates must not repeat"):
+        k_center_greedy(x, [0], [1, 2, 2, 3], 2)
+    x[4] = np.nan                                                   # an all-NaN micrograph's embedding
+    with pytest.raises(ValueError, match=r"embeddings of micrographs \[4\] are not finite"):
+        k_center_greedy(x, [0], [1, 2, 3, 4], 2)
+    assert sorted(k_center_greedy(x, [0], [1, 2, 3], 3)) == [1, 2, 3]   # the others still work

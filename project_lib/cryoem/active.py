@@ -4,7 +4,7 @@
 
 # %% ../../nbs/28_cryoem_active.ipynb #c002
 from __future__ import annotations
-import dataclasses, time
+import dataclasses, numbers, time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -98,6 +98,10 @@ class AcquisitionSettings:
     batch_size: int = 8 # micrographs per forward pass
 
     def __post_init__(self):
+        for name in ("mc_samples", "hybrid_factor", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral): raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(self.top_fraction, bool) or not isinstance(self.top_fraction, numbers.Real): raise ValueError(f"top_fraction must be a number, got {self.top_fraction!r}")
         if self.aggregation not in AGGREGATIONS: raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not 0 < self.top_fraction <= 1: raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.mc_samples < 2: raise ValueError(f"mc_samples must be >= 2, got {self.mc_samples}")
@@ -134,7 +138,10 @@ def k_center_greedy(embeddings: np.ndarray, # (N, C) every pool micrograph
     "Core-set k-center greedy: k candidates, each the farthest from everything labelled or chosen before it."
     x = np.asarray(embeddings, np.float64)
     candidates, centres = np.asarray(candidates, int), np.asarray(centres, int)
+    if len(np.unique(candidates)) != len(candidates): raise ValueError(f"candidates must not repeat (a repeated id would be chosen twice), got {candidates.tolist()}")
     if not 1 <= k <= len(candidates): raise ValueError(f"k must be in [1, {len(candidates)}] (the number of candidates), got {k}")
+    bad = [int(i) for i in np.concatenate([candidates, centres]) if not np.isfinite(x[i]).all()]
+    if bad: raise ValueError(f"embeddings of micrographs {sorted(set(bad))} are not finite (NaN or Inf: a broken micrograph?); they cannot be placed by distance")
     xc = x[candidates]                      # one copy; squared distances by |a|² + |b|² - 2 a·b, one matrix product per block
     sq = np.einsum("ij,ij->i", xc, xc)
     nearest = np.full(len(candidates), np.inf)
