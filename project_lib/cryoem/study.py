@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from joblib import Parallel, delayed
 
-from ..engine import load_units
+from ..engine import load_checkpoint_state, load_units
 from .compare import MDE_FACTOR, difference_draws, flawed_gap_distribution, flawed_protocol, paired_summary, picker_summary, verdict
 from .baselines import ideal_observer_f1, image_key, micrograph_ctf, oracle_probability_map, simulation_internals, template_match_map
 from .metrics import particle_pr_curve
@@ -109,16 +109,15 @@ def score_condition(d: ConditionData, # the condition's micrographs (`cryoem.sta
         ceiling = ideal_observer_f1(remember_holes(simulation_internals(d.sets["test"])))   # one pass: the ceiling and the test set's holes
     makers, val, test = picker_maps(d, runs, templates, holes, device), list(d.sets["val"]), d.sets["test"]
     thresholds = {key: choose_thresholds(np.stack(list(maps(val))), val) for key, maps in makers.items()}
-    rows, picks, truth, total, truth_shapes = {k: [] for k in makers}, {k: [] for k in makers}, [], dict.fromkeys(makers, 0.0), []
+    rows, picks, truth, total, pixels = {k: [] for k in makers}, {k: [] for k in makers}, [], dict.fromkeys(makers, 0.0), 0
     for start in range(0, len(test), PREDICT_BATCH):   # the test set streamed once, in `predict`'s batches (the same maps)
         batch = list(test[start:start + PREDICT_BATCH])
-        truth += [_truth(m, start + j) for j, m in enumerate(batch)]; truth_shapes += [m.image.shape for m in batch]
+        truth += [_truth(m, start + j) for j, m in enumerate(batch)]; pixels += sum(m.image.size for m in batch)
         for key, maps in makers.items():
             for j, (prob, m) in enumerate(zip(maps(batch), batch, strict=True)):
                 row, pk = score_micrograph(prob, m, start + j, thresholds[key])
                 rows[key].append(row); picks[key].append(pk); total[key] += float(np.sum(prob, dtype=np.float64))
     per_mic = pd.concat([pd.DataFrame(rows[k]).assign(condition=d.name, model=k[0], seed=k[1]) for k in makers], ignore_index=True)
-    pixels = sum(int(np.prod(shape)) for shape in truth_shapes)
     return ConditionRun(d.name, d.config, d.sets, d.alt_sets, split_hash, runs, per_mic, {k: t[0] for k, t in thresholds.items()},
                         {k: pd.concat(v) for k, v in picks.items()}, pd.concat(truth), {k: t / pixels for k, t in total.items()}, ceiling)
 
@@ -232,7 +231,7 @@ def pick_real_micrographs(paths: Sequence[str | Path], # real micrographs (.mrc,
                 rows.append({**row, "picks": float("nan"), "picks per µm²": float("nan"), "mean probability": float("nan"), "refused": str(refusal)})
                 continue
             rows.append({**row, "picks": len(picks), "picks per µm²": len(picks) / area_um2, "mean probability": float(prob.mean()), "refused": ""})
-            diameter_px = torch.load(checkpoint, map_location="cpu", weights_only=False)["picking"]["diameter_a"] / pixel
+            diameter_px = load_checkpoint_state(checkpoint)["picking"]["diameter_a"] / pixel   # tensors, numbers and strings only
             panels.append((image, picks, f"{path.stem}, {name}: {len(picks)} picks", diameter_px))
     return pd.DataFrame(rows), panels
 
