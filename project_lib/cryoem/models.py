@@ -36,7 +36,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 1,
                  width: float = 1.0, # channel multiplier: 1.0 gives 64-128-256-512 / 1024
                  attention: bool = False,
-                 dropout: float = 0.0, # Dropout2d on the bottleneck output (MC dropout for BALD); 0 adds no layer
+                 dropout: float = 0.0, # element-wise Dropout before the head, after every skip (MC dropout for BALD); 0 adds no layer
                 ):
         super().__init__()
         if width <= 0: raise ValueError(f"width must be positive, got {width}")
@@ -53,7 +53,7 @@ class UNet(nn.Module):
             self.gates.append(AttentionGate(c, c, max(1, c // 2)) if attention else nn.Identity())
             self.decoder.append(conv_block(2 * c, c)); prev = c
         self.head = nn.Conv2d(prev, out_channels, 1)
-        self.bottleneck_dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.attention = attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +63,13 @@ class UNet(nn.Module):
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else self.pool(x))
             skips.append(x)
-        x = self.bottleneck_dropout(skips.pop())
+        x = skips.pop()
         for up, gate, block in zip(self.up, self.gates, self.decoder):
             x = up(x)
             skip = skips.pop()
             skip = gate(x, skip) if self.attention else skip
             x = block(torch.cat([skip, x], dim=1))
-        return self.head(x)
+        return self.head(self.head_dropout(x))
 
     def attention_maps(self) -> list[torch.Tensor]:
         "The attention maps of the last forward pass, deepest first (empty without attention)."

@@ -223,7 +223,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     augment: bool = True
     lr_schedule: str = "constant" # "constant" or "cosine" (annealed to 0 over `epochs`: the last epochs settle)
-    dropout: float = 0.0 # Dropout2d on the bottleneck (MC dropout); 0 = none, the comparison's network
+    dropout: float = 0.0 # element-wise Dropout before the head (MC dropout); 0 = none, the comparison's network
     crop_px: int = 0 # 0: train on whole micrographs; n > 0: on random n x n crops (a multiple of 16; cheaper steps, evaluation stays whole)
     samples_per_epoch: int = 0 # 0: an epoch is one pass over the training set; n > 0: n samples whatever the set's size (a budget fixed in steps)
     val_every: int = 1 # validate after every k-th epoch (and the last); only validated epochs can be the best
