@@ -334,6 +334,7 @@ class ALEvaluationCosts:
     startup_s: float # a kernel started and the notebook's imports run
     read_s: float # reading one stored micrograph with its mask (the sets are hashed once, the pool read again by every scan)
     scan_s: float # one pool micrograph in the collapse replay's two `scan_pool` passes: two predictions, the pixel scores under both aggregations
+    predict_s: float # one prediction of a whole micrograph (BALD's stability check makes mc_samples of them per micrograph, twice)
     figures_s: float # the notebook's figures
 
 def al_evaluation_costs(p, read_s: float, predict_s: float, # a stored micrograph's read and a whole micrograph's prediction, timed before
@@ -346,23 +347,24 @@ def al_evaluation_costs(p, read_s: float, predict_s: float, # a stored micrograp
     prob = np.random.default_rng(0).uniform(size=(settings.batch_size, size, size)).astype(np.float32)   # a batch of probability maps
     scores_s = sum(time_call(lambda how=how: [aggregate(score(prob), how, settings.top_fraction) for score in PIXEL_SCORES.values()], 1)
                    for how in ("mean", "top_k")) / settings.batch_size
-    return ALEvaluationCosts(startup_s("cryoem_al"), read_s, 2 * predict_s + scores_s, figures_s("cryoem_al"))
+    return ALEvaluationCosts(startup_s("cryoem_al"), read_s, 2 * predict_s + scores_s, predict_s, figures_s("cryoem_al"))
 
 def al_evaluation_parts(p, e: ALEvaluationCosts) -> dict[str, float]:
     "evaluate_cryoem_al's seconds by part: the counts of `p` (an `ALStudyParams`) times the unit costs `e` (its tables and bootstraps, well under a second, not counted)."
     return {"start-up": e.startup_s, "reading the store": (p.pool_size + p.n_val + p.n_test) * e.read_s,
             "collapse replay": len(p.seeds) * p.pool_size * (e.scan_s + 2 * e.read_s),   # per seed, its round-0 network scans the pool twice
+            "BALD stability": min(3, len(p.seeds)) * 2 * p.pool_size * ((p.settings().mc_samples + 1) * e.predict_s + e.read_s),   # 3 seeds, two mask seeds
             "figures": e.figures_s}
 
 def al_checkpoints_gb(p, n_params: int, workers: int) -> float:
-    """Peak disk of train_cryoem_al's checkpoints (`p` an `ALStudyParams`): a chain or replay keeps its last round only; round 0 and the replay
-    keep their last weights too (warm starts read them); each worker's unit holds its rounds until it finishes, and one training under way."""
-    finished = len(p.seeds) * ((1 + len(p.strategies)) * _checkpoint_gb(n_params) + 3 * _checkpoint_gb(n_params, last_weights=True))   # full pool, chains; round 0, 2 replays
-    in_flight = workers * ((len(p.replay_fractions) - 1) * _checkpoint_gb(n_params, last_weights=True) + _running_gb(n_params))   # the replay's rounds: the longest unit
+    """Peak disk of train_cryoem_al's checkpoints (`p` an `ALStudyParams`): every unit keeps one checkpoint (a chain or replay its last round's;
+    nothing warm-starts); each worker's unit holds the round it trains on top of its last kept one, and one training under way."""
+    finished = (len(p.seeds) * (2 + len(p.strategies)) + len(p.double_cap_seeds) + 2 * len(p.replay_seeds)) * _checkpoint_gb(n_params)   # round 0, full pool, chains; double cap; replays
+    in_flight = workers * (_checkpoint_gb(n_params, last_weights=True) + _running_gb(n_params))
     return finished + in_flight
 
 def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
-    "train_cryoem_al (every strategy x seed x round, the full-pool reference and the replay) and evaluate_cryoem_al of `profile`."
+    "train_cryoem_al (every strategy x seed x round, the full-pool reference, its double cap and the replay) and evaluate_cryoem_al of `profile`."
     from project_lib.cryoem.al import ALStudyParams
     from project_lib.cryoem.data import MicrographConfig, simulate_micrograph
     from project_lib.cryoem.train import PREDICT_BATCH, validated_epochs
@@ -377,8 +379,9 @@ def plan_cryoem_al(profile: str, device: str | None = None) -> list[StageCost]:
     stored = pickle.dumps(simulate_micrograph(cfg, np.random.default_rng(0)), protocol=5)   # one micrograph in the store (`simulate_sets(p, store)`)
     read_s = time_call(lambda: pickle.loads(stored).mask, 3)                               # read back, with its mask
     rounds, val_used, n_total = len(counts) - 1, config.val_subset or p.n_val, p.pool_size + p.n_val + p.n_test
-    trainings = len(p.seeds) * (2 + len(p.strategies) * rounds + 2 * (len(p.replay_fractions) - 1))   # round 0 + full pool, chains, replay (upper bound)
-    steps = math.ceil((config.samples_per_epoch or p.pool_size) / config.batch_size) * config.epochs
+    trainings = (len(p.seeds) * (2 + len(p.strategies) * rounds) + len(p.double_cap_seeds)   # round 0 + full pool, chains, the full pool at twice the cap
+                 + 2 * len(p.replay_seeds) * len(p.replay_fractions))                          # the replay's two arms (at the training's steps: an upper bound)
+    steps = math.ceil((config.samples_per_epoch or p.pool_size) / config.batch_size) * config.epochs   # every training to its cap: an upper bound (early stopping)
     mc, scanning = p.settings().mc_samples, [s for s in p.strategies if s != "random"]
     # every micrograph is simulated once into the store, then read: every acquisition scans the pool; every training reads its batches and its
     # validation micrographs, then scores validation, test and the rest of the pool

@@ -30,6 +30,11 @@ def _tiny():
     return {**params["cryoem_al"]["tiny"], **params["cryoem_al_analysis"]["tiny"]}
 
 
+def _tiny_params(seeds=(3,), **changes) -> ALStudyParams:
+    "The tiny profile on other seeds (the replay and the double cap follow them) with `changes`."
+    return ALStudyParams(**{**_tiny(), "seeds": list(seeds), "replay_seeds": list(seeds), "double_cap_seeds": list(seeds), **changes})
+
+
 @pytest.mark.parametrize("n_labelled", [1, 3])
 def test_k_center_greedy_matches_scikit_activeml(n_labelled):
     rng = np.random.default_rng(n_labelled)
@@ -157,7 +162,7 @@ def test_measure_sees_an_allocation_of_known_size():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy", "diversity", "bald"])
+    p = _tiny_params(strategies=["random", "entropy", "diversity", "bald", "particle_entropy"])
     root = tmp_path_factory.mktemp("a")
     return p, run_al_study(p, root), run_al_study(p, tmp_path_factory.mktemp("b")), root
 
@@ -185,7 +190,7 @@ def test_selected_batches_never_hold_validation_or_test_micrographs(tiny_runs):
 
 
 def test_evaluation_refuses_when_the_trainings_are_missing(tmp_path):
-    p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy"])
+    p = _tiny_params(strategies=["random", "entropy"])
     with pytest.raises(FileNotFoundError, match="not trained with this configuration.*run the training stage"):
         load_al_run(p, simulate_sets(p), tmp_path / "runs")
 
@@ -199,7 +204,8 @@ def test_finished_units_are_reused_and_changed_ones_retrained(tiny_runs, tmp_pat
     runs = shutil.copytree(root, tmp_path / "runs")
     sets = simulate_sets(p)
     first, then = al_units(p, sets, runs)
-    assert [u.key for u in first] == ["s3/round-0", "s3/full-pool"] and "s3/replay-warmstart" in [u.key for u in then]
+    assert [u.key for u in first] == ["s3/round-0", "s3/full-pool", "s3/full-pool-double-cap", "s3/replay-asrecorded", "s3/replay-control"]
+    assert [u.key for u in then] == [f"s3/{s}" for s in p.strategies]
     with monkeypatch.context() as m:                     # a second run of the training stage trains nothing
         m.setattr(al, "train", _no_training)
         records = train_al_units(p, sets, runs)
@@ -207,7 +213,7 @@ def test_finished_units_are_reused_and_changed_ones_retrained(tiny_runs, tmp_pat
     assert records["s3/entropy"]["rounds"][0]["selected"] == a.rounds.query("strategy == 'entropy' and round == 1").selected.iloc[0]
     # another acquisition setting changes the chains only: they are retrained, round 0, the full pool and the replay are reused
     changed = dataclasses.replace(p, acquisition={**p.acquisition, "mc_samples": 4})
-    with pytest.raises(FileNotFoundError, match="4 training unit"):
+    with pytest.raises(FileNotFoundError, match="5 training unit"):
         load_al_run(changed, sets, runs)
     stamps = {u.key: (runs / u.key / "unit.json").stat().st_mtime_ns for u in first + then}
     trained = []
@@ -221,17 +227,17 @@ def test_finished_units_are_reused_and_changed_ones_retrained(tiny_runs, tmp_pat
 
 
 def test_only_what_is_read_again_stays_on_disk_and_a_pruned_chain_retrains_the_same(tmp_path):
-    """A chain or replay of two rounds keeps its last round's folder only; round 0 keeps its last weights (the replay starts from
-    them), other trainings only their best weights and a record; a chain killed after pruning (no unit.json) retrains to the same record."""
+    """A chain or replay of several rounds keeps its last round's folder only; other trainings keep only their best weights and a
+    record (last.pt without weights); a chain killed after pruning (no unit.json) retrains to the same record."""
     import json
-    p = dataclasses.replace(ALStudyParams(**_tiny()), seeds=[3], strategies=["random", "entropy"], labelled_fractions=[0.2, 0.4, 0.6], replay_fractions=[0.2, 0.4, 0.6])
+    p = _tiny_params(strategies=["random", "entropy"], labelled_fractions=[0.2, 0.4, 0.6], replay_fractions=[0.2, 0.4, 0.6])
     root, sets = tmp_path / "runs", simulate_sets(p)
     train_al_units(p, sets, root)
-    for unit in ["s3/entropy", "s3/replay-warmstart", "s3/replay-control"]:
-        assert len([d for d in (root / unit).iterdir() if d.is_dir()]) == 1, unit   # two rounds trained, one folder left
+    for unit in ["s3/entropy", "s3/replay-asrecorded", "s3/replay-control"]:
+        assert len([d for d in (root / unit).iterdir() if d.is_dir()]) == 1, unit   # several rounds trained, one folder left
     state = lambda path: torch.load(path, weights_only=True)
     round0 = next(d for d in (root / "s3/round-0").iterdir() if d.is_dir())
-    assert "model" in state(round0 / "last.pt") and "optimizer" not in state(round0 / "last.pt")
+    assert "model" not in state(round0 / "last.pt") and "model" in state(round0 / "best.pt")   # nothing warm-starts from round 0 any more
     chain = next(d for d in (root / "s3/entropy").iterdir() if d.is_dir())
     assert chain.name.startswith("s3-n6-")                                          # the last round's (6 of 10 labelled)
     assert sorted(state(chain / "last.pt")) == ["best_score", "config", "epoch", "history", "init_hash", "stopped_early", "train_hash", "train_time_s", "val_hash"]
@@ -284,6 +290,13 @@ def test_bad_validation_settings_are_refused():
     ({"n_test": 1}, "n_test >= 2"),
     ({"acquisition": {"mc_samples": "8"}}, "mc_samples must be an integer"),
     ({"pool_size": 80.5}, "pool_size = 80.5 is not a valid int"),
+    ({"strategies": ["random", "least_confidence", "margin"]}, "one training serves both"),
+    ({"training": {**_tiny()["training"], "patience": 0}}, "patience must be >= 1"),
+    ({"replay_seeds": [5]}, "replay_seeds must be distinct seeds among"),
+    ({"double_cap_seeds": [0, 0]}, "double_cap_seeds must be distinct seeds among"),
+    ({"replay_initial_epochs": 0}, "replay_initial_epochs and replay_epochs must be >= 1"),
+    ({"pilot": {"var_seed": 0.001, "room": 0.05}}, r"pilot lacks \['source', 'var_micrograph', 'var_residual'\]"),
+    ({"pilot": {"var_seed": -0.001, "var_micrograph": 0, "var_residual": 0, "room": 0.05, "source": "x"}}, "must be numbers >= 0"),
 ])
 def test_bad_study_settings_of_the_third_review_are_refused_when_read(change, message, tmp_path):
     params = {**_tiny(), **change}
@@ -300,3 +313,63 @@ def test_k_center_greedy_refuses_repeated_candidates_and_broken_embeddings():
     with pytest.raises(ValueError, match=r"embeddings of micrographs \[4\] are not finite"):
         k_center_greedy(x, [0], [1, 2, 3, 4], 2)
     assert sorted(k_center_greedy(x, [0], [1, 2, 3], 3)) == [1, 2, 3]   # the others still work
+
+
+def test_integers_are_refused_as_floats_when_built_directly():
+    with pytest.raises(ValueError, match="pool_size must be an integer, got 80.5"):
+        ALStudyParams(**{**_tiny(), "pool_size": 80.5})
+    with pytest.raises(ValueError, match="seeds must be an integer, got 1.5"):
+        ALStudyParams(**{**_tiny(), "seeds": [0, 1.5]})
+
+
+@pytest.mark.parametrize("broken", ["nan", "constant"])
+def test_broken_micrographs_are_refused_at_the_pools_entry(broken):
+    rng = np.random.default_rng(0)
+    mics = [Micrograph(rng.normal(size=(16, 16)).astype(np.float32), np.zeros((0, 2)), 4.0, {}) for _ in range(4)]
+    al.check_images(mics, "pool")
+    image = np.full((16, 16), np.nan if broken == "nan" else 0.3, np.float32)
+    mics[2] = Micrograph(image, np.zeros((0, 2)), 4.0, {})
+    with pytest.raises(ValueError, match=r"pool micrographs \[2\] hold NaN or Inf or are constant"):
+        al.check_images(mics, "pool")
+
+
+def test_the_replay_follows_the_recorded_recipe(tiny_runs):
+    """Weights reset every round (no warm start), Adam at the constant replay rate, no augmentation, whole micrographs, epochs over the
+    labelled set (20 then 10 in the original), no early stopping, the last checkpoint at threshold 0.5; the control trains as many steps."""
+    p, a, _, _ = tiny_runs
+    config = p.replay_config(3, 7)
+    assert (config.lr, config.lr_schedule, config.augment, config.crop_px, config.samples_per_epoch, config.epochs, config.patience) == \
+        (p.replay_lr, "constant", False, 0, 0, 7, 0)
+    replay = a.replay.sort_values(["arm", "round"])
+    counts = labelled_counts(p.pool_size, p.replay_fractions)
+    recorded = replay[replay.arm == "as recorded"]
+    epochs = [p.replay_initial_epochs] + [p.replay_epochs] * (len(counts) - 1)
+    assert recorded.n_labelled.tolist() == counts and recorded.epochs.tolist() == epochs
+    assert recorded.steps.tolist() == [e * math.ceil(n / p.train_config(3).batch_size) for e, n in zip(epochs, counts)]
+    control = replay[replay.arm == "control"]
+    assert control.steps.tolist() == recorded.steps.tolist() and set(control.n_labelled) == {counts[0]}
+    assert set(replay.threshold) == {0.5} and (replay.epochs_trained == replay.epochs).all()   # no early stopping, threshold fixed
+    assert (replay.best_epoch <= replay.epochs).all() and "val_particle_f1" in replay   # what the original reported: validation at 0.5
+
+
+def test_particle_entropy_ranks_by_the_uncertainty_of_predicted_particles():
+    """Micrograph 1: one large confident particle and a wide faintly uncertain background (high mean entropy); micrograph 2: two small
+    uncertain particles on a certain background. Per-pixel entropy chooses 1, the annotator's unit chooses 2."""
+    pool = [Micrograph(np.full((16, 16), i, np.float32), np.zeros((0, 2)), 4.0, {}) for i in range(3)]
+    m1 = np.full((16, 16), 0.2); m1[:6, :6] = 0.99
+    m2 = np.full((16, 16), 0.001); m2[0, 0] = m2[10, 10] = 0.55
+    model = _Constant(torch.tensor(np.stack([np.zeros((16, 16)), m1, m2])), torch.tensor([[0.0], [1.0], [2.0]]))
+    assert acquire("entropy", model, pool, [0], 1, np.random.default_rng(0)) == [1]
+    assert acquire("particle_entropy", model, pool, [0], 1, np.random.default_rng(0)) == [2]
+
+
+def test_bald_batches_do_not_depend_on_the_mask_seed_on_a_trained_network(tmp_path):
+    """With dropout before the head and 32 passes, two mask seeds choose the same batch from a tiny network trained for 160 steps."""
+    from project_lib.cryoem.al_analysis import bald_stability
+    p = _tiny_params(training={**_tiny()["training"], "epochs": 20, "samples_per_epoch": 32, "patience": 20},
+                     acquisition={**_tiny()["acquisition"], "mc_samples": 32})
+    sets = simulate_sets(p)
+    _, _, checkpoint = al.train_round(p.train_config(3), sets, list(range(p.pool_size)), tmp_path / "net")
+    table = bald_stability(al.ALRun(p, sets, None, None, None, None, {(3, "initial"): checkpoint}), [3])
+    assert table.jaccard.iloc[0] >= 0.9 and table.spearman.iloc[0] > 0.9
+    assert 0 < table.mi_over_entropy.iloc[0] < 1

@@ -72,17 +72,20 @@ def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):
 def test_cryoem_al_study_runs_end_to_end_in_tiny_profile(tmp_path):
     out, html = _run_study("cryoem_al", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["aulc"]) == {"least_confidence", "entropy", "margin", "diversity", "hybrid", "bald"}
-    assert metrics["jaccard_lc_margin_round1"] == 1.0 and metrics["image_mean_jaccard_min"] == 1.0   # the theorem and the original's collapse
+    assert set(metrics["aulc"]) == set(metrics["aulc_particles"]) == {"least_confidence", "entropy", "diversity", "hybrid", "bald", "particle_entropy"}
+    assert metrics["jaccard_lc_margin_per_pixel"] == 1.0 and metrics["image_mean_jaccard_min"] == 1.0   # the theorem and the original's collapse
+    assert {"mde", "room", "power_at_room", "undetectable_by_design"} <= set(metrics["design"]) and 0 <= metrics["convergence"]["best_below_cap"] <= 1
     runs = out / "runs"
     assert len(list(runs.glob("s0/round-0/s0-n2-*/best.pt"))) == 1 and len(list(runs.glob("s1/full-pool/s1-n10-*/best.pt"))) == 1
     assert len(list(runs.glob("s1/bald/s1-n4-*/best.pt"))) == 1 and (runs / "s0" / "entropy" / "unit.json").is_file()   # one chain per strategy and seed
-    assert (runs / "s0/replay-warmstart/replay-warmstart-s0-r1/last.pt").is_file() and (runs / "s1/replay-control/replay-control-s1-r1/last.pt").is_file()
+    assert (runs / "s0/replay-asrecorded/replay-asrecorded-s0-r1/last.pt").is_file() and (runs / "s0/replay-control/replay-control-s0-r1/last.pt").is_file()
+    assert len(list(runs.glob("s0/full-pool-double-cap/s0-n10-*/best.pt"))) == 1
     units = (out / "train" / "units.csv").read_text().splitlines()
-    assert len(units) == 1 + 2 * (2 + 7 + 2) and (out / "train" / "provenance.json").is_file() and (out / "train" / "cryoem_al_train.ipynb").is_file()
+    assert len(units) == 1 + 2 * (2 + 7) + 1 + 2 and (out / "train" / "provenance.json").is_file() and (out / "train" / "cryoem_al_train.ipynb").is_file()
     assert set(metrics["verdict"]) >= {"estimate", "low", "high", "margin", "mde", "testable"} and metrics["verdict"]["margin"] == 0.02
     assert all((out / "plots" / f).is_file() for f in ("learning_curves.csv", "replay.csv", "pool_bias.csv"))
-    assert {f.name for f in (out / "tables").iterdir()} >= {"rounds.csv", "learning-curves.csv", "aulc-against-random.csv", "acquisition-cost.csv"}
+    assert {f.name for f in (out / "tables").iterdir()} >= {"rounds.csv", "learning-curves.csv", "aulc-against-random.csv", "aulc-against-random-particle-axis.csv", "room-and-power.csv",
+                                                          "convergence.csv", "bald-stability.csv", "acquisition-cost.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 3
     assert "## Answer" not in html and "Answer" in html and "Better than random?" in html and "micrographs:" not in html
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.special import entr
 from torch import nn
 
@@ -18,11 +19,11 @@ from .train import probabilities
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'AGGREGATIONS', 'PIXEL_SCORES', 'least_confidence', 'entropy', 'margin', 'aggregate', 'image_mean_score',
-           'bald', 'mc_dropout_probabilities', 'AcquisitionSettings', 'scan_pool', 'k_center_greedy', 'acquire',
-           'measure']
+           'particle_scores', 'bald', 'mc_dropout_probabilities', 'AcquisitionSettings', 'scan_pool', 'k_center_greedy',
+           'acquire', 'measure']
 
 # %% ../../nbs/28_cryoem_active.ipynb #c005
-STRATEGIES = ("random", "least_confidence", "entropy", "margin", "diversity", "hybrid", "bald")
+STRATEGIES = ("random", "least_confidence", "entropy", "margin", "diversity", "hybrid", "bald", "particle_entropy")
 AGGREGATIONS = ("mean", "top_k")
 
 def least_confidence(p: np.ndarray) -> np.ndarray:
@@ -61,6 +62,21 @@ def image_mean_score(prob_maps: np.ndarray, # (n, H, W) probabilities
     "The original protocol's score: the strategy's formula applied to the micrograph's mean probability (all three rank by |mean - 0.5|)."
     if strategy not in PIXEL_SCORES: raise ValueError(f"strategy must be one of {tuple(PIXEL_SCORES)}, got {strategy!r}")
     return PIXEL_SCORES[strategy](np.asarray(prob_maps, np.float64).mean(axis=(1, 2)))
+
+def particle_scores(prob_maps: np.ndarray, # (n, H, W) probabilities
+                    score_maps: np.ndarray, # (n, H, W) per-pixel scores (e.g. entropy)
+                    threshold: float = 0.5, # a predicted particle: a connected region (8-neighbours) of p >= threshold
+                   ) -> np.ndarray: # (n,)
+    """One score per micrograph on the annotator's unit, the predicted particle: each particle's mean per-pixel score, averaged over the
+    micrograph's particles (the uncertainty per click, whatever the area). A micrograph with no predicted particle gets its mean
+    per-pixel score (nothing to click; the background's uncertainty stands in, so it ranks below any micrograph with uncertain particles)."""
+    p, s = np.asarray(prob_maps, np.float64), np.asarray(score_maps, np.float64)
+    if p.ndim != 3 or p.shape != s.shape: raise ValueError(f"prob_maps and score_maps must be (n, H, W) of one shape, got {p.shape} and {s.shape}")
+    out = np.empty(len(p))
+    for i, (pi, si) in enumerate(zip(p, s)):
+        labels, n = ndimage.label(pi >= threshold, structure=np.ones((3, 3)))
+        out[i] = np.mean(ndimage.mean(si, labels, np.arange(1, n + 1))) if n else si.mean()
+    return out
 
 # %% ../../nbs/28_cryoem_active.ipynb #c008
 def bald(samples: np.ndarray, # (T, ...) probabilities from T stochastic forward passes
@@ -109,21 +125,23 @@ class AcquisitionSettings:
 
 def scan_pool(model: nn.Module, micrographs: Sequence[Micrograph], settings: AcquisitionSettings, device: str = "cpu",
               bald_seed: int | None = None, # also MC-dropout BALD scores, masks seeded by this
-             ) -> dict[str, np.ndarray]: # per micrograph: the three uncertainties, mean probability, embedding (n, C)[, bald]
+             ) -> dict[str, np.ndarray]: # per micrograph: the three uncertainties, particle entropy, mean probability, embedding (n, C)[, bald, bald_entropy]
     "One streamed pass over micrographs: aggregated per-pixel uncertainties and bottleneck embeddings from a forward hook."
     captured = []
     hook = model.encoder[-1].register_forward_hook(lambda module, inputs, output: captured.append(output.float().mean(dim=(2, 3)).cpu().numpy()))
-    out = {k: [] for k in (*PIXEL_SCORES, "mean_probability", "embedding", *(("bald",) if bald_seed is not None else ()))}
+    out = {k: [] for k in (*PIXEL_SCORES, "particle_entropy", "mean_probability", "embedding", *(("bald", "bald_entropy") if bald_seed is not None else ()))}
     try:
         for b, x in enumerate(_batches(micrographs, settings.batch_size)):
             p = probabilities(model, x, device)
             out["embedding"].append(captured.pop())
             for name, score in PIXEL_SCORES.items(): out[name].append(aggregate(score(p), settings.aggregation, settings.top_fraction))
+            out["particle_entropy"].append(particle_scores(p, entropy(p)))
             out["mean_probability"].append(p.mean(axis=(1, 2)))
             if bald_seed is not None:
                 samples = mc_dropout_probabilities(model, x, settings.mc_samples, bald_seed * 1_000_003 + b, device)
                 captured.clear()
                 out["bald"].append(aggregate(bald(samples), settings.aggregation, settings.top_fraction))
+                out["bald_entropy"].append(aggregate(entropy(samples.mean(axis=0)), settings.aggregation, settings.top_fraction))   # BALD's upper bound: MI <= H(mean)
     finally:
         hook.remove()
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -175,7 +193,7 @@ def acquire(strategy: str, model: nn.Module | None, # the current round's model 
         raise ValueError(f"query_size must be in [1, {len(candidates)}] (the unlabelled pool), got {query_size}")
     if strategy == "random": return sorted(int(i) for i in rng.choice(candidates, query_size, replace=False))
     scan = scan_pool(model, pool, settings, device, bald_seed if strategy == "bald" else None)
-    if strategy in PIXEL_SCORES or strategy == "bald": return sorted(_top(scan[strategy], candidates, query_size))
+    if strategy in (*PIXEL_SCORES, "bald", "particle_entropy"): return sorted(_top(scan[strategy], candidates, query_size))
     if strategy == "diversity": return sorted(k_center_greedy(scan["embedding"], labelled, candidates, query_size))
     shortlist = np.asarray(_top(scan["entropy"], candidates, min(len(candidates), settings.hybrid_factor * query_size)))
     return sorted(k_center_greedy(scan["embedding"], labelled, shortlist, query_size))

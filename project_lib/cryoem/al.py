@@ -4,7 +4,7 @@
 
 # %% ../../nbs/29_cryoem_al.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, importlib, shutil
+import dataclasses, hashlib, importlib, numbers, shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +18,10 @@ from .train import (SimulatedMicrographs, TrainConfig, choose_thresholds, data_h
                                       score_picker, train)
 
 # %% auto #0
-__all__ = ['labelled_counts', 'ALStudyParams', 'simulate_sets', 'micrograph_hashes', 'check_disjoint', 'initial_labelled',
-           'check_protocol', 'train_round', 'run_replay', 'train_start', 'train_chain', 'train_replay', 'al_units',
-           'ALRun', 'assemble_run', 'load_al_run', 'train_al_units', 'run_al_study', 'unit_table']
+__all__ = ['labelled_counts', 'ALStudyParams', 'simulate_sets', 'check_images', 'micrograph_hashes', 'check_disjoint',
+           'initial_labelled', 'check_protocol', 'train_round', 'run_replay', 'train_start', 'train_chain',
+           'train_replay', 'al_units', 'ALRun', 'assemble_run', 'load_al_run', 'train_al_units', 'run_al_study',
+           'unit_table']
 
 # %% ../../nbs/29_cryoem_al.ipynb #c005
 def labelled_counts(pool_size: int, fractions: Sequence[float]) -> list[int]:
@@ -36,6 +37,9 @@ def labelled_counts(pool_size: int, fractions: Sequence[float]) -> list[int]:
         if n1 <= n0: raise ValueError(f"query size 0: fractions {f0} -> {f1} of a pool of {pool_size} give {n0} -> {n1} micrographs")
     return counts
 
+def _check_integer(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral): raise ValueError(f"{name} must be an integer, got {value!r}")
+
 @dataclasses.dataclass(frozen=True)
 class ALStudyParams:
     "Parameters of the active-learning study: one profile of params.yaml `cryoem_al` (training) merged with `cryoem_al_analysis` (evaluation only)."
@@ -49,26 +53,44 @@ class ALStudyParams:
     strategies: list[str]
     seeds: list[int] # the independent unit: initial set, weights, random draws
     acquisition: dict # AcquisitionSettings fields
-    replay_fractions: list[float] # the original protocol's replay: warm start, last checkpoint, fixed threshold
-    replay_epochs: int # fine-tune epochs per replay round (the original: 10 after an initial 20)
-    replay_lr: float # constant learning rate of the replay
+    replay_fractions: list[float] # the original protocol's replay, as its notes record it: weights reset, last checkpoint, threshold 0.5
+    replay_initial_epochs: int # the replay's round-0 epochs over the labelled set (the original: 20)
+    replay_epochs: int # the replay's epochs over the labelled set in every later round, from reset weights (the original: 10)
+    replay_lr: float # constant Adam learning rate of the replay (the original: 0.001)
+    replay_seeds: list[int] # the seeds the replay runs on (a subset of `seeds`: it shows failures, it is not the comparison)
+    double_cap_seeds: list[int] # seeds whose full-pool reference is trained again with twice the epoch cap (does the cap bind?)
     n_jobs: int # trainings in parallel (local worker processes on CPU; one per GPU)
     targets: list[float] # analysis: shares of full-data F1 whose label cost is reported (e.g. 0.9, 0.95)
     bootstrap_resamples: int # analysis
     equivalence_margin: float # analysis: declared before running, ± AULC (mean test F1 over the rounds) of a strategy against random
+    pilot: dict # analysis: the design's pilot, variance components of an AULC difference (var_seed, var_micrograph, var_residual), its room and source
 
     def __post_init__(self):
+        for name in ("pool_size", "n_val", "n_test", "data_seed", "n_jobs", "replay_initial_epochs", "replay_epochs", "bootstrap_resamples"):
+            _check_integer(name, getattr(self, name))
+        for name in ("seeds", "replay_seeds", "double_cap_seeds"):
+            for value in getattr(self, name): _check_integer(name, value)
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown: raise ValueError(f"unknown strategy {unknown}: strategies must be among {STRATEGIES}")
         if "random" not in self.strategies: raise ValueError("strategies must include 'random' (the baseline every strategy is compared with)")
         if len(self.strategies) < 2: raise ValueError(f"strategies must hold 'random' and at least one strategy to compare with it, got {self.strategies}")
         if len(set(self.strategies)) != len(self.strategies): raise ValueError(f"strategies must not repeat: {self.strategies}")
+        if {"least_confidence", "margin"} <= set(self.strategies):
+            raise ValueError("strategies must not hold both 'least_confidence' and 'margin': they rank every pool identically (margin = 2 x least confidence per pixel), so one training serves both")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds): raise ValueError(f"seeds must be distinct and not empty, got {self.seeds}")
         if min(self.seeds) < 0: raise ValueError(f"seeds must be >= 0 (they seed NumPy and torch generators), got {self.seeds}")
         if self.n_val < 1 or self.n_test < 2: raise ValueError(f"n_val must be >= 1 and n_test >= 2 (the intervals resample test micrographs), got {self.n_val} and {self.n_test}")
         if not self.targets: raise ValueError("targets must hold at least one share of full-data F1 (e.g. [0.9, 0.95])")
         if self.bootstrap_resamples < 100: raise ValueError(f"bootstrap_resamples must be >= 100 for a 95% interval, got {self.bootstrap_resamples}")
-        if self.replay_epochs < 1 or not self.replay_lr > 0: raise ValueError(f"replay_epochs must be >= 1 and replay_lr > 0, got {self.replay_epochs} and {self.replay_lr}")
+        if min(self.replay_initial_epochs, self.replay_epochs) < 1 or not self.replay_lr > 0:
+            raise ValueError(f"replay_initial_epochs and replay_epochs must be >= 1 and replay_lr > 0, got {self.replay_initial_epochs}, {self.replay_epochs} and {self.replay_lr}")
+        for name in ("replay_seeds", "double_cap_seeds"):
+            if not set(getattr(self, name)) <= set(self.seeds) or len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ValueError(f"{name} must be distinct seeds among seeds {self.seeds}, got {getattr(self, name)}")
+        missing = {"var_seed", "var_micrograph", "var_residual", "room", "source"} - set(self.pilot)
+        if missing: raise ValueError(f"pilot lacks {sorted(missing)}: the design's variance components of an AULC difference, its room and where they come from")
+        if not all(isinstance(self.pilot[k], (int, float)) and self.pilot[k] >= 0 for k in ("var_seed", "var_micrograph", "var_residual", "room")):
+            raise ValueError(f"pilot's var_seed, var_micrograph, var_residual and room must be numbers >= 0, got {self.pilot}")
         if self.n_jobs < 1: raise ValueError(f"n_jobs must be >= 1, got {self.n_jobs}")
         if self.equivalence_margin <= 0: raise ValueError(f"equivalence_margin must be > 0, got {self.equivalence_margin}")
         if not all(0 < t <= 1 for t in self.targets): raise ValueError(f"targets must lie in (0, 1], got {self.targets}")
@@ -82,11 +104,15 @@ class ALStudyParams:
         if config.val_subset > self.n_val: raise ValueError(f"training.val_subset ({config.val_subset}) must not exceed n_val ({self.n_val}): training validates on the first val_subset validation micrographs")
         self.settings(); MicrographConfig(**self.micrograph)
         if "bald" in self.strategies and config.dropout <= 0: raise ValueError("strategy 'bald' needs training.dropout > 0 (MC dropout)")
+        if config.patience < 1: raise ValueError(f"training.patience must be >= 1: every round trains until validation stops improving (epochs is the cap), got {config.patience}")
 
     def train_config(self, seed: int) -> TrainConfig: return TrainConfig(**self.training, seed=seed)
     def replay_config(self, seed: int, epochs: int) -> TrainConfig:
-        "The original protocol's training: constant learning rate, `epochs` of the same epoch size."
-        return dataclasses.replace(self.train_config(seed), lr=self.replay_lr, lr_schedule="constant", epochs=epochs)
+        """The original protocol's training as its notes record it: fresh weights, Adam at the constant `replay_lr`, no augmentation, whole
+        micrographs, `epochs` passes over the labelled set (so a larger set trains more steps), no early stopping, validated at the last epoch only."""
+        return dataclasses.replace(self.train_config(seed), lr=self.replay_lr, lr_schedule="constant", augment=False, crop_px=0, samples_per_epoch=0,
+                                   epochs=epochs, patience=0, val_every=epochs)
+    def double_cap_config(self, seed: int) -> TrainConfig: return dataclasses.replace(self.train_config(seed), epochs=2 * self.train_config(seed).epochs)
     def settings(self) -> AcquisitionSettings: return AcquisitionSettings(**self.acquisition)
     def counts(self) -> list[int]: return labelled_counts(self.pool_size, self.labelled_fractions)
 
@@ -98,8 +124,14 @@ def simulate_sets(p: ALStudyParams,
     mics = SimulatedMicrographs(MicrographConfig(**p.micrograph), p.data_seed, range(p.pool_size + p.n_val + p.n_test), store=store)
     sets = {"pool": mics[:p.pool_size], "val": mics[p.pool_size:p.pool_size + p.n_val], "test": mics[p.pool_size + p.n_val:]}
     mics.data_hash(*sets.values())   # one pass: the sets' hashes and every micrograph's, remembered (units and batch checks reuse them)
+    for name, micrographs in sets.items(): check_images(micrographs, name)
     check_disjoint(sets["pool"], {"validation": sets["val"], "test": sets["test"]})
     return sets
+
+def check_images(micrographs: Sequence[Micrograph], name: str = "pool"):
+    "Refuse, naming them, micrographs whose image holds NaN or Inf or is constant (a broken read or a blank frame): no network can learn from or score them."
+    bad = [i for i, m in enumerate(micrographs) if not np.isfinite(m.image).all() or not np.ptp(m.image) > 0]
+    if bad: raise ValueError(f"{name} micrographs {bad[:10]}{' ...' if len(bad) > 10 else ''} hold NaN or Inf or are constant: refused at the {name}'s entry")
 
 def micrograph_hashes(micrographs: Sequence[Micrograph]) -> list[str]:
     "Each micrograph's `data_hash` (a `SimulatedMicrographs` remembers those it computed)."
@@ -130,17 +162,15 @@ def _scores(rows: pd.DataFrame, prefix: str) -> dict:
     return {f"{prefix}_{k}": float(rows[k].mean()) for k in _METRICS}
 
 def train_round(config: TrainConfig, sets: dict[str, SimulatedMicrographs], labelled: Sequence[int], out_dir: Path, device: str = "cpu",
-                init_from: Path | None = None, # warm start (the replay only)
                 checkpoint: str = "best", # "best" (on validation) or "last" (the replay)
                 thresholds: tuple[float, float] | None = None, # fixed (the replay's 0.5) instead of chosen on validation
-                keep_last: bool = False, # keep the last weights too (a later replay round starts from them); implied by checkpoint="last"
                ) -> tuple[dict, pd.DataFrame, Path]: # (round summary, per-test-micrograph rows, the checkpoint used)
     """Train on the labelled pool micrographs and score the model on validation, test and the unlabelled rest of the pool.
     Holds the validation micrographs and their maps (the thresholds are chosen on them); test and pool maps are scored one batch at a time."""
     pool, labelled = sets["pool"], sorted(int(i) for i in labelled)
     chosen, rest = pool.subset(labelled), pool.subset(np.setdiff1d(np.arange(len(pool)), labelled))
-    run = train(config, chosen, sets["val"], out_dir, device=device, cache_dir=out_dir.parent / "cache", init_from=init_from, progress=False,
-                keep_last=keep_last or checkpoint == "last")
+    run = train(config, chosen, sets["val"], out_dir, device=device, cache_dir=out_dir.parent / "cache", progress=False,
+                keep_last=checkpoint == "last")
     path = run.best_checkpoint if checkpoint == "best" else run.best_checkpoint.with_name("last.pt")
     net = load_checkpoint(config, path, device)
     val = list(sets["val"])
@@ -150,7 +180,8 @@ def train_round(config: TrainConfig, sets: dict[str, SimulatedMicrographs], labe
     summary = {"n_labelled": len(labelled), "n_particles": int(sum(m["n_particles"] for m in chosen.metadata())),   # recorded when hashed: not simulated again
                **_scores(score_picker(val_maps, val_maps, val, val, thresholds)[0], "val"), **_scores(test_rows, "test"),
                **(_scores(score_picker(val_maps, predict_maps(net, rest, device), val, rest, thresholds)[0], "pool") if rest else {}),
-               "threshold": thresholds[0], "best_epoch": run.best_epoch, "train_time_s": run.train_time_s,
+               "threshold": thresholds[0], "best_epoch": run.best_epoch, "epochs_trained": len(run.history), "epoch_cap": config.epochs,
+               "train_time_s": run.train_time_s,
                "train_hash": run.train_hash, "val_hash": run.val_hash, "test_hash": data_hash(sets["test"]), "budget_hash": run.budget_hash}
     return summary, test_rows, path
 
@@ -171,9 +202,6 @@ def _acquire_step(p: ALStudyParams, sets: dict, strategy: str, seed: int, round_
     if set(batch) & set(labelled): raise RuntimeError(f"{strategy} chose already-labelled micrographs {sorted(set(batch) & set(labelled))}")
     return batch, seconds, peak_mb
 
-def _train_set(p: ALStudyParams, sets: dict, seed: int, labelled: list[int], out_dir: Path, device: str, keep_last: bool = False):
-    return train_round(p.train_config(seed), sets, labelled, _set_dir(out_dir, seed, labelled), device, keep_last=keep_last)
-
 def _keep_only_last_round(folders: list[Path]):
     """Delete the training folders of a finished chain's rounds but its last (nothing reads them once the next round's batch is chosen),
     and their training cache (written only when the sets are not stored): one checkpoint per chain on disk instead of one per round.
@@ -185,40 +213,47 @@ def _keep_only_last_round(folders: list[Path]):
 # %% ../../nbs/29_cryoem_al.ipynb #c015
 _FIXED = (0.5, 0.5)   # the original's picking and pixel thresholds
 
-def run_replay(p: ALStudyParams, sets: dict, seed: int, arm: str, # "warm start" or "control"
-               round0_dir: Path, out_dir: Path, device: str = "cpu") -> list[dict]:
-    "The original protocol (warm start, last checkpoint, threshold 0.5) with random acquisition, or its no-new-labels control; only the last round's folder is kept."
+def run_replay(p: ALStudyParams, sets: dict, seed: int, arm: str, # "as recorded" or "control"
+               out_dir: Path, device: str = "cpu") -> list[dict]:
+    """The original protocol as its notes record it, every round from fresh weights: Adam at a constant rate, no augmentation, epochs over
+    the labelled set (`replay_initial_epochs` at round 0, `replay_epochs` after), the last checkpoint, threshold 0.5, random acquisition;
+    its validation F1 is what it reported (the validation set was its test set). The control trains every round on the initial set only,
+    for as many steps as the recorded arm's round: if it rises as well, the curve measured training steps, not labels.
+    Only the last round's folder is kept."""
     counts = labelled_counts(p.pool_size, p.replay_fractions)
     initial = initial_labelled(p.pool_size, counts[0], seed)
     order = initial + [int(i) for i in np.random.default_rng([seed, 13]).permutation(np.setdiff1d(np.arange(p.pool_size), initial))]
-    checkpoint, epochs, out, folders = round0_dir / "last.pt", p.train_config(seed).epochs, [], []
-    for r in range(1, len(counts)):
-        labelled = order[:counts[r]] if arm == "warm start" else initial
+    out, folders = [], []
+    for r, n in enumerate(counts):
+        epochs = p.replay_initial_epochs if r == 0 else p.replay_epochs
+        config = p.replay_config(seed, epochs)
+        if arm == "control": config = dataclasses.replace(config, samples_per_epoch=n)   # the recorded arm's steps, on the initial labels
+        labelled = order[:n] if arm == "as recorded" else initial
         folders.append(out_dir / f"replay-{arm.replace(' ', '')}-s{seed}-r{r}")
-        summary, _, checkpoint = train_round(p.replay_config(seed, p.replay_epochs), sets, labelled, folders[-1], device, init_from=checkpoint,
-                                             checkpoint="last", thresholds=_FIXED)
-        epochs += p.replay_epochs
-        out.append({**summary, "arm": arm, "seed": seed, "round": r, "cumulative_epochs": epochs})
+        summary = train_round(config, sets, labelled, folders[-1], device, checkpoint="last", thresholds=_FIXED)[0]
+        out.append({**summary, "arm": arm, "seed": seed, "round": r, "epochs": epochs,
+                    "steps": epochs * -(-(n if arm == "as recorded" else config.samples_per_epoch) // config.batch_size)})
     _keep_only_last_round(folders)
     return out
 
+
 # %% ../../nbs/29_cryoem_al.ipynb #c016
-_ARMS = ("warm start", "control")
+_ARMS = ("as recorded", "control")
 _TRAINING_CODE = ("cryoem.al", "cryoem.active", "cryoem.train", "cryoem.data", "cryoem.models", "cryoem.metrics", "engine")   # what the trainings import, transitively (but core); never analysis or report
-_UNIT_PARAMS = {"round 0": ("training", "labelled_fractions"), "full pool": ("training",),   # the parameters each kind of unit depends on
+_UNIT_PARAMS = {"round 0": ("training", "labelled_fractions"), "full pool": ("training",), "full pool, double cap": ("training",),   # what each kind of unit depends on
                 "chain": ("training", "labelled_fractions", "acquisition"),
-                "replay": ("training", "labelled_fractions", "replay_fractions", "replay_epochs", "replay_lr")}
+                "replay": ("training", "labelled_fractions", "replay_fractions", "replay_initial_epochs", "replay_epochs", "replay_lr")}
 
 def _ordered(d: dict) -> list: return [[k, v] for k, v in d.items()]   # records are written with sorted keys: pairs keep the columns' order
 
-def train_start(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed: int, full: bool) -> dict:
-    "Unit: a seed's round-0 network (every chain starts from it; with the replay's round 0: its last epoch at threshold 0.5), or its full-pool reference."
-    labelled = list(range(p.pool_size)) if full else initial_labelled(p.pool_size, p.counts()[0], seed)
-    summary, test_rows, checkpoint = _train_set(p, sets, seed, labelled, unit_dir, device, keep_last=not full)   # the replay starts from its last weights
-    record = {"labelled": labelled, "summary": _ordered(summary), "test_rows": _ordered(test_rows.to_dict(orient="list")),
-              "checkpoint": checkpoint.relative_to(unit_dir).as_posix()}
-    if not full: record["replay_start"] = _ordered(train_round(p.train_config(seed), sets, labelled, checkpoint.parent, device, checkpoint="last", thresholds=_FIXED)[0])
-    return record
+def train_start(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed: int, kind: str, # "round 0", "full pool" or "full pool, double cap"
+               ) -> dict:
+    "Unit: a seed's round-0 network (every chain starts from it), its full-pool reference, or that reference trained with twice the epoch cap."
+    labelled = initial_labelled(p.pool_size, p.counts()[0], seed) if kind == "round 0" else list(range(p.pool_size))
+    config = p.double_cap_config(seed) if kind == "full pool, double cap" else p.train_config(seed)
+    summary, test_rows, checkpoint = train_round(config, sets, labelled, _set_dir(unit_dir, seed, labelled), device)
+    return {"labelled": labelled, "summary": _ordered(summary), "test_rows": _ordered(test_rows.to_dict(orient="list")),
+            "checkpoint": checkpoint.relative_to(unit_dir).as_posix()}
 
 def train_chain(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, strategy: str, seed: int,
                 start_dir: str, # the seed's round-0 training folder (the round-0 unit's)
@@ -228,30 +263,30 @@ def train_chain(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, strat
     for r in range(1, len(p.counts())):
         batch, seconds, peak_mb = _acquire_step(p, sets, strategy, seed, r, labelled, checkpoint, device)
         labelled = sorted(labelled + batch)
-        summary, test_rows, checkpoint = _train_set(p, sets, seed, labelled, unit_dir, device)
+        summary, test_rows, checkpoint = train_round(p.train_config(seed), sets, labelled, _set_dir(unit_dir, seed, labelled), device)
         folders.append(checkpoint.parent)
         rounds.append({"round": r, "labelled": labelled, "selected": batch, "acquisition_s": seconds, "acquisition_peak_mb": peak_mb,
                        "summary": _ordered(summary), "test_rows": _ordered(test_rows.to_dict(orient="list"))})
     _keep_only_last_round(folders)
     return {"rounds": rounds}
 
-def train_replay(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed: int, arm: str, start_dir: str) -> dict:
-    "Unit: one arm of the original protocol's replay for one seed, warm-started from the seed's round-0 network."
-    return {"rounds": [_ordered(x) for x in run_replay(p, sets, seed, arm, Path(start_dir), unit_dir, device)]}
+def train_replay(unit_dir: Path, device: str, p: ALStudyParams, sets: dict, seed: int, arm: str) -> dict:
+    "Unit: one arm of the original protocol's replay for one seed."
+    return {"rounds": [_ordered(x) for x in run_replay(p, sets, seed, arm, unit_dir, device)]}
 
 def al_units(p: ALStudyParams, sets: dict, root: str | Path) -> tuple[list[TrainingUnit], list[TrainingUnit]]:
-    "The study's trainings in two phases: each seed's round-0 and full-pool networks; then, starting from round 0, every (strategy, seed) chain and the replay's arms."
+    "The study's trainings in two phases: each seed's round-0 and full-pool networks (and the double-cap and replay units); then, starting from round 0, every (strategy, seed) chain."
     base = {"data": {k: data_hash(v) for k, v in sets.items()},
             "code": code_hash(*(importlib.import_module(f"project_lib.{m}") for m in _TRAINING_CODE))}
-    def unit(key, kind, fn, seed, **kwargs):
-        identity = {**base, "unit": kind, "seed": seed, **{k: v for k, v in kwargs.items() if k in ("strategy", "arm")},
-                    **{f: getattr(p, f) for f in _UNIT_PARAMS[kind]}}
+    def unit(key, what, fn, seed, **kwargs):
+        identity = {**base, "unit": what, "seed": seed, **{k: v for k, v in kwargs.items() if k in ("strategy", "arm")},
+                    **{f: getattr(p, f) for f in _UNIT_PARAMS[what]}}
         return TrainingUnit(key, identity, fn, {"p": p, "sets": sets, "seed": seed, **kwargs})
     start = {seed: str(_set_dir(Path(root) / f"s{seed}" / "round-0", seed, initial_labelled(p.pool_size, p.counts()[0], seed))) for seed in p.seeds}
-    first = [unit(f"s{seed}/{name}", kind, train_start, seed, full=full) for seed in p.seeds
-             for name, kind, full in (("round-0", "round 0", False), ("full-pool", "full pool", True))]
-    then = ([unit(f"s{seed}/{strategy}", "chain", train_chain, seed, strategy=strategy, start_dir=start[seed]) for seed in p.seeds for strategy in p.strategies]
-            + [unit(f"s{seed}/replay-{arm.replace(' ', '')}", "replay", train_replay, seed, arm=arm, start_dir=start[seed]) for seed in p.seeds for arm in _ARMS])
+    first = ([unit(f"s{seed}/{name}", kind, train_start, seed, kind=kind) for seed in p.seeds for name, kind in (("round-0", "round 0"), ("full-pool", "full pool"))]
+             + [unit(f"s{seed}/full-pool-double-cap", "full pool, double cap", train_start, seed, kind="full pool, double cap") for seed in p.double_cap_seeds]
+             + [unit(f"s{seed}/replay-{arm.replace(' ', '')}", "replay", train_replay, seed, arm=arm) for seed in p.replay_seeds for arm in _ARMS])
+    then = [unit(f"s{seed}/{strategy}", "chain", train_chain, seed, strategy=strategy, start_dir=start[seed]) for seed in p.seeds for strategy in p.strategies]
     return first, then
 
 @dataclasses.dataclass
@@ -262,6 +297,7 @@ class ALRun:
     rounds: pd.DataFrame # one row per (strategy, seed, round), round 0 repeated for every strategy; the full-pool reference as round -1
     per_micrograph: pd.DataFrame # test metrics per (strategy, seed, round, micrograph)
     replay: pd.DataFrame # the original protocol and its control, per (arm, seed, round)
+    double_cap: pd.DataFrame # per double-cap seed: the full-pool reference at the cap and at twice the cap
     checkpoints: dict # (seed, "initial") -> round-0 best checkpoint
 
 def assemble_run(p: ALStudyParams, sets: dict, records: dict[str, dict], root: str | Path) -> ALRun:
@@ -279,13 +315,16 @@ def assemble_run(p: ALStudyParams, sets: dict, records: dict[str, dict], root: s
             for strategy in p.strategies:
                 x = records[f"s{seed}/{strategy}"]["rounds"][r - 1]
                 add(x, strategy, seed, r, {k: x[k] for k in ("selected", "acquisition_s", "acquisition_peak_mb")})
-    replay = ([{**dict(start[seed]["replay_start"]), "arm": arm, "seed": seed, "round": 0, "cumulative_epochs": p.train_config(seed).epochs} for seed in p.seeds for arm in _ARMS]
-              + [dict(x) for seed in p.seeds for arm in _ARMS for x in records[f"s{seed}/replay-{arm.replace(' ', '')}"]["rounds"]])
+    replay = [dict(x) for seed in p.replay_seeds for arm in _ARMS for x in records[f"s{seed}/replay-{arm.replace(' ', '')}"]["rounds"]]
+    summary = lambda key: dict(records[key]["summary"])
+    double_cap = pd.DataFrame([{"seed": seed, **{f"{name}_{k}": summary(key)[k] for name, key in (("cap", f"s{seed}/full-pool"), ("double_cap", f"s{seed}/full-pool-double-cap"))
+                                                 for k in ("test_particle_f1", "best_epoch", "epochs_trained", "epoch_cap")}} for seed in p.double_cap_seeds],
+                              columns=["seed"] + [f"{n}_{k}" for n in ("cap", "double_cap") for k in ("test_particle_f1", "best_epoch", "epochs_trained", "epoch_cap")])
     rounds = pd.DataFrame(summaries)
     rounds["labelled_fraction"] = rounds.n_labelled / p.pool_size
     check_protocol(rounds)
     return ALRun(p, sets, rounds.sort_values(["strategy", "seed", "round"], ignore_index=True), pd.concat(rows, ignore_index=True),
-                 pd.DataFrame(replay).eval(f"labelled_fraction = n_labelled / {p.pool_size}").sort_values(["arm", "seed", "round"], ignore_index=True),
+                 pd.DataFrame(replay).eval(f"labelled_fraction = n_labelled / {p.pool_size}").sort_values(["arm", "seed", "round"], ignore_index=True), double_cap,
                  {(seed, "initial"): Path(root) / f"s{seed}/round-0" / start[seed]["checkpoint"] for seed in p.seeds})
 
 def load_al_run(p: ALStudyParams, sets: dict, root: str | Path) -> ALRun:
@@ -294,7 +333,7 @@ def load_al_run(p: ALStudyParams, sets: dict, root: str | Path) -> ALRun:
     return assemble_run(p, sets, load_units(first + then, root), root)
 
 def train_al_units(p: ALStudyParams, sets: dict, root: str | Path, executor: Executor | None = None) -> dict[str, dict]:
-    "Train every unit not yet finished under `root` on `executor` (default: `n_jobs` local workers): round 0 and full pool first, then the chains and the replay."
+    "Train every unit not yet finished under `root` on `executor` (default: `n_jobs` local workers): round 0, the full pool and the replay first, then the chains."
     return {k: r for phase in al_units(p, sets, root) for k, r in run_units(phase, root, executor or Executor(n_workers=p.n_jobs)).items()}
 
 def run_al_study(p: ALStudyParams, root: str | Path, executor: Executor | None = None) -> ALRun:

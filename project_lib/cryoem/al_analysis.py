@@ -14,13 +14,14 @@ from scipy import stats
 
 from .active import STRATEGIES, _top, image_mean_score, scan_pool
 from .al import ALRun, initial_labelled
-from .compare import bootstrap_weights, paired_summary
+from .compare import bootstrap_weights, difference_draws, paired_summary, seeds_needed, variance_components
 from .train import load_checkpoint
 
 # %% auto #0
-__all__ = ['learning_curves', 'aulc_frame', 'holm', 'aulc_table', 'al_verdict', 'labels_to_reach', 'jaccard', 'selection_overlap',
-           'collapse_replay', 'collapse_overlap', 'pool_bias', 'acquisition_cost', 'plot_learning_curves',
-           'plot_overlap', 'plot_replay']
+__all__ = ['learning_curves', 'aulc_frame', 'aulc_particles', 'holm', 'aulc_table', 'ceiling_aulc', 'ceiling_frame',
+           'design_power', 'al_verdict', 'labels_to_reach', 'jaccard', 'selection_overlap', 'collapse_replay',
+           'collapse_overlap', 'pool_bias', 'acquisition_cost', 'convergence_table', 'bald_stability', 'replay_table',
+           'replay_symptoms', 'plot_learning_curves', 'plot_overlap', 'plot_replay']
 
 # %% ../../nbs/29a_cryoem_al_analysis.ipynb #c018
 def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
@@ -57,6 +58,25 @@ def aulc_frame(per_mic: pd.DataFrame, fractions: Sequence[float], metric: str = 
         out += [{"model": strategy, "seed": s, "micrograph": m, "aulc": area[i, m]} for i, s in enumerate(seeds) for m in range(area.shape[1])]
     return pd.DataFrame(out)
 
+def aulc_particles(per_mic: pd.DataFrame, rounds: pd.DataFrame, metric: str = "particle_f1") -> pd.DataFrame:
+    """AULC on the annotator's axis, labelled particles (the clicks), per (strategy, seed, test micrograph): each strategy's F1 against
+    its own labelled particles, linear between rounds, integrated over the range every strategy of the seed covers (from round 0's
+    particles, shared, to the fewest any strategy labelled by its last round) and divided by it."""
+    out = []
+    d = rounds[(rounds.strategy != "full pool") & (rounds["round"] >= 0)]
+    x = d.pivot_table(index=["seed", "strategy"], columns="round", values="n_particles")
+    for seed, xs in x.groupby(level="seed"):
+        start, end = float(xs.iloc[:, 0].iloc[0]), float(xs.iloc[:, -1].min())
+        if not end > start or (xs.iloc[:, 0] != start).any(): raise ValueError(f"seed {seed}: the strategies must share round 0 and label more particles after it")
+        for strategy in xs.index.get_level_values("strategy"):
+            xp = xs.loc[(seed, strategy)].to_numpy(float)
+            if (np.diff(xp) <= 0).any(): raise ValueError(f"{strategy}, seed {seed}: labelled particles must grow from round to round, got {xp.tolist()}")
+            grid = np.union1d(xp[(xp > start) & (xp < end)], [start, end])
+            f1 = per_mic[(per_mic.strategy == strategy) & (per_mic.seed == seed) & (per_mic["round"] >= 0)].pivot_table(index="round", columns="micrograph", values=metric)
+            area = np.trapezoid(np.stack([np.interp(grid, xp, f1[m].to_numpy()) for m in f1.columns]), x=grid, axis=1) / (end - start)
+            out += [{"model": strategy, "seed": seed, "micrograph": m, "aulc": a} for m, a in zip(f1.columns, area)]
+    return pd.DataFrame(out)
+
 def holm(p_values: Sequence[float]) -> np.ndarray:
     "Holm's step-down adjustment of a family of p-values."
     p = np.asarray(p_values, float)
@@ -66,31 +86,71 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return out
 
 def aulc_table(aulc: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    "Each strategy's AULC and its difference from random: two-level bootstrap 95 % CIs, paired t-test over seeds, Holm-adjusted."
+    "Each strategy's AULC and its difference from random: two-level bootstrap 95 % (and 90 %, for equivalence) CIs, paired t-test over seeds, Holm-adjusted."
     rows = []
     for strategy in [s for s in aulc.model.unique() if s != "random"]:
         s = paired_summary(aulc, "aulc", "random", strategy, n_resamples, seed)
+        low90, high90 = np.quantile(difference_draws(aulc, "aulc", "random", strategy, n_resamples, seed), [0.05, 0.95])   # the same draws
         per_seed = aulc.groupby(["model", "seed"]).aulc.mean().unstack(0)
         diff = (per_seed[strategy] - per_seed["random"]).to_numpy()
         p = stats.ttest_1samp(diff, 0.0).pvalue if len(diff) > 1 and diff.std() > 0 else float("nan")
         rows.append({"strategy": strategy, "aulc": s[strategy][0], "aulc_low": s[strategy][1], "aulc_high": s[strategy][2],
                      "random": s["random"][0], "difference": s["difference"][0], "difference_low": s["difference"][1],
-                     "difference_high": s["difference"][2], "seeds_better": int((diff > 0).sum()), "n_seeds": len(diff), "t_test_p": p})
+                     "difference_high": s["difference"][2], "difference_low90": float(low90), "difference_high90": float(high90), "seeds_better": int((diff > 0).sum()), "n_seeds": len(diff), "t_test_p": p})
     table = pd.DataFrame(rows)
     table["holm_p"] = holm(table.t_test_p.fillna(1.0).to_numpy())
     return table
 
 # %% ../../nbs/29a_cryoem_al_analysis.ipynb #a030
-def al_verdict(aulc_t: pd.DataFrame, # from `aulc_table`
-               room: tuple[float, float, float], # full pool − round 0 test F1: (estimate, low, high)
+def ceiling_aulc(first, # test F1 at round 0 (shared by every strategy of a seed): a number or an array
+                 full, # the full-pool reference's test F1, same shape
+                 fractions: Sequence[float], # the rounds' labelled fractions
+                ) -> np.ndarray:
+    """The AULC of the best any strategy could do: F1 `first` at the initial fraction, then the full-pool F1 at every later round
+    (trapezoid over the fractions, divided by their range, as `aulc_frame`)."""
+    x = np.asarray(fractions, float)
+    if x.ndim != 1 or len(x) < 2 or (np.diff(x) <= 0).any(): raise ValueError(f"fractions must be at least 2 increasing values, got {list(x)}")
+    first, full = np.asarray(first, float), np.asarray(full, float)
+    return (first * (x[1] - x[0]) / 2 + full * ((x[1] - x[0]) / 2 + x[-1] - x[1])) / (x[-1] - x[0])
+
+def ceiling_frame(per_mic: pd.DataFrame, fractions: Sequence[float], metric: str = "particle_f1") -> pd.DataFrame:
+    "The ceiling's AULC per seed and test micrograph (model 'ceiling'), from each seed's round-0 and full-pool F1 on that micrograph; rows as `aulc_frame`'s."
+    start = per_mic[(per_mic["round"] == 0)].drop_duplicates(["seed", "micrograph"]).set_index(["seed", "micrograph"])[metric]
+    full = per_mic[per_mic.strategy == "full pool"].set_index(["seed", "micrograph"])[metric]
+    if not start.index.sort_values().equals(full.index.sort_values()): raise ValueError("round 0 and the full pool must be scored on the same seeds and test micrographs")
+    full = full.reindex(start.index)
+    return pd.DataFrame({"model": "ceiling", "seed": start.index.get_level_values(0), "micrograph": start.index.get_level_values(1),
+                         "aulc": ceiling_aulc(start.to_numpy(), full.to_numpy(), fractions)})
+
+def design_power(components: tuple[float, float, float], # (seed, micrograph, residual) variances of an AULC difference (`variance_components`)
+                 n_seeds: int, n_micrographs: int, # the design: seeds and test micrographs
+                 room: float, # the ceiling's AULC − random's: the largest gain any strategy can show
+                 n_tests: int = 1, # strategies compared with random (Bonferroni over them: a conservative bound on Holm)
+                 alpha: float = 0.05, power: float = 0.8) -> dict:
+    """What a design can see: the standard error of a mean AULC difference, the smallest effect a two-sided test at alpha / n_tests
+    detects with `power`, the power to detect the whole room and half of it, and the seeds that bring the MDE down to half the room.
+    `undetectable_by_design`: the MDE exceeds the room, so no strategy, however good, could be shown to beat random."""
+    if n_seeds < 2 or n_micrographs < 1 or n_tests < 1: raise ValueError(f"need n_seeds >= 2, n_micrographs >= 1 and n_tests >= 1, got {n_seeds}, {n_micrographs}, {n_tests}")
+    if not all(np.isfinite(c) and c >= 0 for c in components): raise ValueError(f"variance components must be finite and >= 0, got {components}")
+    vs, vm, ve = components
+    se = float(np.sqrt(vs / n_seeds + vm / n_micrographs + ve / (n_seeds * n_micrographs)))
+    z_alpha = float(stats.norm.ppf(1 - alpha / (2 * n_tests)))
+    z = z_alpha + float(stats.norm.ppf(power))
+    power_at = lambda effect: float(stats.norm.cdf(effect / se - z_alpha)) if se > 0 else float(effect > 0)
+    return {"se": se, "mde": z * se, "room": float(room), "n_seeds": n_seeds, "n_micrographs": n_micrographs, "n_tests": n_tests,
+            "power_at_room": power_at(room), "power_at_half_room": power_at(room / 2),
+            "seeds_for_mde_half_room": seeds_needed(components, n_micrographs, room / (2 * z)) if room > 0 else float("inf"),
+            "undetectable_by_design": bool(z * se > room)}
+
+def al_verdict(best: pd.Series, # the best strategy's row of `aulc_table` (difference with 95 % and 90 % intervals)
+               design: dict, # `design_power` of this run
                margin: float, # declared equivalence margin of an AULC difference
               ) -> dict:
-    "The headline comparison: the best strategy's AULC − random with its 95 % interval; not testable when the labels beyond round 0 buy no detectable F1."
+    "The headline comparison for `verdict_words`: the best strategy's AULC − random; not testable when the design's MDE exceeds the room."
     if margin <= 0: raise ValueError(f"margin must be > 0, got {margin}")
-    best = aulc_t.sort_values("difference", ascending=False).iloc[0]
-    low, high = float(best.difference_low), float(best.difference_high)
-    return {"estimate": float(best.difference), "low": low, "high": high, "margin": float(margin),
-            "mde": 2.8 * (high - low) / 3.92, "testable": bool(room[1] > 0)}
+    return {"estimate": float(best.difference), "low": float(best.difference_low), "high": float(best.difference_high),
+            "low90": float(best.difference_low90), "high90": float(best.difference_high90), "margin": float(margin),
+            "mde": float(design["mde"]), "testable": not design["undetectable_by_design"]}
 
 # %% ../../nbs/29a_cryoem_al_analysis.ipynb #c020
 def _crossing(curve: np.ndarray, x: np.ndarray, target: float) -> float:
@@ -192,9 +252,64 @@ def acquisition_cost(rounds: pd.DataFrame, pool_size: int, target_pool: int = 51
     t[f"seconds_at_{target_pool}"] = t.seconds * target_pool / pool_size
     return t.reset_index()
 
+# %% ../../nbs/29a_cryoem_al_analysis.ipynb #a041
+def convergence_table(rounds: pd.DataFrame, # from `ALRun.rounds` (round 0 once per seed, not once per strategy)
+                      double_cap: pd.DataFrame, # from `ALRun.double_cap`
+                     ) -> tuple[pd.DataFrame, dict]:
+    """Did the rounds train to a plateau? Per kind of training (round 0, acquisition rounds, full pool): trainings, the share whose best
+    epoch is below the cap, the share stopped early, the median best epoch; and the full pool at twice the cap minus at the cap."""
+    d = pd.concat([rounds[rounds["round"] == 0].drop_duplicates("seed").assign(kind="round 0"),
+                   rounds[rounds["round"] > 0].assign(kind="acquisition rounds"), rounds[rounds["round"] == -1].assign(kind="full pool")])
+    rows = [{"kind": kind, "trainings": len(g), "best_below_cap": float((g.best_epoch < g.epoch_cap).mean()),
+             "stopped_early": float((g.epochs_trained < g.epoch_cap).mean()), "median_best_epoch": float(g.best_epoch.median()),
+             "cap": int(g.epoch_cap.max())} for kind, g in d.groupby("kind", sort=False)]
+    rows.append({"kind": "all", "trainings": len(d), "best_below_cap": float((d.best_epoch < d.epoch_cap).mean()),
+                 "stopped_early": float((d.epochs_trained < d.epoch_cap).mean()), "median_best_epoch": float(d.best_epoch.median()), "cap": int(d.epoch_cap.max())})
+    shift = (double_cap.double_cap_test_particle_f1 - double_cap.cap_test_particle_f1).to_numpy()
+    return pd.DataFrame(rows), {"double_cap_shift": float(shift.mean()) if len(shift) else float("nan"),
+                                "double_cap_shift_max": float(np.abs(shift).max()) if len(shift) else float("nan"), "double_cap_seeds": len(shift)}
+
+def bald_stability(run: ALRun, seeds: Sequence[int], mask_seeds: tuple[int, int] = (1, 2), device: str = "cpu") -> pd.DataFrame:
+    """Is BALD's batch a property of the network or of its dropout masks? Per seed, the round-0 network scores the unlabelled pool twice with
+    two mask seeds; the Jaccard index of the two round-1 batches, the rank correlation of the two score vectors, and the share of the
+    predictive entropy (of the mean prediction) that is mutual information, mean over the pool."""
+    p, out = run.params, []
+    q = p.counts()[1] - p.counts()[0]
+    for seed in seeds:
+        model = load_checkpoint(p.train_config(seed), run.checkpoints[(seed, "initial")], device)
+        candidates = np.setdiff1d(np.arange(p.pool_size), initial_labelled(p.pool_size, p.counts()[0], seed))
+        scans = [scan_pool(model, run.sets["pool"], p.settings(), device, bald_seed=m) for m in mask_seeds]
+        a, b = (s["bald"] for s in scans)
+        out.append({"seed": seed, "mc_samples": p.settings().mc_samples, "jaccard": jaccard(_top(a, candidates, q), _top(b, candidates, q)),
+                    "spearman": float(stats.spearmanr(a[candidates], b[candidates]).statistic),
+                    "mi_over_entropy": float(scans[0]["bald"][candidates].mean() / scans[0]["bald_entropy"][candidates].mean())})
+    return pd.DataFrame(out)
+
+def replay_table(replay: pd.DataFrame) -> pd.DataFrame:
+    """The original protocol's replay per arm and round, over seeds: labelled fraction, optimizer steps, what it reported (validation F1 at
+    0.5: its validation set was its test set), the held-out test F1 (mean, min, max) and the optimism (reported − test)."""
+    d = replay.assign(optimism=replay.val_particle_f1 - replay.test_particle_f1)
+    return (d.groupby(["arm", "round"]).agg(labelled_fraction=("labelled_fraction", "mean"), steps=("steps", "mean"), reported_f1=("val_particle_f1", "mean"),
+                                            test_f1=("test_particle_f1", "mean"), test_f1_min=("test_particle_f1", "min"), test_f1_max=("test_particle_f1", "max"),
+                                            optimism=("optimism", "mean"), n_seeds=("seed", "nunique")).reset_index())
+
+def replay_symptoms(table: pd.DataFrame, # from `replay_table`
+                    tolerance: float = 0.02, # a change of F1 smaller than this is not called a rise or a fall
+                   ) -> dict:
+    """Which of the original's symptoms the replay shows: test F1 falling with more labels (the largest drop from the best earlier round),
+    the control (no new labels, the same steps) rising with the rounds as the recorded arm does, and the optimism of validation-as-test."""
+    rec = table[table.arm == "as recorded"].sort_values("round")
+    ctl = table[table.arm == "control"].sort_values("round")
+    f1 = rec.test_f1.to_numpy()
+    drop = float(np.max(np.maximum.accumulate(f1) - f1))
+    rise_rec, rise_ctl = float(f1[-1] - f1[0]), float(ctl.test_f1.iloc[-1] - ctl.test_f1.iloc[0])
+    return {"largest_drop": drop, "falls_with_more_labels": bool(drop > tolerance), "recorded_rise": rise_rec, "control_rise": rise_ctl,
+            "control_rises_too": bool(rise_ctl > tolerance and rise_ctl >= rise_rec / 2), "optimism_mean": float(table.optimism.mean()),
+            "optimism_max": float(table.optimism.abs().max())}
+
 # %% ../../nbs/29a_cryoem_al_analysis.ipynb #c024
-_STYLE = {s: dict(color=c, marker=m) for s, c, m in zip(STRATEGIES, ("k", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"),
-                                                          ("o", "s", "^", "v", "D", "P", "X"))}
+_STYLE = {s: dict(color=c, marker=m) for s, c, m in zip(STRATEGIES, ("k", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive"),
+                                                          ("o", "s", "^", "v", "D", "P", "X", "*"), strict=True)}
 
 def plot_learning_curves(curves: pd.DataFrame, full: tuple[float, float, float], # the full-pool reference's (mean, low, high)
                          metric: str = "test_particle_f1"):
@@ -225,15 +340,16 @@ def plot_overlap(matrix: pd.DataFrame, title: str):
     return fig
 
 def plot_replay(replay: pd.DataFrame, curves: pd.DataFrame, bias: pd.DataFrame):
-    "Left: the original protocol (warm start, last checkpoint, threshold 0.5) and its no-new-labels control against this protocol's random curve; right: F1 on the selection pool minus test F1."
+    "Left: the original recipe as recorded (weights reset, epochs over the labelled set, last checkpoint, threshold 0.5) and its same-steps, no-new-labels control against this protocol's random curve; right: F1 on the selection pool minus test F1."
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     for arm, d in replay.groupby("arm"):
         g = d.groupby("round").agg(x=("labelled_fraction", "mean"), y=("test_particle_f1", "mean"), lo=("test_particle_f1", "min"), hi=("test_particle_f1", "max"))
-        ax.plot(g.x, g.y, marker="o", label=f"original: {arm} (mean; band: min-max over seeds)"); ax.fill_between(g.x, g.lo, g.hi, alpha=0.15)
+        line, = ax.plot(g.x, g.y, marker="o", label=f"original recipe, {arm}: test F1 (mean; band: min-max over seeds)"); ax.fill_between(g.x, g.lo, g.hi, alpha=0.15)
+        ax.plot(g.x, d.groupby("round").val_particle_f1.mean(), ls="--", color=line.get_color(), label=f"original recipe, {arm}: what it reported (validation F1)")
     r = curves[curves.strategy == "random"].sort_values("round")
     ax.errorbar(r.labelled_fraction, r.test_particle_f1, yerr=[r.test_particle_f1 - r.test_particle_f1_low, r.test_particle_f1_high - r.test_particle_f1],
                 color="k", marker="s", capsize=2, label="this protocol: random (95% CI)")
-    ax.set_xlabel("labelled fraction (control: labels stay at the initial set; x = the warm-start arm's)"); ax.set_ylabel("test particle F1")
+    ax.set_xlabel("labelled fraction (control: labels stay at the initial set; x = the recorded arm's)"); ax.set_ylabel("test particle F1")
     ax.legend(fontsize=7); ax.grid(alpha=0.3)
     for strategy, d in bias.groupby("strategy", sort=False):
         bx.errorbar(d.labelled_fraction, d.bias, yerr=[d.bias - d.bias_low, d.bias_high - d.bias], capsize=2, label=strategy, **_STYLE.get(strategy, {}))
