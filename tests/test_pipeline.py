@@ -38,7 +38,9 @@ def _run_study(study, tmp_path):
     _papermill(study, out / f"{study}.ipynb", tmp_path)
     subprocess.run([sys.executable, "-m", "project_lib.report", "render", out / f"{study}.ipynb", "--provenance",
                     out / "provenance.json", "--out", tmp_path / "reports" / f"{study}.html", "--title", study], check=True)
-    return out, (tmp_path / "reports" / f"{study}.html").read_text()
+    html = (tmp_path / "reports" / f"{study}.html").read_text()
+    assert "PosixPath(" not in html, f"the {study} report prints a machine path"   # a cell ending in a call that returns a path
+    return out, html
 
 
 def test_cryoem_study_runs_end_to_end_in_tiny_profile(tmp_path):

@@ -56,6 +56,13 @@ class CascadeParams:
         if len(self.seeds) < 1: raise ValueError("cascade.seeds must not be empty")
         if self.auc_margin <= 0: raise ValueError(f"cascade.auc_margin must be > 0, got {self.auc_margin}")
         if not set(self.success_criteria) <= set(EXPERTS): raise ValueError(f"cascade.success_criteria names experts of {EXPERTS}, got {sorted(self.success_criteria)}")
+        if self.px < 32 or self.px % 32: raise ValueError(f"cascade.px must be a positive multiple of 32 (the backbones downsample by 32), got {self.px}")
+        if not 0 < self.routing_budget <= 1: raise ValueError(f"cascade.routing_budget is a fraction of the validation images, in (0, 1]; got {self.routing_budget}")
+        if self.stack_folds < 2: raise ValueError(f"cascade.stack_folds must be >= 2 (out-of-fold stacking), got {self.stack_folds}")
+        for role, recipe in self.models.items():   # every recipe checked before anything trains: an unknown field is a typo
+            unknown = set(recipe) - {f.name for f in dataclasses.fields(ModelConfig)} | set(recipe) & {"role", "px"}
+            if unknown: raise ValueError(f"cascade.models.{role} has unknown or reserved fields {sorted(unknown)}: expected fields of ModelConfig but role and px")
+            self.model_config(role)
 
     def model_config(self, role: str) -> ModelConfig:
         return ModelConfig(role=role, px=self.px, **self.models[role])
