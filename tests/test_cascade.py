@@ -142,8 +142,11 @@ def test_embedding_widths(role, arch, width):
 
 def test_vae_kl_against_a_hand_computation():
     # mu = (0.5, -1), log var = (ln 4, 0): KL_1 = -1/2 (1 + ln 4 - 0.25 - 4), KL_2 = -1/2 (1 + 0 - 1 - 1) = 0.5
+    # summed over the latent dimensions (the standard VAE term), averaged over samples: a second sample at the prior adds 0
     kl1 = -0.5 * (1 + np.log(4) - 0.25 - 4)
     got = float(kl_divergence(torch.tensor([[0.5, -1.0]]), torch.tensor([[np.log(4.0), 0.0]])))
+    assert got == pytest.approx(kl1 + 0.5, abs=1e-6)
+    got = float(kl_divergence(torch.tensor([[0.5, -1.0], [0.0, 0.0]]), torch.tensor([[np.log(4.0), 0.0], [0.0, 0.0]])))
     assert got == pytest.approx((kl1 + 0.5) / 2, abs=1e-6)
 
 

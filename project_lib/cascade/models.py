@@ -58,8 +58,8 @@ class TimmDetector(nn.Module):
 
 # %% ../../nbs/41_cascade_models.ipynb #c007
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    "KL(N(μ, σ²) || N(0, 1)) per latent dimension, averaged over dimensions and samples."
-    return (-0.5 * (1 + logvar - mu ** 2 - logvar.exp())).mean()
+    "KL(N(μ, σ²) || N(0, 1)) of each sample's latent vector (the standard VAE term: summed over latent dimensions), averaged over samples."
+    return (-0.5 * (1 + logvar - mu ** 2 - logvar.exp())).sum(dim=-1).mean()
 
 def _ed_autoencoder(w: float) -> tuple[nn.Module, nn.Module]:
     c = [3] + [max(int(round(k * w)), 4) for k in (16, 32, 64, 128, 256)]
