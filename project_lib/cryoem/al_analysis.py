@@ -297,13 +297,15 @@ def replay_symptoms(table: pd.DataFrame, # from `replay_table`
                     tolerance: float = 0.02, # a change of F1 smaller than this is not called a rise or a fall
                    ) -> dict:
     """Which of the original's symptoms the replay shows: test F1 falling with more labels (the largest drop from the best earlier round),
-    the control (no new labels, the same steps) rising with the rounds as the recorded arm does, and the optimism of validation-as-test."""
+    the control (no new labels, the same steps) rising with the rounds as the recorded arm does (at least half its rise; and the share of
+    the recorded rise the control reaches), and the optimism of validation-as-test."""
     rec = table[table.arm == "as recorded"].sort_values("round")
     ctl = table[table.arm == "control"].sort_values("round")
     f1 = rec.test_f1.to_numpy()
     drop = float(np.max(np.maximum.accumulate(f1) - f1))
     rise_rec, rise_ctl = float(f1[-1] - f1[0]), float(ctl.test_f1.iloc[-1] - ctl.test_f1.iloc[0])
     return {"largest_drop": drop, "falls_with_more_labels": bool(drop > tolerance), "recorded_rise": rise_rec, "control_rise": rise_ctl,
+            "control_share_of_rise": rise_ctl / rise_rec if rise_rec > tolerance else float("nan"),
             "control_rises_too": bool(rise_ctl > tolerance and rise_ctl >= rise_rec / 2), "optimism_mean": float(table.optimism.mean()),
             "optimism_max": float(table.optimism.abs().max())}
 
