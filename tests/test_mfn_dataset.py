@@ -2,12 +2,14 @@
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from project_lib.mfn.dataset import PARQUET_SCHEMA, generate_dataset, read_dataset, sweep, thread_budget
 from project_lib.mfn.features import FEATURE_NAMES
+from project_lib.mfn.sim import SimulationConfig
 
 CONFIGS = sweep([16, 24], [0.1, 0.2], [0, 1], steps=[30])
 
@@ -85,9 +87,43 @@ def test_cli_help_and_run(tmp_path):
     assert len(read_dataset(out)[0]) == 4
     for args, message in ((("--alphas", "0.5"), "alpha=0.5 > 0.25"), (("--grid-sizes", "-16"), "grid_size must be an integer >= 4"),
                           (("--n-jobs", "0"), "n_jobs must be a non-zero integer"), (("--seeds", "0", "0"), "seeds has duplicate values"),
-                          (("--grid-sizes", "97"), "fewer than two divisors")):
+                          (("--grid-sizes", "97"), "grid_size 97 gives 0 box size")):
         bad = run("--output", str(out), *args, "--quiet")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     for target, message in ((tmp_path, "is a directory"), (tmp_path / "missing" / "x.parquet", "does not exist")):
         bad = run("--output", str(target), "--quiet")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_cli_refuses_the_third_reviews_cases_before_simulating_and_ctrl_c_ends_cleanly(tmp_path):
+    import signal
+    import time
+    run = lambda *args: subprocess.run([sys.executable, "-m", "project_lib.mfn", *args], capture_output=True, text=True)
+    out = tmp_path / "x.parquet"
+    for args, message in ((("--output", str(out), "--n-jobs", "-100"), "n_jobs = -100 asks for all cores but 99"),
+                          (("--output", str(tmp_path / "x.csv")), "give a path ending in .parquet"),
+                          (("--output", "/proc/x.parquet"), "folder /proc is not writable"),
+                          (("--output", str(out), "--scheduler-address", "tcp://127.0.0.1:1"), "no Dask scheduler answered")):
+        t0 = time.perf_counter()
+        bad = run(*args, "--quiet")
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert time.perf_counter() - t0 < 60 and not out.exists()
+    long = subprocess.Popen([sys.executable, "-m", "project_lib.mfn", "--output", str(out), "--grid-sizes", "128", "--steps", "5000",
+                             "--seeds", *map(str, range(10)), "--quiet"], stderr=subprocess.PIPE, text=True)
+    time.sleep(8)                                                   # past the imports and the checks: simulating
+    long.send_signal(signal.SIGINT)
+    _, err = long.communicate(timeout=120)
+    assert long.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
+    assert not out.exists() and not list(tmp_path.iterdir())          # nothing half-written
+
+
+def test_library_edges_of_the_third_review(tmp_path):
+    with pytest.raises(ValueError, match=r"grid_sizes must be integers, got \[16.5\]"):
+        sweep([16.5], [0.1], [0])
+    assert [c.grid_size for c in sweep([np.int64(16), 32.0], [0.1], [0], turing=(True,))] == [16, 32]   # numpy integers and whole floats are integers
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_dataset(tmp_path)
+    assert SimulationConfig(spike_probability=np.float32(0.2)).spike_probability == pytest.approx(0.2)   # numpy scalars are numbers
+    with pytest.raises(ValueError, match="n_jobs = -3 asks for all cores but 2 of 2"):
+        thread_budget(-3, cpus=2)
+    assert thread_budget(-2, cpus=2) == (1, 2)

@@ -106,8 +106,12 @@ def test_dropping_partial_boxes_biases_the_filled_square_above_two():
     # the upstream tiling, kept as an option: at 128 the sizes 5, 11, 27 do not divide the grid
     d, _ = compute_fractal_features(volts(np.ones((128, 128), bool)), FeatureConfig(box_tiling="drop_partial"))
     assert d == pytest.approx(2.034, abs=0.001)
-    with pytest.raises(ValueError, match="fewer than two divisors"):
+    with pytest.raises(ValueError, match=r"grid_size 97 gives 0 box size\(s\)"):
         compute_fractal_features(volts(np.ones((97, 97), bool)))
+    # 2 x prime and 5: two box sizes (R² is always 1) or none (the argmin of an empty sequence before): a named error
+    for n, count in ((194, 2), (202, 2), (254, 2), (5, 0)):
+        with pytest.raises(ValueError, match=rf"grid_size {n} gives {count} box size\(s\).*needs at least 3"):
+            box_sizes(n)
 
 
 def test_box_dimension_of_empty_field_is_zero():

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/14_mfn_cli.ipynb #c002
 from __future__ import annotations
-import argparse, os
+import argparse, sys, tempfile
 from pathlib import Path
 
 from .dataset import generate_dataset, sweep, thread_budget
@@ -35,14 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def _check_output(parser: argparse.ArgumentParser, path: Path):
-    "Refuse an output that is a directory or sits in a missing or read-only folder, before any simulation runs."
+    "Refuse an output that is not a .parquet file path or sits in a missing or unwritable folder (a file is created there and removed), before any simulation runs."
     if path.is_dir(): parser.error(f"--output {path} is a directory; give a .parquet file path")
+    if path.suffix != ".parquet": parser.error(f"--output {path}: the dataset is written as Parquet; give a path ending in .parquet")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir(): parser.error(f"--output {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK): parser.error(f"--output {path}: folder {folder} is not writable")
+    try: tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-").close()   # os.access says yes to root and on read-only mounts
+    except OSError as e: parser.error(f"--output {path}: folder {folder} is not writable ({e.strerror})")
+
+def _check_scheduler(parser: argparse.ArgumentParser, address: str | None, timeout_s: int = 10):
+    "Refuse an unreachable Dask scheduler in one line before any simulation runs."
+    if address is None: return
+    from distributed import Client
+    try: Client(address, timeout=f"{timeout_s}s").close()
+    except (OSError, TimeoutError, ValueError) as e: parser.error(f"--scheduler-address {address}: no Dask scheduler answered within {timeout_s} s ({type(e).__name__})")
 
 def main(argv: list[str] | None = None) -> Path:
-    "Run the CLI; returns the written path. Bad arguments end in argparse's one-line error (exit status 2)."
+    "Run the CLI; returns the written path. Bad arguments end in argparse's one-line error (exit status 2); Ctrl-C in exit status 130, no traceback, nothing written."
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_output(parser, args.output)
@@ -53,7 +62,11 @@ def main(argv: list[str] | None = None) -> Path:
         thread_budget(args.n_jobs)
         for n in args.grid_sizes: box_sizes(n, features)
     except (ValueError, TypeError) as e: parser.error(str(e))
-    df = generate_dataset(configs, args.output, features, args.n_jobs, args.scheduler_address, progress=not args.quiet)
+    _check_scheduler(parser, args.scheduler_address)
+    try: df = generate_dataset(configs, args.output, features, args.n_jobs, args.scheduler_address, progress=not args.quiet)
+    except KeyboardInterrupt:   # the dataset is written atomically at the end: nothing is left half-written
+        print("interrupted: nothing written", file=sys.stderr)
+        raise SystemExit(130)
     print(f"wrote {len(df)} simulations to {args.output}")
     return args.output
 

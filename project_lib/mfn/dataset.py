@@ -4,7 +4,7 @@
 
 # %% ../../nbs/12_mfn_dataset.ipynb #c002
 from __future__ import annotations
-import dataclasses, io, itertools, json, os
+import dataclasses, io, itertools, json, numbers, os
 from pathlib import Path
 
 import joblib
@@ -42,6 +42,9 @@ def sweep(grid_sizes, # grid sizes N
     for name, values in (("grid_sizes", grid_sizes), ("alphas", alphas), ("seeds", seeds), ("steps", steps), ("turing", turing)):
         if len(values) == 0: raise ValueError(f"{name} must not be empty")
         if len(set(values)) != len(values): raise ValueError(f"{name} has duplicate values: {list(values)}")
+    for name, values in (("grid_sizes", grid_sizes), ("seeds", seeds), ("steps", steps)):   # 16.5 must not quietly become 16
+        bad = [v for v in values if isinstance(v, bool) or not (isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and float(v).is_integer()))]
+        if bad: raise ValueError(f"{name} must be integers, got {bad}")
     return [SimulationConfig(grid_size=int(n), steps=int(t), alpha=float(a), seed=int(s), turing_enabled=bool(tu),
                              dynamics=dynamics, spike_probability=spike_probability)
             for n, t, a, s, tu in itertools.product(grid_sizes, steps, alphas, seeds, turing)]
@@ -60,7 +63,8 @@ def thread_budget(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
     if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
         raise ValueError(f"n_jobs must be a non-zero integer (-1: all cores), got {n_jobs!r}")
     cpus = cpus or os.cpu_count() or 1
-    workers = max(1, cpus + 1 + n_jobs if n_jobs < 0 else n_jobs)        # joblib: -1 all cores, -2 all but one, ...
+    if n_jobs < -cpus: raise ValueError(f"n_jobs = {n_jobs} asks for all cores but {-n_jobs - 1} of {cpus}: use -1 to -{cpus}, or a positive count")
+    workers = cpus + 1 + n_jobs if n_jobs < 0 else n_jobs        # joblib: -1 all cores, -2 all but one, ...
     return workers, max(1, cpus // workers)
 
 def _run_rows(row_fn, configs, args, n_jobs, scheduler_address, progress) -> list[dict]:
@@ -108,6 +112,7 @@ def generate_dataset(configs: list[SimulationConfig], # e.g. from `sweep`
 def read_dataset(path: str | Path) -> tuple[pd.DataFrame, dict]:
     "A dataset written by `generate_dataset` and its `mfn` metadata; the schema is checked."
     path = Path(path)
+    if path.is_dir(): raise IsADirectoryError(f"dataset {path} is a directory; expected a Parquet file written by generate_dataset")
     if not path.is_file(): raise FileNotFoundError(f"dataset {path} does not exist")
     try: table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e: raise ValueError(f"dataset {path} is not a readable Parquet file: {e}") from e

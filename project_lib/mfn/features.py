@@ -138,12 +138,14 @@ def box_sizes(grid_size: int, # N of the N x N field
     scales = np.geomspace(config.min_box_size, largest, config.num_scales)
     if config.box_tiling == "divisors":
         divisors = np.array([d for d in range(config.min_box_size, largest + 1) if n % d == 0], np.int64)
-        if len(divisors) < 2 and len(np.unique(np.rint(scales))) >= 2:       # tiny grids keep the schema's "fewer than two sizes: 0"
-            raise ValueError(f"grid size {n} has fewer than two divisors in [{config.min_box_size}, {largest}], so whole-box counting "
-                             "needs another grid size (or FeatureConfig(box_tiling='drop_partial'), which is biased)")
-        return np.unique(divisors[np.abs(np.log(divisors)[None, :] - np.log(scales)[:, None]).argmin(1)])
-    sizes = np.rint(scales) if config.box_rounding == "round" else scales.astype(int)
-    return np.unique(sizes.astype(np.int64))
+        sizes = np.unique(divisors[np.abs(np.log(divisors)[None, :] - np.log(scales)[:, None]).argmin(1)]) if len(divisors) else divisors
+    else:
+        sizes = np.unique((np.rint(scales) if config.box_rounding == "round" else scales.astype(int)).astype(np.int64))
+    if len(sizes) < 3:   # a line through two points always fits (R² = 1): no dimension is measured
+        raise ValueError(f"grid_size {n} gives {len(sizes)} box size(s) {sizes.tolist()} in [min_box_size {config.min_box_size}, {largest}] "
+                         f"(box_tiling {config.box_tiling!r}); box counting needs at least 3: choose a grid size with more divisors, or set "
+                         "FeatureConfig's max_box_size / num_scales")
+    return sizes
 
 @numba.njit(parallel=True, cache=True)
 def _occupied_boxes(field, threshold, s):

@@ -68,7 +68,7 @@ class SimulationConfig:
              f"alpha must be a positive number, got {self.alpha!r}")
         need(self.alpha <= 0.25, f"alpha={self.alpha} > 0.25: the explicit diffusion scheme is unstable there "
                                  "(amplification factor 1 - 8 alpha < -1 for the checkerboard mode)")
-        need(isinstance(self.spike_probability, (int, float)) and 0 <= self.spike_probability <= 1,
+        need(isinstance(self.spike_probability, numbers.Real) and not isinstance(self.spike_probability, bool) and 0 <= self.spike_probability <= 1,
              f"spike_probability must be in [0, 1], got {self.spike_probability!r}")
         need(isinstance(self.turing_enabled, (bool, np.bool_)), f"turing_enabled must be a bool, got {self.turing_enabled!r}")
         need(isinstance(self.dynamics, str) and self.dynamics in DYNAMICS, f"dynamics must be one of {sorted(DYNAMICS)} (a string), got {self.dynamics!r}")
