@@ -374,6 +374,13 @@ def test_slice_gaps_and_repeats_are_refused(tmp_path):
     write_slices(tmp_path / "twice", [1], "slice_{:04d}.tif")
     with pytest.raises(ValueError, match=r"slice numbers \[1\] occur in more than one file"):
         read_tiff_stack(tmp_path / "twice")
+    write_slices(tmp_path / "mixed", range(24))                # one slice named in words would sort after slice_23: refused
+    tifffile.imwrite(tmp_path / "mixed" / "slice_seven.tif", np.full((2, 3), 7, np.uint16))
+    with pytest.raises(ValueError, match=r"mixes numbered and unnumbered slice names \(\['slice_seven.tif'\]"):
+        read_tiff_stack(tmp_path / "mixed")
+    (tmp_path / "words").mkdir()                                # no numbers at all: natural order of the names
+    for name in ("a", "b"): tifffile.imwrite(tmp_path / "words" / f"slice_{name}.tif", np.zeros((2, 3), np.uint16))
+    assert read_tiff_stack(tmp_path / "words").shape == (2, 2, 3)
 
 
 def test_stacks_with_different_slice_numbers_are_refused(tmp_path, tiles):
@@ -537,5 +544,38 @@ def test_cli_mask_label_options(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     # the per-bbox table reaches the loader: bbox 2's ids (1, 3, 2/4) on a bbox written with bbox 1's ids are refused
     hand_bbox(tmp_path)
-    with pytest.raises(ValueError, match=r"bbox1: vesicle_cloud id\(s\) \[3\] do not occur"):
+    with pytest.raises(SystemExit) as exit_:
         main(base + ["--data_root", str(tmp_path), "--mask_labels", "vesicle_cloud=3", "cleft=2,4", "mitochondrion=1"])
+    assert exit_.value.code == 2 and "bbox1: vesicle_cloud id(s) [3] do not occur" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "2"], "--alpha must be in [0, 1], got 2.0"),
+    (["--n_clusters", "1"], "--n_clusters must be >= 2, got 1"),
+    (["--voxel_nm", "0"], "--voxel_nm must be > 0, got 0.0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--cube_size", "3"], "--cube_size 3: input_size must be >= 16, got 3"),
+    (["--extraction_method", "stage_specific", "--layer_num", "99"], "--layer_num must index model.features (0 to 33), got 99"),
+    (["--data_root", "/nonexistent"], "--data_root /nonexistent is not a folder"),
+    (["--output_dir", "/proc/synapse_out"], "--output_dir /proc/synapse_out cannot be written"),
+    (["--cube_size", "32", "--voxel_nm", "8", "--n_clusters", "100000"], "--n_clusters 100000 exceeds the 48 synapses found"),
+    (["--cube_size", "16", "--voxel_nm", "8"], "needs a field of view of at least"),
+])
+def test_cli_errors_are_one_line_before_any_extraction(extra, message, tmp_path, capsys, monkeypatch):
+    from project_lib.synapse import __main__ as cli
+    monkeypatch.setattr(cli, "extract_features", lambda *a, **k: pytest.fail("extraction ran before the error"))
+    args = ["--random_init", "--cube_size", "16", "--classifier_hidden", "8", "--output_dir", str(tmp_path / "out"), "--quiet"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args + extra)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cli_refuses_a_missing_or_corrupt_checkpoint(tmp_path, capsys):
+    from project_lib.synapse.__main__ import main
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    for path, message in ((tmp_path / "none.pt", "does not exist"), (tmp_path / "broken.pt", "--checkpoint")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--checkpoint", str(path), "--cube_size", "16", "--classifier_hidden", "8", "--output_dir", str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/33_synapse_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json, re
+import argparse, json, pickle, re, tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -77,18 +78,48 @@ def _bbox_options(args: argparse.Namespace) -> dict[str, dict]:
     try: return {b: {**common, "labels": original_mask_labels(b)} for b in args.bboxes}
     except ValueError as e: raise ValueError(f"--original_labels: {e}") from None
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
-    "Run the CLI; returns the clustered feature table (also written to --output_dir)."
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try: options = _bbox_options(args)
-    except ValueError as e: parser.error(str(e))
-    model = VGG3D(input_size=args.cube_size, classifier_hidden=args.classifier_hidden)
-    if args.checkpoint: load_checkpoint(model, args.checkpoint)
+def _check_numbers(args: argparse.Namespace):
+    "The numeric options' ranges, each error naming its option."
+    for name, ok, expected in (("--cube_size", args.cube_size >= 1, ">= 1"), ("--voxel_nm", args.voxel_nm > 0, "> 0"),
+                               ("--alpha", 0 <= args.alpha <= 1, "in [0, 1]"), ("--n_clusters", args.n_clusters >= 2, ">= 2"),
+                               ("--batch_size", args.batch_size >= 1, ">= 1"), ("--classifier_hidden", args.classifier_hidden >= 1, ">= 1")):
+        if not ok: raise ValueError(f"{name} must be {expected}, got {getattr(args, name[2:])}")
+
+def _check_output_dir(folder: Path):
+    "An output folder that is not a file and can be written (a file is created there and removed: os.access says yes to root)."
+    if folder.exists() and not folder.is_dir(): raise ValueError(f"--output_dir {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-").close()
+    except OSError as e: raise ValueError(f"--output_dir {folder} cannot be written ({e.strerror})") from None
+
+def _prepare(args: argparse.Namespace) -> tuple[VGG3D, Sequence]:
+    "The network (with its checkpoint) and the cubes, every bad input refused before any extraction."
+    options = _bbox_options(args)
+    _check_numbers(args)
+    _check_output_dir(args.output_dir)
+    try: model = VGG3D(input_size=args.cube_size, classifier_hidden=args.classifier_hidden)
+    except (ValueError, RuntimeError) as e: raise ValueError(f"--cube_size {args.cube_size}: {e}") from None
+    if args.extraction_method == "stage_specific" and not 0 <= args.layer_num < len(model.features):
+        raise ValueError(f"--layer_num must index model.features (0 to {len(model.features) - 1}), got {args.layer_num}")
+    if args.checkpoint:
+        try: load_checkpoint(model, args.checkpoint)
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e: raise ValueError(f"--checkpoint {args.checkpoint}: {e}") from None
     if args.data_root:
-        dataset = [c for b in args.bboxes for c in cubes_from_bbox(args.data_root, b, args.cube_size, **options[b])]
+        if not args.data_root.is_dir(): raise ValueError(f"--data_root {args.data_root} is not a folder")
+        try: dataset = [c for b in args.bboxes for c in cubes_from_bbox(args.data_root, b, args.cube_size, **options[b])]
+        except (OSError, ValueError) as e: raise ValueError(f"--data_root {args.data_root}: {e}") from None
     else:
         dataset = SyntheticSynapses(GeneratorConfig(cube_size=args.cube_size, voxel_nm=args.voxel_nm), args.seed)
+    if len(dataset) < args.n_clusters: raise ValueError(f"--n_clusters {args.n_clusters} exceeds the {len(dataset)} synapses found")
+    return model, dataset
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    "Run the CLI; returns the clustered feature table (also written to --output_dir). Every bad input ends in argparse's one-line error (exit status 2) before any extraction."
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try: model, dataset = _prepare(args)
+    except ValueError as e: parser.error(" ".join(str(e).split()))
     config = ExtractionConfig(seg_type=args.seg_type, alpha=args.alpha, batch_size=args.batch_size, progress=not args.quiet)
     if args.extraction_method == "standard":
         features, stem = extract_features(model, dataset, config), "features"

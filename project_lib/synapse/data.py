@@ -454,12 +454,15 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 def _slice_files(folder: Path) -> tuple[list[Path], list[int] | None]:
-    "A folder's TIFF slices in natural order and their numbers (None unless every name ends in one); repeated or missing numbers are errors."
+    "A folder's TIFF slices in natural order and their numbers (None when no name ends in one); mixed, repeated or missing numbers are errors."
     if not folder.is_dir(): raise FileNotFoundError(f"slice folder {folder} does not exist")
     files = sorted((f for f in folder.iterdir() if f.suffix.lower() in (".tif", ".tiff")), key=lambda f: _natural_key(f.name))
     if not files: raise FileNotFoundError(f"slice folder {folder} holds no .tif slices")
     found = [re.search(r"(\d+)$", f.stem) for f in files]
-    if not all(found): return files, None
+    if not any(found): return files, None
+    if not all(found):   # natural order would put `slice_seven` after `slice_9`: a silent move in z
+        raise ValueError(f"slice folder {folder} mixes numbered and unnumbered slice names ({[f.name for f, m in zip(files, found) if not m][:3]} "
+                         f"beside {[f.name for f, m in zip(files, found) if m][:2]}): their order in z is ambiguous; number every slice")
     numbers = [int(m.group(1)) for m in found]
     repeated = sorted(n for n, k in Counter(numbers).items() if k > 1)
     if repeated:
