@@ -108,11 +108,15 @@ def test_cli_refuses_the_third_reviews_cases_before_simulating_and_ctrl_c_ends_c
         bad = run(*args, "--quiet")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert time.perf_counter() - t0 < 60 and not out.exists()
-    long = subprocess.Popen([sys.executable, "-m", "project_lib.mfn", "--output", str(out), "--grid-sizes", "128", "--steps", "5000",
-                             "--seeds", *map(str, range(10)), "--quiet"], stderr=subprocess.PIPE, text=True)
-    time.sleep(8)                                                   # past the imports and the checks: simulating
-    long.send_signal(signal.SIGINT)
-    _, err = long.communicate(timeout=120)
+    log = tmp_path.parent / f"{tmp_path.name}-stderr.txt"             # outside the output folder, which must stay empty
+    with open(log, "w") as stderr:                                    # many short simulations: the interrupt lands between two of them soon
+        long = subprocess.Popen([sys.executable, "-m", "project_lib.mfn", "--output", str(out), "--grid-sizes", "32", "--steps", "200",
+                                 "--seeds", *map(str, range(2000))], stderr=stderr, text=True)
+        deadline = time.monotonic() + 120
+        while "simulations" not in log.read_text() and time.monotonic() < deadline: time.sleep(0.5)   # the progress bar: past the checks
+        long.send_signal(signal.SIGINT)
+        long.wait(timeout=120)
+    err = log.read_text()
     assert long.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
     assert not out.exists() and not list(tmp_path.iterdir())          # nothing half-written
 
