@@ -111,7 +111,8 @@ def test_cli_refuses_the_third_reviews_cases_before_simulating_and_ctrl_c_ends_c
     log = tmp_path.parent / f"{tmp_path.name}-stderr.txt"             # outside the output folder, which must stay empty
     with open(log, "w") as stderr:                                    # many short simulations: the interrupt lands between two of them soon
         long = subprocess.Popen([sys.executable, "-m", "project_lib.mfn", "--output", str(out), "--grid-sizes", "32", "--steps", "200",
-                                 "--seeds", *map(str, range(2000))], stderr=stderr, text=True)
+                                 "--seeds", *map(str, range(2000))], stderr=stderr, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # pytest-xdist workers ignore SIGINT, and children inherit that
         deadline = time.monotonic() + 120
         while "simulations" not in log.read_text() and time.monotonic() < deadline: time.sleep(0.5)   # the progress bar: past the checks
         long.send_signal(signal.SIGINT)
