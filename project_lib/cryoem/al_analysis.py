@@ -260,11 +260,11 @@ def convergence_table(rounds: pd.DataFrame, # from `ALRun.rounds` (round 0 once 
     epoch is below the cap, the share stopped early, the median best epoch; and the full pool at twice the cap minus at the cap."""
     d = pd.concat([rounds[rounds["round"] == 0].drop_duplicates("seed").assign(kind="round 0"),
                    rounds[rounds["round"] > 0].assign(kind="acquisition rounds"), rounds[rounds["round"] == -1].assign(kind="full pool")])
-    rows = [{"kind": kind, "trainings": len(g), "best_below_cap": float((g.best_epoch < g.epoch_cap).mean()),
-             "stopped_early": float((g.epochs_trained < g.epoch_cap).mean()), "median_best_epoch": float(g.best_epoch.median()),
-             "cap": int(g.epoch_cap.max())} for kind, g in d.groupby("kind", sort=False)]
-    rows.append({"kind": "all", "trainings": len(d), "best_below_cap": float((d.best_epoch < d.epoch_cap).mean()),
-                 "stopped_early": float((d.epochs_trained < d.epoch_cap).mean()), "median_best_epoch": float(d.best_epoch.median()), "cap": int(d.epoch_cap.max())})
+    def summary(kind, g):
+        return {"kind": kind, "trainings": len(g), "best_below_cap": float((g.best_epoch < g.epoch_cap).mean()),
+                "stopped_early": float((g.epochs_trained < g.epoch_cap).mean()), "median_best_epoch": float(g.best_epoch.median()),
+                "cap": int(g.epoch_cap.max())}
+    rows = [summary(kind, g) for kind, g in d.groupby("kind", sort=False)] + [summary("all", d)]
     shift = (double_cap.double_cap_test_particle_f1 - double_cap.cap_test_particle_f1).to_numpy()
     return pd.DataFrame(rows), {"double_cap_shift": float(shift.mean()) if len(shift) else float("nan"),
                                 "double_cap_shift_max": float(np.abs(shift).max()) if len(shift) else float("nan"), "double_cap_seeds": len(shift)}
