@@ -12,15 +12,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, npy_layout, require_portable
+from scipy import ndimage
+
+from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, npy_layout, project_root, require_portable
 
 # %% auto #0
-__all__ = ['PHOTOS', 'LFW_LICENCE', 'FAMILIES', 'STRENGTHS', 'FORGER_DTYPE', 'FORGER_UPS', 'real_photographs', 'crop_resize',
-           'jpeg', 'finish', 'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile',
-           'match_spectrum', 'Forger', 'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers',
-           'MappedImages', 'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc',
-           'pipeline_cue_auc', 'group_split', 'read_manifest', 'load_image', 'manifest_cache', 'load_manifest',
-           'write_manifest']
+__all__ = ['PHOTOS', 'PHOTO_DIR', 'LFW_LICENCE', 'CHAIN', 'FAMILIES', 'STRENGTHS', 'FORGER_DTYPE', 'FORGER_UPS',
+           'real_photographs', 'crop_resize', 'jpeg', 'finish', 'draw_chain', 'degrade', 'residual_std', 'match_source',
+           'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger',
+           'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers', 'MappedImages',
+           'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc',
+           'group_split', 'cap_per_group', 'kish_groups', 'read_manifest', 'load_image', 'manifest_cache',
+           'load_manifest', 'write_manifest']
 
 # %% ../../nbs/40_cascade_data.ipynb #c005
 PHOTOS = {   # name: (loader, package, licence)
@@ -31,11 +34,27 @@ PHOTOS = {   # name: (loader, package, licence)
     "grass": ("skimage", "CC0"), "gravel": ("skimage", "CC0"), "brick": ("skimage", "CC0"), "cell": ("skimage", "CC0"),
     "china": ("sklearn", "CC-BY 2.0 (Flickr)"), "flower": ("sklearn", "CC-BY 2.0 (Flickr)"),
     "grace_hopper": ("matplotlib", "public domain (US Navy)"),
+    # curated from Debian's desktop-background packages (data/cascade, tracked by data.dvc; sources in data/README.md): photographs only
+    **{f"mate_{n}": ("data", f"GPL-2+ ({a}; mate-backgrounds)") for n, a in (
+        ("aqua", "Charles Barbin"), ("blinds", "Lennart Poettering, Andrea Cimitan"), ("dune", "Marco Cogoni, Hylke Bons"),
+        ("freshflower", "Jens Ansorg"), ("garden", "Charles Barbin"), ("greenmeadow", "Timothy Schellhase, Lapo Calamandrei"),
+        ("ladybird", "Charles Barbin"), ("raindrops", "blackcombwhistler07"), ("storm", "Sergey Nazarov"),
+        ("twowings", "Charles Barbin, Hylke Bons"), ("wood", "Jean-François Fortin Tam"), ("yellowflower", "Charles Barbin"))},
+    **{f"plasma_{n}": ("data", f"{lic} ({a}; plasma-workspace-wallpapers)") for n, a, lic in (
+        ("bythewater", "Maciej Wiklo", "LGPL-3"), ("coldripple", "Risto Saukonpää", "LGPL-3"), ("colorfulcups", "Dmitri Popov", "LGPL-3"),
+        ("darkesthour", "Risto Saukonpää", "LGPL-3"), ("eveningglow", "Ian Hex", "LGPL-3"), ("fallenleaf", "Martin Klapetek", "LGPL-3"),
+        ("grey", "Sigi Sagi", "LGPL-3"), ("kite", "Risto Saukonpää", "LGPL-3"), ("milkyway", "ruvkr", "CC-BY-SA-4.0"),
+        ("onestandsout", "Risto Saukonpää", "LGPL-3"), ("path", "Risto Saukonpää", "LGPL-3"), ("summer_1am", "Risto Saukonpää", "LGPL-3"))},
 }
+PHOTO_DIR = "data/cascade" # the curated photographs, relative to the project root
 LFW_LICENCE = "Labeled Faces in the Wild (research use), via skimage.data.lfw_subset"
 
 def _load_photo(name: str) -> np.ndarray:
     package = PHOTOS[name][0]
+    if package == "data":
+        path = project_root() / PHOTO_DIR / f"{name}.jpg"
+        if not path.is_file(): raise FileNotFoundError(f"{path} is missing: the curated photographs are tracked by data.dvc (run `dvc pull data.dvc`)")
+        return np.asarray(Image.open(path).convert("RGB"))
     if package == "skimage":
         import skimage.data
         return np.asarray(getattr(skimage.data, name)())
@@ -83,6 +102,52 @@ def finish(image: np.ndarray, grey: bool, flip: bool, quality: int) -> np.ndarra
     out = image[:, ::-1] if flip else image
     if grey: out = np.repeat(np.round(out.astype(np.float32).mean(-1, keepdims=True)).astype(np.uint8), 3, -1)
     return jpeg(np.ascontiguousarray(out), quality)
+
+CHAIN = {   # the acquisition chain's draws per sample (each step applied with probability 1/2, noise always): drawn before the label
+    "contrast": (1.05, 1.4), "blur_sigma": (0.3, 1.2), "sharpen": (0.2, 1.0), "rescale": (0.5, 0.9), "noise_sigma": (0.0, 3.0),
+}
+
+def draw_chain(rng: np.random.Generator) -> dict:
+    "One sample's acquisition chain: contrast gain about mid-grey, blur sigma (px), unsharp amount, down-and-up rescale factor (1, 0, 0, 1: step off), noise sigma (grey levels), noise seed."
+    on = rng.random(4) < 0.5
+    return {"contrast": float(rng.uniform(*CHAIN["contrast"])) if on[0] else 1.0,
+            "blur_sigma": float(rng.uniform(*CHAIN["blur_sigma"])) if on[1] else 0.0, "sharpen": float(rng.uniform(*CHAIN["sharpen"])) if on[2] else 0.0,
+            "rescale": float(rng.uniform(*CHAIN["rescale"])) if on[3] else 1.0, "noise_sigma": float(rng.uniform(*CHAIN["noise_sigma"])),
+            "noise_seed": int(rng.integers(2**31))}
+
+def degrade(image: np.ndarray, contrast: float, blur_sigma: float, sharpen: float, rescale: float, noise_sigma: float, noise_seed: int) -> np.ndarray:
+    "The acquisition chain every sample goes through, real or fake: a contrast stretch about mid-grey (clipping highlights and shadows, as an exposure does), Gaussian blur, unsharp masking (sigma 1 px), bilinear down- and up-sampling, additive Gaussian noise."
+    x = image.astype(np.float32)
+    if contrast != 1: x = np.clip((x - 127.5) * contrast + 127.5, 0, 255)
+    if blur_sigma > 0: x = ndimage.gaussian_filter(x, (blur_sigma, blur_sigma, 0))
+    if sharpen > 0: x = x + sharpen * (x - ndimage.gaussian_filter(x, (1.0, 1.0, 0)))
+    if rescale < 1:
+        px, small = x.shape[0], max(8, int(round(x.shape[0] * rescale)))
+        u8 = Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))
+        x = np.asarray(u8.resize((small, small), Image.Resampling.BILINEAR).resize((px, px), Image.Resampling.BILINEAR), np.float32)
+    if noise_sigma > 0: x = x + np.random.default_rng(noise_seed).normal(0, noise_sigma, x.shape).astype(np.float32)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+def residual_std(image: np.ndarray) -> float:
+    "Std of the grey image's 3x3 noise residual (the image minus its 3x3 local mean, the residual the detectors' `HighPass` gives)."
+    g = np.asarray(image, np.float64).mean(-1)
+    return float((g - ndimage.uniform_filter(g, 3, mode="reflect")).std())
+
+def match_source(fake: np.ndarray, source: np.ndarray, max_gain: float = 8.0) -> tuple[np.ndarray, float]:
+    """(the fake matched to its source, the detail gain): per-channel mean and std set to the source's, then the fine detail (the image
+    minus its Gaussian blur, sigma 1 px) scaled so that the 3x3 residual std equals the source's (gain within [1/max_gain, max_gain]),
+    kept within the source's range per channel: neither the global statistics, the clipping nor the sharpness tell a fake from its crop."""
+    x, s = fake.astype(np.float64), source.astype(np.float64)
+    mx, sx, ms, ss = x.mean((0, 1)), x.std((0, 1)), s.mean((0, 1)), s.std((0, 1))
+    x = (x - mx) / np.where(sx > 1e-6, sx, 1.0) * np.where(sx > 1e-6, ss, 0.0) + ms
+    low = ndimage.gaussian_filter(x, (1.0, 1.0, 0))
+    res = lambda im: (lambda g: g - ndimage.uniform_filter(g, 3, mode="reflect"))(im.mean(-1))
+    a, b = res(low), res(x - low)   # the residual is linear: res(low + g detail) = a + g b
+    va, vb, c, target = a.var(), b.var(), np.mean((a - a.mean()) * (b - b.mean())), residual_std(source) ** 2
+    disc = c * c - vb * (va - target)
+    gain = float(np.clip((-c + np.sqrt(disc)) / vb, 1 / max_gain, max_gain)) if vb > 1e-12 and disc >= 0 else 1.0
+    lo, hi = s.min((0, 1)), s.max((0, 1))   # within the source's range per channel: amplified detail adds no clipped pixels the source lacks
+    return np.clip(np.round(low + gain * (x - low)), lo, hi).astype(np.uint8), gain
 
 # %% ../../nbs/40_cascade_data.ipynb #c011
 FAMILIES = ("sbi", "ae_swap", "generator", "generator_matched", "resample", "double_jpeg")
@@ -343,7 +408,8 @@ def _sample_plan(photos: list[dict], crops_per_photo: int, crops_per_face: int, 
     plan = []
     for k, (i, ss) in enumerate(zip(owners, np.random.SeedSequence(seed).spawn(len(owners)))):
         rng = np.random.default_rng(ss)
-        step = {"photo": i, "rng": rng, "crop_seed": int(rng.integers(2**31)), "flip": bool(rng.integers(2)), "quality": int(rng.integers(80, 96))}
+        step = {"photo": i, "rng": rng, "crop_seed": int(rng.integers(2**31)), "flip": bool(rng.integers(2)), "quality": int(rng.integers(60, 96)),
+                "chain": draw_chain(rng)}
         fake = bool(rng.random() < fake_fraction)   # drawn after the pipeline's parameters
         step.update(label=int(fake), family=FAMILIES[int(rng.integers(len(FAMILIES)))] if fake else "real", strength=int(rng.integers(1, 4)) if fake else 0)
         plan.append(step)
@@ -392,8 +458,10 @@ def build_benchmark(draft: Draft, forgers: dict[str, Forger]) -> Benchmark:
             elif fam == "generator_matched": x = match_spectrum(_blend(x, generated[k], np.full((px, px), a)), x)
             elif fam == "resample": x = resample(x, a)
             else: x = double_jpeg(x, a, rng)
-        images.append(finish(x, photo["grey"], step["flip"], step["quality"]))
-        rows[k].update(photo=photo["name"], flip=step["flip"], quality=step["quality"], family=step["family"], strength=step["strength"])
+            x, gain = match_source(x, crops[k])
+        images.append(finish(degrade(x, **step["chain"]), photo["grey"], step["flip"], step["quality"]))
+        rows[k].update(photo=photo["name"], flip=step["flip"], quality=step["quality"], family=step["family"], strength=step["strength"],
+                       detail_gain=gain if step["label"] else 1.0, **{k_: v for k_, v in step["chain"].items() if k_ != "noise_seed"})
     meta = pd.DataFrame(rows)
     return Benchmark(np.stack(images), np.array([s["label"] for s in draft.plan]), meta.photo.to_numpy(dtype=object), meta)
 
@@ -414,16 +482,28 @@ def roc_auc(y, score) -> float:
     r = rankdata(np.asarray(score, np.float64))
     return float((r[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
 
-def pipeline_cue_auc(bench: Benchmark, columns=("crop_side", "flip", "quality")) -> pd.Series:
+def pipeline_cue_auc(bench: Benchmark, columns=("crop_side", "flip", "quality", "contrast", "blur_sigma", "sharpen", "rescale", "noise_sigma")) -> pd.Series:
     "ROC-AUC of each processing parameter alone as a score for the label (0.5: no cue)."
     return pd.Series({c: roc_auc(bench.label, bench.meta[c].to_numpy(float)) for c in columns}, name="auc")
 
 # %% ../../nbs/40_cascade_data.ipynb #c020
-def group_split(groups: Sequence, fractions: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
-    "Sample indices per split, whole groups at a time, close to `fractions` of the samples."
+def group_split(groups: Sequence, fractions: dict[str, float], seed: int = 0,
+                strata: Sequence | None = None, # per sample, the kind of its source (e.g. photograph or face): each kind is split on its own
+               ) -> dict[str, np.ndarray]:
+    "Sample indices per split, whole groups at a time, close to `fractions` of the samples (of each stratum's samples, with `strata`)."
     if not np.isclose(sum(fractions.values()), 1) or min(fractions.values()) <= 0:
         raise ValueError(f"fractions must be positive and sum to 1, got {fractions}")
     groups = np.asarray(groups, dtype=object)
+    if strata is not None:
+        strata = np.asarray(strata, dtype=object).astype(str)
+        if len(strata) != len(groups): raise ValueError(f"strata must give one kind per sample ({len(groups)}), got {len(strata)}")
+        mixed = pd.Series(strata).groupby(groups.astype(str)).nunique()
+        if (mixed > 1).any(): raise ValueError(f"a group must be of one stratum: {list(mixed[mixed > 1].index[:3])} are of several")
+        parts = {k: [] for k in fractions}
+        for kind in np.unique(strata):
+            idx = np.flatnonzero(strata == kind)
+            for k, v in group_split(groups[idx], fractions, seed).items(): parts[k].append(idx[v])
+        return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
     names, sizes = np.unique(groups.astype(str), return_counts=True)
     if len(names) < len(fractions): raise ValueError(f"{len(names)} groups cannot fill {len(fractions)} splits")
     order = np.lexsort((np.random.default_rng(seed).permutation(len(names)), -sizes))
@@ -432,6 +512,22 @@ def group_split(groups: Sequence, fractions: dict[str, float], seed: int = 0) ->
         k = min(fractions, key=lambda s: (filled[s] / len(groups) - fractions[s], s))
         members[k].append(names[g]); filled[k] += sizes[g]
     return {k: np.flatnonzero(np.isin(groups.astype(str), v)) for k, v in members.items()}
+
+def cap_per_group(idx: np.ndarray, # sample indices (e.g. one split's)
+                  groups: Sequence, # the group of every sample of the benchmark
+                  cap: int, seed: int = 0) -> np.ndarray:
+    "The indices `idx` with at most `cap` samples of each group (a seeded choice, in the original order): no source dominates a split."
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1: raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+    idx, rng = np.asarray(idx), np.random.default_rng(seed)
+    g = np.asarray(groups, dtype=object)[idx].astype(str)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(g == name))[:cap] for name in np.unique(g)]) if len(idx) else np.zeros(0, int)
+    return idx[np.sort(keep)]
+
+def kish_groups(groups: Sequence) -> float:
+    "Kish's effective number of groups, (sum n_g)^2 / sum n_g^2: the number of equal groups that would give the same precision."
+    n = pd.Series(np.asarray(groups, dtype=object).astype(str)).value_counts().to_numpy(np.float64)
+    if not len(n): raise ValueError("groups must not be empty")
+    return float(n.sum() ** 2 / (n ** 2).sum())
 
 # %% ../../nbs/40_cascade_data.ipynb #c023
 _LABELS = {"real": 0, "fake": 1, "0": 0, "1": 1}

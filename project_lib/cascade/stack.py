@@ -73,9 +73,11 @@ def train_detector(config: ModelConfig, train: Benchmark, val: Benchmark, out_di
         return detector_loss(net(x, gen=gen), x, y[idx].to(device))
 
     identity = {"config": dataclasses.asdict(config), "seed": seed, "train_hash": train.data_hash(), "val_hash": val.data_hash()}
-    run = fit(model, make_optimizer(config, model), batch_loss, n_train=len(train.images), epochs=config.epochs, batch_size=config.batch_size,
+    n = len(train.images)
+    run = fit(model, make_optimizer(config, model), batch_loss, n_train=n, epochs=config.epochs, batch_size=config.batch_size,
               seed=seed, lr_at=config.lr_at, evaluate=lambda m: {"val_auc": roc_auc(val.label, predict(m, val, device)["prob"])},
               select="val_auc", out_dir=out_dir, identity=identity, device=device, rank=rank, world=world,
+              samples_per_epoch=n - 1 if n % config.batch_size == 1 else 0,   # a last batch of one image cannot train batch norm: leave one out
               desc=f"{config.role} seed {seed}", progress=progress)
     best = load_weights(build_model(config).to(device), run.best_checkpoint, device).eval()
     return Trained(config, seed, best, run.history, run.best_epoch, identity["train_hash"], identity["val_hash"], run.train_time_s)

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import FAMILIES, Benchmark, radial_profile, to_uint8
+from scipy import ndimage
+
+from .data import FAMILIES, Benchmark, radial_profile, residual_std, to_uint8
 from .models import build_model
 from .stack import (Trained, averaging, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
@@ -20,11 +22,12 @@ from .units import EXPERTS, CascadeParams
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_METHODS', 'spectral_features', 'spectral_baseline', 'run_seed',
-           'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table', 'paper_cost',
-           'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
-           'success_criteria', 'stack_verdict', 'plot_examples', 'plot_reconstructions', 'plot_curves',
-           'risk_coverage_curves', 'plot_risk_coverage', 'family_accuracy_curves', 'plot_family_accuracy']
+__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_METHODS', 'spectral_features', 'spectral_baseline',
+           'global_statistics', 'trivial_detectors', 'trivial_table', 'run_seed', 'seed_metrics', 'routing_table',
+           'family_accuracy', 'complementarity', 'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories',
+           'stack_importance', 'scores_matrix', 'best_single_expert', 'success_criteria', 'stack_verdict',
+           'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
+           'family_accuracy_curves', 'plot_family_accuracy']
 
 # %% ../../nbs/43_cascade_study.ipynb #c010
 def spectral_features(images: np.ndarray) -> np.ndarray:
@@ -43,6 +46,54 @@ def spectral_baseline(train: Benchmark, *others: Benchmark) -> list[np.ndarray]:
     from sklearn.preprocessing import StandardScaler
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(spectral_features(train.images), train.label)
     return [model.predict_proba(spectral_features(o.images))[:, 1] for o in others]
+
+# %% ../../nbs/43_cascade_study.ipynb #b3621fab
+STATISTICS = ("residual log-variance", "Laplacian log-variance", "mean", "std", "colourfulness", "clipped share", "high-frequency share", "blockiness")
+
+def global_statistics(images) -> pd.DataFrame:
+    "The eight `STATISTICS` of each image (N, px, px, 3) uint8, one row per image."
+    rows = []
+    for img in images:
+        x = np.asarray(img, np.float64)
+        g = x.mean(-1)
+        power = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean()))) ** 2
+        n = g.shape[0]
+        radius = np.hypot(*(np.mgrid[0:n, 0:n] - n // 2))
+        dh, dv = np.abs(np.diff(g, axis=1)), np.abs(np.diff(g, axis=0))
+        boundary = (np.arange(1, n) % 8 == 0)   # the step between columns (rows) 8k-1 and 8k crosses a JPEG block boundary
+        inside = dh[:, ~boundary].mean() + dv[~boundary].mean()
+        rows.append({"residual log-variance": np.log(residual_std(img) ** 2 + 1e-6),
+                     "Laplacian log-variance": np.log(ndimage.laplace(g, mode="reflect").var() + 1e-6),
+                     "mean": g.mean(), "std": g.std(), "colourfulness": x.std(-1).mean(), "clipped share": float(((x == 0) | (x == 255)).mean()),
+                     "high-frequency share": float(power[radius > n / 4].sum() / max(power.sum(), 1e-12)),
+                     "blockiness": float((dh[:, boundary].mean() + dv[boundary].mean()) / max(inside, 1e-12))})
+    return pd.DataFrame(rows, columns=list(STATISTICS))
+
+def trivial_detectors(train: Benchmark, *others: Benchmark) -> dict[str, list[np.ndarray]]:
+    """{detector: its scores on each of `others`}: each global statistic alone, its sign chosen on `train` (fakes higher there), and
+    gradient boosting on all eight statistics fitted on `train` ("boosted statistics")."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    x_train, x_others = global_statistics(train.images), [global_statistics(o.images) for o in others]
+    out = {}
+    for c in STATISTICS:
+        sign = 1.0 if roc_auc(train.label, x_train[c].to_numpy()) >= 0.5 else -1.0
+        out[c] = [sign * x[c].to_numpy() for x in x_others]
+    boost = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=0).fit(x_train, train.label)
+    out["boosted statistics"] = [boost.predict_proba(x)[:, 1] for x in x_others]
+    return out
+
+def trivial_table(scores: dict[str, np.ndarray], # {detector: scores on `bench`}
+                  bench: Benchmark) -> pd.DataFrame:
+    "Test AUC of every trivial detector overall and per manipulation family (the family's fakes against all reals), best first."
+    y, fam = bench.label, bench.meta.family.to_numpy()
+    rows = []
+    for name, s in scores.items():
+        row = {"detector": name, "auc": roc_auc(y, s)}
+        for f in FAMILIES:
+            keep = (fam == f) | (y == 0)
+            if (fam == f).any(): row[f] = roc_auc(y[keep], s[keep])
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("auc", ascending=False, kind="stable").reset_index(drop=True)
 
 # %% ../../nbs/43_cascade_study.ipynb #c012
 METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "cascade")

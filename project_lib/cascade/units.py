@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import engine
 from . import data as cascade_data, models as cascade_models, stack as cascade_stack
-from .data import (FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, draft_benchmark, group_split,
+from .data import (FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, cap_per_group, draft_benchmark, group_split,
                                       load_forger, load_manifest, train_forger)
 from .models import ModelConfig
 from .stack import Trained, load_detector, train_detector_unit
@@ -33,6 +33,7 @@ class CascadeParams:
     px: int
     crops_per_photo: int
     crops_per_face: int
+    eval_crops_per_source: int # at most this many images of one source (photograph, face, video) in validation, blend and test
     n_faces: int
     forger_epochs: int
     data_seed: int
@@ -58,6 +59,8 @@ class CascadeParams:
         if not set(self.success_criteria) <= set(EXPERTS): raise ValueError(f"cascade.success_criteria names experts of {EXPERTS}, got {sorted(self.success_criteria)}")
         if self.px < 32 or self.px % 32: raise ValueError(f"cascade.px must be a positive multiple of 32 (the backbones downsample by 32), got {self.px}")
         if not 0 < self.routing_budget <= 1: raise ValueError(f"cascade.routing_budget is a fraction of the validation images, in (0, 1]; got {self.routing_budget}")
+        if isinstance(self.eval_crops_per_source, bool) or not isinstance(self.eval_crops_per_source, int) or self.eval_crops_per_source < 1:
+            raise ValueError(f"cascade.eval_crops_per_source must be an integer >= 1, got {self.eval_crops_per_source!r}")
         if self.stack_folds < 2: raise ValueError(f"cascade.stack_folds must be >= 2 (out-of-fold stacking), got {self.stack_folds}")
         for role, recipe in self.models.items():   # every recipe checked before anything trains: an unknown field is a typo
             unknown = set(recipe) - {f.name for f in dataclasses.fields(ModelConfig)} | set(recipe) & {"role", "px"}
@@ -87,7 +90,7 @@ def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Bench
         train, rest = (load_manifest(folder / f"{k}_manifest.csv", p.px, Path(runs) / "manifest_cache") for k in ("train", "val"))
         frac = {k: p.split[k] for k in ("val", "blend", "test")}
         parts = group_split(rest.group, {k: v / sum(frac.values()) for k, v in frac.items()}, p.data_seed)
-        splits = {"train": train, **{k: rest.subset(v) for k, v in parts.items()}}
+        splits = {"train": train, **{k: rest.subset(cap_per_group(v, rest.group, p.eval_crops_per_source, p.data_seed)) for k, v in parts.items()}}
         bench = Benchmark(MappedImages.concat([train.images, rest.images]), np.r_[train.label, rest.label], np.r_[train.group, rest.group],
                           pd.concat([train.meta, rest.meta], ignore_index=True))
     else:
@@ -95,7 +98,9 @@ def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Bench
         units = forger_units(p, draft)
         records = load_units(units, runs)   # refuses when the forgers are not trained
         bench = build_benchmark(draft, {u.kwargs["up"]: load_forger(Path(runs) / u.key, records[u.key]) for u in units})
-        splits = {k: bench.subset(v) for k, v in group_split(bench.group, p.split, p.data_seed).items()}
+        kind = np.where(pd.Series(bench.group).astype(str).str.startswith("lfw_face"), "face", "photo")   # photographs and faces split on their own
+        parts = group_split(bench.group, p.split, p.data_seed, strata=kind)
+        splits = {k: bench.subset(v if k == "train" else cap_per_group(v, bench.group, p.eval_crops_per_source, p.data_seed)) for k, v in parts.items()}
     check_grouped(splits)
     return splits, bench
 
