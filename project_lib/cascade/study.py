@@ -96,7 +96,7 @@ def trivial_table(scores: dict[str, np.ndarray], # {detector: scores on `bench`}
     return pd.DataFrame(rows).sort_values("auc", ascending=False, kind="stable").reset_index(drop=True)
 
 # %% ../../nbs/43_cascade_study.ipynb #c012
-METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "cascade")
+METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "experts-only stack", "cascade")
 
 def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str, Trained], device: str = "cpu") -> dict:
     "Everything one seed's trained detectors give: per-method test scores and decisions, calibration, routing, stackers, null scores."
@@ -108,7 +108,9 @@ def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str
     feats = {k: stage3_features({r: outs[r][k] for r in EXPERTS}, p1[k]) for k in ("val", "blend", "test")}
     stackers = {"averaging": averaging([f"{r}_prob" for r in EXPERTS]),
                 "logistic stack": fit_logistic(feats["blend"], blend.label, blend.group, p.stack_folds),
-                "LightGBM stack": fit_lightgbm(feats["blend"], blend.label, blend.group, seed, p.stack_folds, p.lgbm_max_rounds)}
+                "LightGBM stack": fit_lightgbm(feats["blend"], blend.label, blend.group, seed, p.stack_folds, p.lgbm_max_rounds),
+                "experts-only stack": dataclasses.replace(fit_lightgbm(feats["blend"].drop(columns="filter_prob"), blend.label, blend.group, seed,
+                                                                       p.stack_folds, p.lgbm_max_rounds), name="experts-only stack")}   # without the filter's probability
     prob = {k: {"filter": p1[k], **{r: outs[r][k]["prob"] for r in EXPERTS}, **{n: s.predict(feats[k]) for n, s in stackers.items()}} for k in ("val", "test")}
     thresholds = {m: best_threshold(val.label, prob["val"][m]) for m in prob["val"]}
     band = choose_band(p1["val"], prob["val"]["LightGBM stack"], val.label, p.routing_budget, thresholds["LightGBM stack"])
@@ -139,7 +141,9 @@ def routing_table(r: dict, test: Benchmark) -> dict:
     return {"seed": r["seed"], "t_lo": r["band"][0], "t_hi": r["band"][1], "temperature": r["temperature"], "val_routed_fraction": r["val_routed_fraction"],
             "routed_fraction": float(routed.mean()), "accuracy_accepted": float((d[~routed] == y[~routed]).mean()) if (~routed).any() else np.nan,
             "accuracy_routed": float((d[routed] == y[routed]).mean()) if routed.any() else np.nan,
-            "filter_accuracy_on_routed": float((f1_dec[routed] == y[routed]).mean()) if routed.any() else np.nan}
+            "filter_accuracy_on_routed": float((f1_dec[routed] == y[routed]).mean()) if routed.any() else np.nan,
+            "auc_routed": roc_auc(y[routed], r["test_prob"]["cascade"][routed]) if len(np.unique(y[routed])) == 2 else np.nan,
+            "filter_auc_on_routed": roc_auc(y[routed], r["test_prob"]["filter"][routed]) if len(np.unique(y[routed])) == 2 else np.nan}
 
 def family_accuracy(results: list[dict], test: Benchmark, methods=("filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade")) -> pd.DataFrame:
     "Share of test images decided correctly per family and strength (reals: specificity), pooled over seeds."
