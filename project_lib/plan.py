@@ -627,15 +627,18 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
     "train_cascade (the two forgers, then every detector role x seed: one row per role) and evaluate_cascade of `profile`."
     from project_lib.cascade.data import FORGER_DTYPE, FORGER_UPS, Forger, _sample_plan, real_photographs
     from project_lib.cascade.models import build_model, detector_loss
-    from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config
+    from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config, split_indices
     p = load_study_params("cascade", CascadeParams, profile)
     device = device or select_device()
     workers = worker_count(p.n_jobs)
     threads = worker_threads(workers, device)
     if p.data == "manifests": raise ValueError("make plan counts the generated benchmark; for manifests it needs the manifests' sizes (not planned)")
     photos = real_photographs(p.n_faces)
-    n = len(_sample_plan(photos, p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed))
-    n_images, groups = {k: round(n * f) for k, f in p.split.items()}, {k: round(len(photos) * f) for k, f in p.split.items()}
+    sample_plan = _sample_plan(photos, p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed)
+    n = len(sample_plan)
+    names = np.array([photos[s["photo"]]["name"] for s in sample_plan], dtype=object)
+    parts = split_indices(p, names)   # the splits `load_data` makes, from the groups alone
+    n_images, groups = {k: len(v) for k, v in parts.items()}, {k: len(set(names[v])) for k, v in parts.items()}
     n_train, n_val = n_images["train"], n_images["val"]
     images_gb = n * p.px ** 2 * 3 / 1e9
     rows, nets = [], {}

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from project_lib.cascade.data import (Benchmark, MappedImages, _sample_plan, cap_per_group, group_split, kish_groups, load_image, load_manifest,
+from project_lib.cascade.data import (Benchmark, MappedImages, _sample_plan, group_split, kish_groups, load_image, load_manifest,
                                       make_benchmark, read_manifest, real_photographs, write_manifest)
 from project_lib.cascade.models import EMBED_DIM, GenConViT, GenConViTConfig, ModelConfig, branch_effects, build_model, kl_divergence
 from project_lib.cascade.stack import _logistic, fit_lightgbm, group_oof, predict, roc_auc, train_detector
 from project_lib.cascade.study import run_seed
-from project_lib.cascade.units import CascadeParams, check_grouped, detector_units, forger_units, load_data, load_detectors
+from project_lib.cascade.units import CascadeParams, check_grouped, detector_units, forger_units, load_data, load_detectors, split_indices
 from project_lib.core import load_study_params
 from project_lib.engine import Executor, run_units
 from project_lib.plan import peak_host_gb
@@ -85,16 +85,15 @@ def test_processing_parameters_carry_no_label_cue():
 
 
 def test_cpu_splits_hold_enough_independent_sources():
-    """The cpu profile's validation and test splits hold at least 10 photographs each and Kish's effective number of groups is at least 30
-    (computed from the sample plan's groups, as `load_data` splits them: photographs and faces separately, evaluation splits capped)."""
+    """The cpu profile's validation and test splits hold at least 10 photographs each, Kish's effective number of groups is at least 30 and
+    no source has more than the cap (from the sample plan's groups, split by `split_indices` as `load_data` splits the images)."""
     p = load_study_params("cascade", CascadeParams, "cpu")
     photos = real_photographs(p.n_faces)
     plan = _sample_plan(photos, p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed)
     groups = np.array([photos[s["photo"]]["name"] for s in plan], object)
-    kind = np.where(pd.Series(groups).str.startswith("lfw_face"), "face", "photo")
-    parts = group_split(groups, p.split, p.data_seed, strata=kind)
+    parts = split_indices(p, groups)
     for k in ("val", "test"):
-        g = groups[cap_per_group(parts[k], groups, p.eval_crops_per_source, p.data_seed)]
+        g = groups[parts[k]]
         assert len({x for x in g if not x.startswith("lfw_face")}) >= 10, k
         assert kish_groups(g) >= 30, (k, kish_groups(g))
         assert pd.Series(g).value_counts().max() <= p.eval_crops_per_source

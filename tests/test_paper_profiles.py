@@ -110,13 +110,15 @@ def test_cascade_paper_plan_holds_for_measured_steps_and_validation(tmp_path, mo
     import time
     import pandas as pd
     from project_lib.cascade import stack, units
-    from project_lib.cascade.data import PHOTOS, Benchmark, load_manifest, write_manifest
+    from project_lib.cascade.data import Benchmark, _sample_plan, load_manifest, real_photographs, write_manifest
     from project_lib.plan import peak_host_gb, plan_cascade
     steps, n_val = 3, 128
     p = load_study_params("cascade", CascadeParams, "paper")
     monkeypatch.setattr(units, "DETECTORS", ("filter",))
     planned = next(c for c in plan_cascade("paper", "cpu") if c.stage == "train_cascade: filter")   # sets the worker's torch threads
-    planned_per_image = planned.validation_s / round((len(PHOTOS) * p.crops_per_photo + p.n_faces * p.crops_per_face) * p.split["val"])
+    photos = real_photographs(p.n_faces)
+    groups = np.array([photos[s["photo"]]["name"] for s in _sample_plan(photos, p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed)], dtype=object)
+    planned_per_image = planned.validation_s / len(units.split_indices(p, groups)["val"])
     config = dataclasses.replace(p.model_config("filter"), epochs=1)
     rng = np.random.default_rng(0)
 

@@ -19,8 +19,8 @@ from .stack import Trained, load_detector, train_detector_unit
 from ..engine import TrainingUnit, code_hash, load_units
 
 # %% auto #0
-__all__ = ['EXPERTS', 'DETECTORS', 'CascadeParams', 'benchmark_draft', 'forger_units', 'load_data', 'check_grouped',
-           'detector_config', 'detector_units', 'load_detectors']
+__all__ = ['EXPERTS', 'DETECTORS', 'CascadeParams', 'benchmark_draft', 'forger_units', 'split_indices', 'load_data',
+           'check_grouped', 'detector_config', 'detector_units', 'load_detectors']
 
 # %% ../../nbs/42a_cascade_units.ipynb #u005
 EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
@@ -83,6 +83,13 @@ def forger_units(p: CascadeParams, draft: Draft | None = None) -> list[TrainingU
     return [TrainingUnit(f"forgers/{up}", {"config": {"up": up, "epochs": p.forger_epochs, "seed": p.data_seed}, "data": _array_hash(crops), "code": code},
                          train_forger, {"crops": crops, "up": up, "epochs": p.forger_epochs, "seed": p.data_seed}) for up in FORGER_UPS]
 
+def split_indices(p: CascadeParams, groups) -> dict[str, np.ndarray]:
+    """Sample indices of the generated benchmark's splits, from its groups alone: photographs and LFW faces split on their own by `p.split`;
+    validation, blend and test keep at most `p.eval_crops_per_source` images of a source."""
+    kind = np.where(pd.Series(np.asarray(groups, dtype=object)).astype(str).str.startswith("lfw_face"), "face", "photo")
+    parts = group_split(groups, p.split, p.data_seed, strata=kind)
+    return {k: v if k == "train" else cap_per_group(v, groups, p.eval_crops_per_source, p.data_seed) for k, v in parts.items()}
+
 def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Benchmark]:
     "The four splits (train, val, blend, test) and the whole benchmark (generated: made with the trained forgers under `runs`; manifests: images decoded once into `runs/manifest_cache` and read from there on demand, never all in memory); every split holds whole groups."
     if p.data == "manifests":
@@ -98,9 +105,7 @@ def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Bench
         units = forger_units(p, draft)
         records = load_units(units, runs)   # refuses when the forgers are not trained
         bench = build_benchmark(draft, {u.kwargs["up"]: load_forger(Path(runs) / u.key, records[u.key]) for u in units})
-        kind = np.where(pd.Series(bench.group).astype(str).str.startswith("lfw_face"), "face", "photo")   # photographs and faces split on their own
-        parts = group_split(bench.group, p.split, p.data_seed, strata=kind)
-        splits = {k: bench.subset(v if k == "train" else cap_per_group(v, bench.group, p.eval_crops_per_source, p.data_seed)) for k, v in parts.items()}
+        splits = {k: bench.subset(v) for k, v in split_indices(p, bench.group).items()}
     check_grouped(splits)
     return splits, bench
 
