@@ -27,7 +27,7 @@ __all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_ME
            'family_accuracy', 'complementarity', 'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories',
            'stack_importance', 'scores_matrix', 'best_single_expert', 'success_criteria', 'stack_verdict',
            'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
-           'family_accuracy_curves', 'plot_family_accuracy']
+           'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
 # %% ../../nbs/43_cascade_study.ipynb #c010
 def spectral_features(images: np.ndarray) -> np.ndarray:
@@ -340,3 +340,17 @@ def plot_family_accuracy(fam: pd.DataFrame):
     axes[0].set_ylabel("accuracy"); axes[-1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
+
+# %% ../../nbs/43_cascade_study.ipynb #3441793d
+def reconstruction_quality(results: list[dict], train: Benchmark, test: Benchmark) -> pd.DataFrame:
+    """PSNR (dB; inputs in [-1, 1], so a peak-to-peak of 2) of the GenConViT ED's and VAE's test reconstructions per seed, beside two
+    reconstructions that learned nothing: the mean training image, and each test image's own mean colour (a flat image)."""
+    mean_image = sum(to_input(train.images[i:i + 256]).sum(0) for i in range(0, len(train.images), 256)) / len(train.images)
+    x = to_input(test.images)
+    psnr = lambda mse: float(10 * np.log10(4.0 / max(float(mse), 1e-12)))
+    baselines = {"mean training image": psnr(((x - mean_image) ** 2).mean()), "flat (own mean colour)": psnr(x.var((2, 3), unbiased=False).mean())}
+    rows = [{"seed": r["seed"], "model": role, "psnr_db": psnr(np.mean(r["outs"][role]["test"]["recon_error"])), **baselines}
+            for r in results for role in ("genconvit_ed", "genconvit_vae")]
+    out = pd.DataFrame(rows)
+    out["above_baselines"] = out.psnr_db > out[list(baselines)].max(axis=1)
+    return out
