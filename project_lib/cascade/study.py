@@ -341,7 +341,7 @@ def plot_family_accuracy(fam: pd.DataFrame):
     fig.tight_layout()
     return fig
 
-# %% ../../nbs/43_cascade_study.ipynb #3441793d
+# %% ../../nbs/43_cascade_study.ipynb #6191e8aa
 def reconstruction_quality(results: list[dict], train: Benchmark, test: Benchmark) -> pd.DataFrame:
     """PSNR (dB; inputs in [-1, 1], so a peak-to-peak of 2) of the GenConViT ED's and VAE's test reconstructions per seed, beside two
     reconstructions that learned nothing: the mean training image, and each test image's own mean colour (a flat image)."""
