@@ -128,10 +128,14 @@ def degrade(image: np.ndarray, contrast: float, blur_sigma: float, sharpen: floa
     if noise_sigma > 0: x = x + np.random.default_rng(noise_seed).normal(0, noise_sigma, x.shape).astype(np.float32)
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
-def residual_std(image: np.ndarray) -> float:
-    "Std of the grey image's 3x3 noise residual (the image minus its 3x3 local mean, the residual the detectors' `HighPass` gives)."
+def _grey_residual(image: np.ndarray) -> np.ndarray:
+    "The grey image's 3x3 noise residual: the image minus its 3x3 local mean (the residual the detectors' `HighPass` gives)."
     g = np.asarray(image, np.float64).mean(-1)
-    return float((g - ndimage.uniform_filter(g, 3, mode="reflect")).std())
+    return g - ndimage.uniform_filter(g, 3, mode="reflect")
+
+def residual_std(image: np.ndarray) -> float:
+    "Std of the grey image's 3x3 noise residual."
+    return float(_grey_residual(image).std())
 
 def match_source(fake: np.ndarray, source: np.ndarray, max_gain: float = 8.0) -> tuple[np.ndarray, float]:
     """(the fake matched to its source, the detail gain): per-channel mean and std set to the source's, then the fine detail (the image
@@ -141,8 +145,7 @@ def match_source(fake: np.ndarray, source: np.ndarray, max_gain: float = 8.0) ->
     mx, sx, ms, ss = x.mean((0, 1)), x.std((0, 1)), s.mean((0, 1)), s.std((0, 1))
     x = (x - mx) / np.where(sx > 1e-6, sx, 1.0) * np.where(sx > 1e-6, ss, 0.0) + ms
     low = ndimage.gaussian_filter(x, (1.0, 1.0, 0))
-    res = lambda im: (lambda g: g - ndimage.uniform_filter(g, 3, mode="reflect"))(im.mean(-1))
-    a, b = res(low), res(x - low)   # the residual is linear: res(low + g detail) = a + g b
+    a, b = _grey_residual(low), _grey_residual(x - low)   # the residual is linear: res(low + g detail) = a + g b
     va, vb, c, target = a.var(), b.var(), np.mean((a - a.mean()) * (b - b.mean())), residual_std(source) ** 2
     disc = c * c - vb * (va - target)
     gain = float(np.clip((-c + np.sqrt(disc)) / vb, 1 / max_gain, max_gain)) if vb > 1e-12 and disc >= 0 else 1.0
