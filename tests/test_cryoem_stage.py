@@ -22,7 +22,7 @@ from project_lib.core import load_study_params
 from project_lib.engine import Executor, file_hash, load_units
 from project_lib.cryoem.baselines import micrograph_ctf, oracle_probability_map, simulation_internals, template_bank, template_match_map
 from project_lib.cryoem.data import load_structure
-from project_lib.cryoem.stage import CryoEMStudyParams, condition_units, simulate_condition, study_units, train_study
+from project_lib.cryoem.stage import CryoEMStudyParams, condition_units, simulate_condition, study_units, train_one, train_study
 from project_lib.cryoem.study import evaluate_study
 from project_lib.cryoem.train import SimulatedMicrographs, data_hash, load_best, make_split, predict, score_picker, simulate_dataset
 
@@ -130,7 +130,10 @@ def test_one_unit_trains_under_torchrun_through_the_stage_entry_point(params_fil
     assert len(record["history"]["epoch"]) == p.epochs and (root / unit.key / record["best_checkpoint"]).is_file()
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {unit.key: {"best_epoch": record["best_epoch"], "threshold": record["threshold"]}}
     assert sorted(f.name for f in (root / "dose-40").iterdir()) == ["attention_unet-s0", "split.json"]   # one unit, nothing else trained
-    assert not any((tmp_path / "tiny" / "cryoem" / "cache" / "dose-40").glob("*/*"))   # its training cache (outside the DVC output) is deleted
+    cache = tmp_path / "tiny" / "cryoem" / "cache" / "dose-40" / "s0"                    # the seed's training cache (outside the DVC output)
+    assert len(list(cache.glob("*.recipe"))) == 1 and len(list(cache.glob("*/images.npy"))) == 1   # is kept for the seed's other arm,
+    other = train_one(p, "dose-40/unet-s0", root)                                        # which reads it (found by its recipe)
+    assert other["train_hash"] == record["train_hash"] and not cache.exists()            # and deletes it once both arms are trained
 
 
 def _same(a, b):
@@ -168,12 +171,22 @@ def test_a_condition_is_lazy_and_the_same_as_its_list(p):
 
 
 def test_scoring_a_condition_streams_and_equals_the_whole_set_scoring(p, tmp_path):
-    """`evaluate_study` (maps one batch at a time, each dropped once scored) against every picker scored on lists with
-    stacked maps (`predict`, `score_picker`), as the study did before."""
+    """`evaluate_study` (maps one batch at a time, each dropped once scored; conditions in parallel processes) against every picker
+    scored on lists with stacked maps (`predict`, `score_picker`) in this process, as the study did before."""
     p = dataclasses.replace(p, epochs=1)
     train_study(p, tmp_path, Executor(n_workers=1))
     templates = template_bank([load_structure(t) for t in p.particle_types], p.pixel_size_a, 4, seed=p.data_seed)
-    scored = evaluate_study(p, tmp_path, templates, "cpu")
+    scored = evaluate_study(p, tmp_path, templates, "cpu", n_jobs=2)                    # two conditions in two processes, one thread each
+    assert list(scored) == list(p.conditions)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                                             # the reference on one thread too: the same maps
+    try: _compare_with_whole_set_scoring(p, scored, templates)
+    finally: torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="n_jobs must be an integer >= 1"):
+        evaluate_study(p, tmp_path, templates, "cpu", n_jobs=0)
+
+
+def _compare_with_whole_set_scoring(p, scored, templates):
     for (d, units), run in zip(study_units(p).values(), scored.values()):
         val, test, rows = list(d.sets["val"]), list(d.sets["test"]), []
         stacked = {k: (predict(load_best(r), val), predict(load_best(r), test)) for k, r in run.runs.items()}

@@ -235,7 +235,9 @@ def test_a_training_on_lazy_micrographs_is_the_training_on_lists(tmp_path):
     for other in runs[1:]: pd.testing.assert_frame_equal(runs[0].history, other.history, check_exact=True)
     weights = [torch.load(r.best_checkpoint, weights_only=True)["model"] for r in runs]
     assert all(torch.equal(w[k], weights[0][k]) for w in weights[1:] for k in weights[0])
-    assert (tmp_path / "list" / "cache").exists() and os.listdir(tmp_path / "list" / "cache") == os.listdir(tmp_path / "lazy" / "cache")
+    folders = lambda name: sorted(f.name for f in (tmp_path / name / "cache").iterdir() if f.is_dir())
+    assert folders("list") == folders("lazy") and len(folders("list")) == 1               # one data folder, named by the same data hash
+    assert [f.read_text() for f in (tmp_path / "lazy" / "cache").glob("*.recipe")] == folders("lazy")   # the lazy one found by its recipe
     assert not (tmp_path / "stored" / "cache").exists()                            # read from the store: no second copy of the training set
 
 

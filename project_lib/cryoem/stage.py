@@ -4,7 +4,7 @@
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce02
 from __future__ import annotations
-import argparse, dataclasses, json, shutil
+import argparse, dataclasses, json, os, shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import torch
 
 from .. import engine
 from ..core import load_study_params, output_dir, project_root, select_device
-from ..engine import Executor, TrainingUnit, code_hash, distributed, finished_record, run_units
+from ..engine import Executor, TrainingUnit, code_hash, distributed, finished_record, plan_workers, run_units
 from . import data as cryoem_data, metrics as cryoem_metrics, models as cryoem_models, train as cryoem_train
 from .data import Micrograph, MicrographConfig
 from .io import read_cryoppp_folder
@@ -20,8 +20,8 @@ from .train import SimulatedMicrographs, TrainConfig, data_hash, make_split, run
 
 # %% auto #0
 __all__ = ['ARMS', 'TRAINING_CODE', 'CryoEMStudyParams', 'condition_folder', 'ConditionData', 'simulate_condition',
-           'cryoppp_condition', 'training_cache', 'train_unit', 'condition_units', 'study_units', 'write_split',
-           'remove_stale', 'train_study', 'train_one', 'main']
+           'cryoppp_condition', 'training_cache', 'train_unit', 'staggered', 'condition_units', 'study_units',
+           'write_split', 'remove_stale', 'train_study', 'train_one', 'main']
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce11
 _MICROGRAPH_FIELDS = ("size_px", "pixel_size_a", "particle_types", "type_proportions", "particles_min", "particles_max",
@@ -153,7 +153,8 @@ def simulate_condition(name: str, cfg: MicrographConfig, p, # study parameters (
                        replay: bool) -> ConditionData:
     "A condition's micrographs (lazy) and split; with `replay`, also the alternative validation sets (data seed + 1). One pass hashes the evaluated sets."
     n_total = p.n_train + p.n_val + p.n_test
-    micrographs = SimulatedMicrographs(cfg, p.data_seed, range(n_total))
+    held = min(p.n_val + p.n_test, max(8, 2**30 // (8 * cfg.size_px ** 2)))   # the evaluated micrographs, simulated once by the hashing pass (up to 1 GiB)
+    micrographs = SimulatedMicrographs(cfg, p.data_seed, range(n_total), cache=held)
     split = make_split(n_total, (p.n_train / n_total, p.n_val / n_total, p.n_test / n_total), p.split_seed)
     sets = {k: micrographs.subset(split[k]) for k in ("train", "val", "test")}
     alt = SimulatedMicrographs(cfg, p.data_seed + 1, range(p.n_alt_val * p.n_alt_sets))
@@ -183,12 +184,24 @@ def training_cache(runs_root: str | Path, folder: str) -> Path:
 
 def train_unit(unit_dir: Path, device: str, config: TrainConfig, train_set: Sequence[Micrograph], val_set: Sequence[Micrograph],
                extra_eval: dict[str, Sequence[Micrograph]] | None) -> dict:
-    "Train one arm and seed of a condition into `unit_dir` (resuming its last.pt) from its own training cache, deleted once trained; its `run_record`."
+    """Train one arm and seed of a condition into `unit_dir` (resuming its last.pt) from the seed's training cache, which the seed's
+    other arm writes or reads too; the cache is deleted once the other arm has finished (its unit.json is written); its `run_record`."""
     unit_dir = Path(unit_dir)
-    cache = training_cache(unit_dir.parent.parent, unit_dir.parent.name) / unit_dir.name
+    cache = training_cache(unit_dir.parent.parent, unit_dir.parent.name) / f"s{config.seed}"
     run = train(config, train_set, val_set, unit_dir, device=device, extra_eval=extra_eval, cache_dir=cache, progress=False)
-    shutil.rmtree(cache, ignore_errors=True)
+    if all((unit_dir.parent / f"{m}-s{config.seed}" / "unit.json").is_file() for m in ARMS if m != config.model):
+        shutil.rmtree(cache, ignore_errors=True)
     return run_record(run, unit_dir)
+
+def staggered(units: list[TrainingUnit], # one condition's or several, each in `condition_units`' order (seeds, then arms)
+              workers: int) -> list[TrainingUnit]:
+    """The units reordered so that a seed's arms do not start together on `workers` workers: the first arms of `workers` seeds, then
+    their second arms, and so on. A second arm then finds the training cache its first arm wrote; a GPU shard (`units[i::workers]`)
+    holds both arms of its seeds."""
+    if workers < 1: raise ValueError(f"workers must be >= 1, got {workers}")
+    if len(units) % len(ARMS): raise ValueError(f"units must hold both arms of every seed, got {len(units)} units")
+    seeds = [units[i:i + len(ARMS)] for i in range(0, len(units), len(ARMS))]
+    return [arms[a] for k in range(0, len(seeds), workers) for a in range(len(ARMS)) for arms in seeds[k:k + workers]]
 
 def condition_units(d: ConditionData, p) -> list[TrainingUnit]:
     "One unit per seed and arm of a condition (seeds, then arms), keyed '<condition>/<model>-s<seed>'."
@@ -239,17 +252,18 @@ def remove_stale(runs_root: str | Path, keys: list[str]):
 def train_study(p, # study parameters (`CryoEMStudyParams`)
                 runs_root: str | Path, # the stage's runs folder, e.g. outputs/cpu/cryoem/runs
                 executor: Executor = Executor()) -> dict[str, dict]:
-    """The training stage, a condition at a time: freeze its split, train every unit not yet finished (each simulates its training set
-    into its own cache, deleted once trained; a killed unit's is deleted here); {key: record}. Folders of conditions, arms or seeds no
-    longer in the parameters are deleted first (stale results never stay in the stage's output)."""
-    runs_root, records = Path(runs_root), {}
-    units = study_units(p)
-    remove_stale(runs_root, [u.key for _, us in units.values() for u in us])
-    for d, condition in units.values():
-        write_split(d, runs_root)
-        records.update(run_units(condition, runs_root, executor))
-        shutil.rmtree(training_cache(runs_root, d.folder), ignore_errors=True)
-    return records
+    """The training stage: freeze every condition's split, then train every unit not yet finished in one pool (`staggered`: a seed's
+    training set is simulated once, into the cache both arms read) and delete the training caches (a killed unit's too); {key: record}
+    in `study_units`' order. Folders of conditions, arms or seeds no longer in the parameters are deleted first (stale results never stay
+    in the stage's output)."""
+    runs_root, units = Path(runs_root), study_units(p)
+    every = [u for _, us in units.values() for u in us]
+    remove_stale(runs_root, [u.key for u in every])
+    for d, _ in units.values(): write_split(d, runs_root)
+    workers = executor.n_workers or plan_workers(len(every), torch.cuda.device_count(), os.cpu_count() or 1)[0]
+    records = run_units(staggered(every, workers), runs_root, executor)
+    for d, _ in units.values(): shutil.rmtree(training_cache(runs_root, d.folder), ignore_errors=True)
+    return {u.key: records[u.key] for u in every}
 
 # %% ../../nbs/27a_cryoem_stage.ipynb #ce41
 def _join_ranks(unit_dir: Path, device: str, train_fn, **kwargs) -> dict:

@@ -21,13 +21,13 @@ from .metrics import particle_pr_curve
 from .data import Micrograph, MicrographConfig, edge_particles, intensity_statistics, log_spectrum_distance, power_ratio, radial_power_spectrum
 from .io import read_micrograph, to_model_grid
 from .pick import pick_micrograph_file
-from .stage import ARMS, ConditionData, CryoEMStudyParams, study_units   # ARMS, CryoEMStudyParams: the study's names too
+from .stage import ARMS, ConditionData, CryoEMStudyParams, condition_folder, study_units   # ARMS, CryoEMStudyParams: the study's names too
 from .train import (PREDICT_BATCH, RunResult, SimulatedMicrographs, TrainConfig, _truth, cache_micrographs, check_comparable, choose_thresholds, load_best,
                                       predict_maps, run_from_record, score_micrograph, train, write_manifest)
 
 # %% auto #0
-__all__ = ['BASELINES', 'SEED_CLAIM', 'train_arms', 'ConditionRun', 'picker_maps', 'score_condition', 'evaluate_study',
-           'condition_table', 'plot_difficulty', 'realism_at_training_pixel', 'pick_real_micrographs',
+__all__ = ['BASELINES', 'SEED_CLAIM', 'train_arms', 'ConditionRun', 'picker_maps', 'score_condition', 'evaluate_condition',
+           'evaluate_study', 'condition_table', 'plot_difficulty', 'realism_at_training_pixel', 'pick_real_micrographs',
            'pr_curve_over_seeds', 'replay_original_protocol', 'condition_words', 'answer_lines']
 
 # %% ../../nbs/27_cryoem_study.ipynb #c005
@@ -121,19 +121,33 @@ def score_condition(d: ConditionData, # the condition's micrographs (`cryoem.sta
     return ConditionRun(d.name, d.config, d.sets, d.alt_sets, split_hash, runs, per_mic, {k: t[0] for k, t in thresholds.items()},
                         {k: pd.concat(v) for k, v in picks.items()}, pd.concat(truth), {k: t / pixels for k, t in total.items()}, ceiling)
 
+def evaluate_condition(p: CryoEMStudyParams, folder: str, # one condition's folder (`condition_folder`)
+                       runs_root: Path, templates: list[np.ndarray], device: str = "cpu") -> ConditionRun:
+    "One condition scored from the training stage's finished units (refuses missing or stale ones: evaluation never trains); CPU maps on one torch thread."
+    threads = torch.get_num_threads()
+    if device == "cpu": torch.set_num_threads(1)   # fixed, as in training: the maps' last bits do not depend on the core count
+    try:
+        (d, units), = study_units(p, [folder]).values()
+        records = load_units(units, runs_root)
+        runs = {(u.kwargs["config"].model, u.kwargs["config"].seed): run_from_record(records[u.key], runs_root / u.key) for u in units}
+        split_hash = write_manifest(runs_root / d.folder / "split.json", d.split, d.data_hash)   # checks the split the training stage froze
+        return score_condition(d, runs, split_hash, templates, device)
+    finally: torch.set_num_threads(threads)
+
 def evaluate_study(p: CryoEMStudyParams,
                    runs_root: str | Path, # the training stage's runs folder
                    templates: list[np.ndarray], # template bank at the study's pixel size
-                   device: str = "cpu") -> dict[str, ConditionRun]:
-    "Every condition scored from the training stage's finished units (refuses missing or stale ones: evaluation never trains)."
-    runs_root, conditions = Path(runs_root), study_units(p)
-    records = load_units([u for _, units in conditions.values() for u in units], runs_root)
-    out = {}
-    for name, (d, units) in conditions.items():
-        runs = {(u.kwargs["config"].model, u.kwargs["config"].seed): run_from_record(records[u.key], runs_root / u.key) for u in units}
-        split_hash = write_manifest(runs_root / d.folder / "split.json", d.split, d.data_hash)   # checks the split the training stage froze
-        out[name] = score_condition(d, runs, split_hash, templates, device)
-    return out
+                   device: str = "cpu",
+                   n_jobs: int = 1, # conditions scored at a time on the CPU (one process each); one at a time on a GPU
+                  ) -> dict[str, ConditionRun]:
+    "Every condition scored (`evaluate_condition`), in the order of the parameters; the numbers do not depend on `n_jobs`."
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1: raise ValueError(f"n_jobs must be an integer >= 1, got {n_jobs!r}")
+    runs_root = Path(runs_root)
+    names = [Path(p.cryoppp["folder"]).name] if p.data == "cryoppp" else list(p.conditions)   # `cryoppp_condition`'s name: its folder's
+    folders = [condition_folder(n) for n in names]
+    jobs = 1 if device != "cpu" else min(n_jobs, len(folders))
+    scored = Parallel(n_jobs=jobs, backend="loky")(delayed(evaluate_condition)(p, f, runs_root, templates, device) for f in folders)
+    return {r.name: r for r in scored}
 
 # %% ../../nbs/27_cryoem_study.ipynb #c009
 def condition_table(per_mic: pd.DataFrame, # columns condition, model, seed, micrograph, <metric>

@@ -181,11 +181,16 @@ def write_manifest(path: str | Path, split: dict, dataset_hash: str) -> str:
 def cache_micrographs(micrographs: Sequence[Micrograph], # all of the same shape
                       cache_dir: str | Path, # the cache goes to cache_dir/<data hash>/
                      ) -> tuple[Path, str]: # (folder with images.npy and masks.npy, data hash)
-    "Write images and masks once as .npy files in a folder named by the data hash; an existing one is reused."
+    """Write images and masks once as .npy files in a folder named by the data hash; an existing one is reused. Simulated micrographs
+    (of the built-in structures) also leave `<recipe hash>.recipe` naming their folder, so another process finds them without simulating."""
     if len(micrographs) == 0: raise ValueError("micrographs must hold at least one micrograph")
     simulated = isinstance(micrographs, SimulatedMicrographs)
+    recipe = Path(cache_dir) / f"{micrographs.recipe_hash()}.recipe" if simulated and micrographs.structures is None else None
     known = micrographs._shared.hashes.get(micrographs.ids) if simulated else None
-    if known and (Path(cache_dir) / known).is_dir(): return Path(cache_dir) / known, known
+    if known is None and recipe is not None and recipe.is_file(): known = recipe.read_text().strip()
+    if known and (Path(cache_dir) / known).is_dir():
+        if simulated: micrographs._shared.hashes[micrographs.ids] = known
+        return Path(cache_dir) / known, known
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp, h = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".cache-")), hashlib.sha256()
     try:   # one pass: each micrograph is hashed as it is written (a simulated one is made once)
@@ -200,6 +205,7 @@ def cache_micrographs(micrographs: Sequence[Micrograph], # all of the same shape
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if simulated: micrographs._shared.hashes[micrographs.ids] = digest
+    if recipe is not None: atomic_write_text(recipe, digest)
     return folder, digest
 
 def _training_batch(train_set: Sequence[Micrograph], folder: Path | None, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,10 +393,15 @@ class RunResult:
     best_checkpoint: Path
 
 def _fixed_threshold_scores(probs: np.ndarray, micrographs: Sequence[Micrograph], threshold: float = 0.5) -> dict:
-    "Pixel F1 and the ROC-AUC of thresholded predictions at a fixed threshold (the original protocol's numbers)."
-    truth = np.stack([m.mask for m in micrographs])
-    return {"pixel_f1": pixel_metrics(probs, truth, threshold)["f1"],
-            "thresholded_auc": pixel_metrics((probs >= threshold).astype(float), truth)["roc_auc"]}
+    """Pixel F1 and the ROC-AUC of thresholded predictions at a fixed threshold (the original protocol's numbers), from the four counts:
+    the ROC curve of a binary score has one corner, (FPR, TPR), so its area is (TPR + 1 - FPR) / 2."""
+    truth, pred = np.stack([m.mask for m in micrographs]), np.asarray(probs) >= threshold
+    if pred.shape != truth.shape: raise ValueError(f"probs must have the micrographs' shape {truth.shape}, got {pred.shape}")
+    tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+    tn = truth.size - tp - fp - fn
+    both = 0 < tp + fn < truth.size
+    return {"pixel_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+            "thresholded_auc": (tp / (tp + fn) + tn / (tn + fp)) / 2 if both else float("nan")}
 
 def _crop(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator):
     "One random size x size window of a batch of images and masks."
