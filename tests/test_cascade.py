@@ -296,6 +296,12 @@ def _tiny_recipe(role: str, **changes) -> dict:
     ({"models": _tiny_recipe("filter", epocs=2)}, r"cascade.models.filter has unknown or reserved fields \['epocs'\]"),
     ({"models": _tiny_recipe("effnet", px=64)}, r"cascade.models.effnet has unknown or reserved fields \['px'\]"),
     ({"models": _tiny_recipe("genconvit_vae", optimizer="sgd")}, "optimizer must be 'adamw' or 'adam'"),
+    ({"models": _tiny_recipe("effnet", lr="5e-5")}, r"cascade.models.effnet.lr must be float, got '5e-5' \(str\)"),
+    ({"models": _tiny_recipe("filter", epochs=2.5)}, "cascade.models.filter.epochs must be int, got 2.5"),
+    ({"models": _tiny_recipe("filter", normalize="imagenette")}, "cascade.models.filter.normalize must be one of"),
+    ({"px": 64.0}, "cascade.px must be int, got 64.0"),
+    ({"seeds": [0, 1.5]}, r"cascade.seeds must be list\[int\], got \[0, 1.5\]"),
+    ({"auc_margin": "0.02"}, "cascade.auc_margin must be float"),
 ])
 def test_recipe_errors_are_refused_before_anything_trains(change, message):
     """Each recipe error of the second review, refused with a line naming the field when the parameters are built (before any forger

@@ -17,10 +17,10 @@ from scipy import ndimage
 from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, npy_layout, project_root, require_portable
 
 # %% auto #0
-__all__ = ['PHOTOS', 'PHOTO_DIR', 'LFW_LICENCE', 'CHAIN', 'FAMILIES', 'STRENGTHS', 'FORGER_DTYPE', 'FORGER_UPS',
-           'real_photographs', 'crop_resize', 'jpeg', 'finish', 'draw_chain', 'degrade', 'residual_std', 'match_source',
-           'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum', 'Forger',
-           'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers', 'MappedImages',
+__all__ = ['PHOTOS', 'PHOTO_DIR', 'LFW_LICENCE', 'FACE_PREFIX', 'CHAIN', 'FAMILIES', 'STRENGTHS', 'FORGER_DTYPE', 'FORGER_UPS',
+           'source_kind', 'real_photographs', 'crop_resize', 'jpeg', 'finish', 'draw_chain', 'degrade', 'residual_std',
+           'match_source', 'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum',
+           'Forger', 'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers', 'MappedImages',
            'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc',
            'group_split', 'cap_per_group', 'kish_groups', 'read_manifest', 'load_image', 'manifest_cache',
            'load_manifest', 'write_manifest']
@@ -65,6 +65,12 @@ def _load_photo(name: str) -> np.ndarray:
     import matplotlib.cbook
     with matplotlib.cbook.get_sample_data(f"{name}.jpg") as f: return np.asarray(Image.open(f).convert("RGB"))
 
+FACE_PREFIX = "lfw_face" # group names of the LFW faces (`real_photographs`); every other generated group is a photograph
+
+def source_kind(groups) -> np.ndarray:
+    "'face' or 'photograph' for each group name of the generated benchmark: the two kinds of source it splits separately."
+    return np.where(pd.Series(np.asarray(groups, dtype=object)).astype(str).str.startswith(FACE_PREFIX), "face", "photograph")
+
 def real_photographs(n_faces: int = 100, # LFW face crops to include (0-100)
                     ) -> list[dict]: # name, image (H, W, 3) uint8, grey, package, licence
     "The real photographs, as RGB uint8 (grey ones with three equal channels, flagged `grey`)."
@@ -78,7 +84,7 @@ def real_photographs(n_faces: int = 100, # LFW face crops to include (0-100)
     faces = skimage.data.lfw_subset()[:n_faces]   # the first 100 are faces, the rest background crops
     for i, f in enumerate(faces):
         u8 = np.round(f * 255).astype(np.uint8)
-        out.append({"name": f"lfw_face_{i:03d}", "image": np.repeat(u8[..., None], 3, -1), "grey": True, "package": "skimage", "licence": LFW_LICENCE})
+        out.append({"name": f"{FACE_PREFIX}_{i:03d}", "image": np.repeat(u8[..., None], 3, -1), "grey": True, "package": "skimage", "licence": LFW_LICENCE})
     return out
 
 # %% ../../nbs/40_cascade_data.ipynb #c008
@@ -534,6 +540,7 @@ def kish_groups(groups: Sequence) -> float:
 
 # %% ../../nbs/40_cascade_data.ipynb #c023
 _LABELS = {"real": 0, "fake": 1, "0": 0, "1": 1}
+_MISSING = ("nan", "na", "n/a", "none", "null") # what spreadsheets and pandas write for a missing group
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     "The manifest's rows: absolute `path`, `label` (0 real, 1 fake), `group`; errors name the manifest, the row and the file."
@@ -551,7 +558,16 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     files = [Path(p) if Path(p).is_absolute() else path.parent / p for p in df.path]
     absent = [f for f in files if not f.is_file()]
     if absent: raise FileNotFoundError(f"manifest {path}: {len(absent)} image file(s) missing, e.g. {absent[0]}")
-    if (df.group.str.strip() == "").any(): raise ValueError(f"manifest {path}: every row needs a group (video or identity)")
+    groups = df.group.str.strip()
+    no_group = (groups == "") | groups.str.lower().isin(_MISSING)
+    if no_group.any():
+        i = int(np.flatnonzero(no_group)[0])
+        raise ValueError(f"manifest {path}, row {i + 2}: every row needs a group (video or identity), got {df.group.iloc[i]!r} for {df.path.iloc[i]}")
+    resolved = pd.Series([str(f.resolve()) for f in files])
+    twice = resolved.duplicated(keep=False)
+    if twice.any():
+        rows = np.flatnonzero(twice & (resolved == resolved[twice].iloc[0])) + 2
+        raise ValueError(f"manifest {path}: rows {rows.tolist()} name the same image {df.path.iloc[rows[0] - 2]} (each image once)")
     return pd.DataFrame({"path": [str(f) for f in files], "label": labels.map(_LABELS).astype(int), "group": df.group.to_numpy()})
 
 def load_image(path: str | Path, px: int | None = None) -> np.ndarray:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/41_cascade_models.ipynb #c002
 from __future__ import annotations
-import dataclasses
+import dataclasses, typing
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +12,14 @@ import timm
 import torch
 from torch import nn
 
-from ..engine import load_weights
+from ..core import project_root
+from ..engine import STATE_DICT_KEYS, _state_dict_of, load_checkpoint_state, load_weights
 
 # %% auto #0
-__all__ = ['EMBED_DIM', 'ROLES', 'backbone', 'feature_width', 'HighPass', 'Projected', 'TimmDetector', 'kl_divergence',
-           'GenConViTConfig', 'GenConViT', 'detector_loss', 'branch_effects', 'ModelConfig', 'build_model',
-           'make_optimizer']
+__all__ = ['EMBED_DIM', 'IMAGENET_MEAN', 'IMAGENET_STD', 'NORMALIZATIONS', 'ROLES', 'backbone', 'feature_width', 'HighPass',
+           'ImageNetNormalize', 'input_stage', 'Projected', 'TimmDetector', 'kl_divergence', 'GenConViTConfig',
+           'GenConViT', 'detector_loss', 'branch_effects', 'check_field_types', 'ModelConfig', 'weights_path',
+           'load_initial_weights', 'build_model', 'make_optimizer']
 
 # %% ../../nbs/41_cascade_models.ipynb #c005
 EMBED_DIM = 256
@@ -36,6 +38,24 @@ class HighPass(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x - nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("none", "imagenet") # what the backbones see: the input in [-1, 1], or ImageNet's normalisation (pretrained weights expect it)
+
+class ImageNetNormalize(nn.Module):
+    "Inputs in [-1, 1] to ImageNet's normalisation, (x in [0, 1] - mean) / std per channel; no weights, nothing in the state dict."
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1) / 2 - self.mean) / self.std
+
+def input_stage(highpass: bool, normalize: str = "none") -> nn.Module:
+    "What every backbone sees: the input, ImageNet-normalised if `normalize` is 'imagenet', then its noise residual if `highpass`."
+    if normalize not in NORMALIZATIONS: raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    parts = [ImageNetNormalize()] * (normalize == "imagenet") + [HighPass()] * bool(highpass)
+    return nn.Sequential(*parts) if len(parts) > 1 else parts[0] if parts else nn.Identity()
+
 class Projected(nn.Module):
     "Features -> Linear to the 256-D embedding -> GELU -> Linear to one logit."
     def __init__(self, width: int, dim: int = EMBED_DIM):
@@ -46,10 +66,10 @@ class Projected(nn.Module):
         return self.head(nn.functional.gelu(e))[:, 0], e
 
 class TimmDetector(nn.Module):
-    "Stage 1 filter or the EfficientNetV2 expert: (optionally) the residual filter, one timm backbone and the projected head."
-    def __init__(self, name: str, px: int, highpass: bool = True, **kwargs):
+    "Stage 1 filter or the EfficientNetV2 expert: the input stage (`input_stage`), one timm backbone and the projected head."
+    def __init__(self, name: str, px: int, highpass: bool = True, normalize: str = "none", **kwargs):
         super().__init__()
-        self.pre = HighPass() if highpass else nn.Identity()
+        self.pre = input_stage(highpass, normalize)
         self.backbone = backbone(name, px, **kwargs)
         self.top = Projected(feature_width(self.backbone))
     def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> dict:
@@ -95,6 +115,7 @@ class GenConViTConfig:
     latent: int = 256 # VAE only
     convnext_kwargs: dict = dataclasses.field(default_factory=dict) # e.g. reduced dims/depths for the cpu profile
     highpass: bool = True # the branches see residuals of the image and of its reconstruction
+    normalize: str = "none" # "imagenet": the branches see ImageNet-normalised inputs (`input_stage`)
 
     def __post_init__(self):
         if self.variant not in ("ed", "vae"): raise ValueError(f"variant must be 'ed' or 'vae', got {self.variant!r}")
@@ -107,7 +128,7 @@ class GenConViT(nn.Module):
         self.config = config
         if config.variant == "ed": self.encoder, self.decoder = _ed_autoencoder(config.ae_width)
         else: self.vae = _VAE(config.px, config.ae_width, config.latent)
-        self.pre = HighPass() if config.highpass else nn.Identity()
+        self.pre = input_stage(config.highpass, config.normalize)
         self.convnext = backbone(config.convnext, config.px, **dict(config.convnext_kwargs))
         self.swin = backbone(config.swin, config.px, **dict(config.swin_kwargs))
         self.top = Projected(2 * feature_width(self.convnext) + 2 * feature_width(self.swin))
@@ -150,6 +171,20 @@ def branch_effects(model: GenConViT, x: torch.Tensor, y: torch.Tensor) -> dict[s
     return res
 
 # %% ../../nbs/41_cascade_models.ipynb #c013
+def check_field_types(obj, where: str):
+    """Every field of the dataclass `obj` holds its declared type (int: not a bool; float: an int or a float; list[int]: each element),
+    else a one-line ValueError naming `where.<field>`: a recipe read from YAML is checked before anything trains."""
+    hints = typing.get_type_hints(type(obj))
+    def fits(value, t) -> bool:
+        origin = typing.get_origin(t) or t
+        if origin is int: return isinstance(value, int) and not isinstance(value, bool)
+        if origin is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if origin is list: return isinstance(value, list) and all(fits(v, a) for a in typing.get_args(t)[:1] for v in value)
+        return isinstance(value, origin) if origin in (str, bool, dict) else True   # other annotations (unions, ...) are not checked here
+    for f in dataclasses.fields(obj):
+        value, t = getattr(obj, f.name), hints[f.name]
+        if not fits(value, t): raise ValueError(f"{where}.{f.name} must be {t.__name__ if isinstance(t, type) else t}, got {value!r} ({type(value).__name__})")
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     "One network of the cascade and how it is trained."
@@ -158,6 +193,8 @@ class ModelConfig:
     px: int = 64
     arch_kwargs: dict = dataclasses.field(default_factory=dict) # timm constructor arguments (reduced widths: channel_multiplier, dims, depths)
     highpass: bool = True # the residual filter in front of the backbones
+    normalize: str = "none" # "none" (inputs in [-1, 1]) or "imagenet" (ImageNet's normalisation, what pretrained backbones expect)
+    weights: str = "" # initial weights, a local file (relative: to the project): a checkpoint of this network or a timm backbone-only state dict; "": random
     swin: str = "swin_tiny_patch4_window7_224" # GenConViT only
     swin_kwargs: dict = dataclasses.field(default_factory=dict)
     ae_width: float = 1.0
@@ -172,7 +209,9 @@ class ModelConfig:
     batch_size: int = 32
 
     def __post_init__(self):
+        check_field_types(self, self.role)
         if self.role not in ROLES: raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.normalize not in NORMALIZATIONS: raise ValueError(f"{self.role}.normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.optimizer not in ("adamw", "adam"): raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step"): raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0: raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
@@ -185,12 +224,41 @@ class ModelConfig:
 
 ROLES = ("filter", "effnet", "genconvit_ed", "genconvit_vae")
 
+def weights_path(config: ModelConfig) -> Path | None:
+    "The recipe's initial-weights file (relative paths: to the project), or None for a random start."
+    return None if not config.weights else Path(config.weights) if Path(config.weights).is_absolute() else project_root() / config.weights
+
+def load_initial_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Initial weights from a local file: a checkpoint of this whole network (its state dict, or nested under one of `STATE_DICT_KEYS`),
+    loaded strictly; or a timm backbone-only state dict, loaded strictly into the one timm backbone of the network that has exactly its
+    tensors once the backbone's classifier (pretrained_cfg['classifier']) is dropped. Anything else is an error naming the file."""
+    path = Path(path)
+    state = _state_dict_of(load_checkpoint_state(path), STATE_DICT_KEYS, path)
+    own = model.state_dict()
+    if set(state) == set(own): return load_weights(model, path, key=STATE_DICT_KEYS)   # the whole network (strict: shapes checked)
+    tried = []
+    for name, sub in model.named_modules():
+        if not hasattr(sub, "pretrained_cfg"): continue   # timm models only
+        heads = sub.pretrained_cfg.get("classifier") or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        kept = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
+        sub_own = sub.state_dict()
+        if set(kept) == set(sub_own) and all(tuple(v.shape) == tuple(sub_own[k].shape) for k, v in kept.items()):
+            sub.load_state_dict(kept)
+            return model
+        tried.append(name)
+    raise ValueError(f"weights {path} are neither a checkpoint of this network nor the state dict of one of its timm backbones {tried} "
+                     f"({len(state)} tensors, e.g. {sorted(state)[:3]})")
+
 def build_model(config: ModelConfig, weights: str | Path | None = None) -> nn.Module:
-    "The role's network (random init, `pretrained=False`), with a local checkpoint's weights if `weights` is given."
-    if config.role in ("filter", "effnet"): model = TimmDetector(config.arch, config.px, config.highpass, **dict(config.arch_kwargs))
+    """The role's network (random init, `pretrained=False`), started from the recipe's `weights` file if it names one
+    (`load_initial_weights`); `weights=` then loads a checkpoint of this network strictly (a trained detector's)."""
+    if config.role in ("filter", "effnet"): model = TimmDetector(config.arch, config.px, config.highpass, config.normalize, **dict(config.arch_kwargs))
     else:
         model = GenConViT(GenConViTConfig("ed" if config.role == "genconvit_ed" else "vae", config.px, config.arch, config.swin,
-                                          dict(config.swin_kwargs), config.ae_width, config.latent, dict(config.arch_kwargs), config.highpass))
+                                          dict(config.swin_kwargs), config.ae_width, config.latent, dict(config.arch_kwargs), config.highpass,
+                                          config.normalize))
+    if config.weights: load_initial_weights(model, weights_path(config))
     return load_weights(model, weights) if weights else model
 
 def make_optimizer(config: ModelConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -13,7 +13,9 @@ import torch
 
 from scipy import ndimage
 
-from .data import FAMILIES, Benchmark, radial_profile, residual_std, to_uint8
+from pathlib import Path
+
+from .data import FAMILIES, LFW_LICENCE, PHOTOS, Benchmark, kish_groups, radial_profile, residual_std, source_kind, to_uint8
 from .models import build_model
 from .stack import (Trained, averaging, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
@@ -22,12 +24,31 @@ from .units import EXPERTS, CascadeParams
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_METHODS', 'spectral_features', 'spectral_baseline',
-           'global_statistics', 'trivial_detectors', 'trivial_table', 'run_seed', 'seed_metrics', 'routing_table',
-           'family_accuracy', 'complementarity', 'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories',
-           'stack_importance', 'scores_matrix', 'best_single_expert', 'success_criteria', 'stack_verdict',
+__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_METHODS', 'data_card', 'spectral_features',
+           'spectral_baseline', 'global_statistics', 'trivial_detectors', 'trivial_table', 'run_seed', 'seed_metrics',
+           'routing_table', 'family_accuracy', 'complementarity', 'cost_table', 'paper_cost', 'measured_cascade_ms',
+           'histories', 'stack_importance', 'scores_matrix', 'best_single_expert', 'success_criteria', 'stack_verdict',
            'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
            'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
+
+# %% ../../nbs/43_cascade_study.ipynb #5187af4e
+def data_card(p: CascadeParams, splits: dict[str, Benchmark], bench: Benchmark) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the sources: the photographs and faces of the generated benchmark with their package and licence, or the manifests read;
+    per split: images per family, groups, for generated data photographs and faces apart, and Kish's effective number of groups)."""
+    if p.data == "generated":
+        sources = pd.DataFrame([{"source": k, "package": v[0], "licence": v[1]} for k, v in PHOTOS.items()] +
+                               [{"source": f"{p.n_faces} LFW face crops (25 x 25, grey)", "package": "skimage", "licence": LFW_LICENCE}])
+    else:
+        sources = pd.DataFrame([{"source": f.name, "images": int(len(pd.read_csv(f)))} for f in sorted(Path(p.manifest_dir).glob("*_manifest.csv"))])
+    card = pd.concat([s.meta[["family"]].assign(split=k, group=np.asarray(s.group, dtype=object)) for k, s in splits.items()], ignore_index=True)
+    per_split = card.groupby(["split", "family"], sort=False).size().unstack(fill_value=0)
+    per_split["groups"] = card.groupby("split", sort=False).group.nunique()
+    if p.data == "generated":
+        for kind, col in (("photograph", "photographs"), ("face", "faces")):
+            per_split[col] = card[source_kind(card.group) == kind].groupby("split", sort=False).group.nunique()
+    per_split["Kish effective groups"] = pd.Series({k: kish_groups(s.group) for k, s in splits.items()}).round(1)
+    return sources, per_split.fillna(0).reset_index()
+
 
 # %% ../../nbs/43_cascade_study.ipynb #c010
 def spectral_features(images: np.ndarray) -> np.ndarray:

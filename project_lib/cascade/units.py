@@ -12,11 +12,11 @@ import pandas as pd
 
 from .. import engine
 from . import data as cascade_data, models as cascade_models, stack as cascade_stack
-from .data import (FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, cap_per_group, draft_benchmark, group_split,
+from .data import (FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, cap_per_group, source_kind, draft_benchmark, group_split,
                                       load_forger, load_manifest, train_forger)
-from .models import ModelConfig
+from .models import ModelConfig, check_field_types, weights_path
 from .stack import Trained, load_detector, train_detector_unit
-from ..engine import TrainingUnit, code_hash, load_units
+from ..engine import TrainingUnit, code_hash, file_hash, load_units
 
 # %% auto #0
 __all__ = ['EXPERTS', 'DETECTORS', 'CascadeParams', 'benchmark_draft', 'forger_units', 'split_indices', 'load_data',
@@ -29,7 +29,7 @@ EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
 class CascadeParams:
     "One profile of the cascade study."
     data: str # "generated" or "manifests"
-    manifest_dir: str # folder with train_manifest.csv and val_manifest.csv (data: manifests)
+    manifest_dir: str # folder with train_manifest.csv, val_manifest.csv and optionally test_manifest.csv (data: manifests)
     px: int
     crops_per_photo: int
     crops_per_face: int
@@ -51,6 +51,7 @@ class CascadeParams:
     success_criteria: dict # expert -> {metric: target} (the seed's targets)
 
     def __post_init__(self):
+        check_field_types(self, "cascade")
         if self.data not in ("generated", "manifests"): raise ValueError(f"cascade.data must be 'generated' or 'manifests', got {self.data!r}")
         if set(self.split) != {"train", "val", "blend", "test"}: raise ValueError(f"cascade.split needs train, val, blend and test, got {sorted(self.split)}")
         if set(self.models) != {"filter", *EXPERTS}: raise ValueError(f"cascade.models needs filter, {', '.join(EXPERTS)}; got {sorted(self.models)}")
@@ -65,7 +66,8 @@ class CascadeParams:
         for role, recipe in self.models.items():   # every recipe checked before anything trains: an unknown field is a typo
             unknown = set(recipe) - {f.name for f in dataclasses.fields(ModelConfig)} | set(recipe) & {"role", "px"}
             if unknown: raise ValueError(f"cascade.models.{role} has unknown or reserved fields {sorted(unknown)}: expected fields of ModelConfig but role and px")
-            self.model_config(role)
+            try: self.model_config(role)
+            except (TypeError, ValueError) as e: raise ValueError(f"cascade.models.{e}" if str(e).startswith(f"{role}.") else f"cascade.models.{role}: {e}") from None
 
     def model_config(self, role: str) -> ModelConfig:
         return ModelConfig(role=role, px=self.px, **self.models[role])
@@ -86,20 +88,22 @@ def forger_units(p: CascadeParams, draft: Draft | None = None) -> list[TrainingU
 def split_indices(p: CascadeParams, groups) -> dict[str, np.ndarray]:
     """Sample indices of the generated benchmark's splits, from its groups alone: photographs and LFW faces split on their own by `p.split`;
     validation, blend and test keep at most `p.eval_crops_per_source` images of a source."""
-    kind = np.where(pd.Series(np.asarray(groups, dtype=object)).astype(str).str.startswith("lfw_face"), "face", "photo")
-    parts = group_split(groups, p.split, p.data_seed, strata=kind)
+    parts = group_split(groups, p.split, p.data_seed, strata=source_kind(groups))
     return {k: v if k == "train" else cap_per_group(v, groups, p.eval_crops_per_source, p.data_seed) for k, v in parts.items()}
 
 def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Benchmark]:
     "The four splits (train, val, blend, test) and the whole benchmark (generated: made with the trained forgers under `runs`; manifests: images decoded once into `runs/manifest_cache` and read from there on demand, never all in memory); every split holds whole groups."
     if p.data == "manifests":
-        folder = Path(p.manifest_dir)
-        train, rest = (load_manifest(folder / f"{k}_manifest.csv", p.px, Path(runs) / "manifest_cache") for k in ("train", "val"))
-        frac = {k: p.split[k] for k in ("val", "blend", "test")}
+        folder, cache = Path(p.manifest_dir), Path(runs) / "manifest_cache"
+        names = ["train", "val"] + ["test"] * (folder / "test_manifest.csv").is_file()   # an optional test manifest is the test split
+        read = [load_manifest(folder / f"{k}_manifest.csv", p.px, cache) for k in names]
+        train, rest = read[0], read[1]
+        frac = {k: p.split[k] for k in (("val", "blend") if len(read) == 3 else ("val", "blend", "test"))}
         parts = group_split(rest.group, {k: v / sum(frac.values()) for k, v in frac.items()}, p.data_seed)
         splits = {"train": train, **{k: rest.subset(cap_per_group(v, rest.group, p.eval_crops_per_source, p.data_seed)) for k, v in parts.items()}}
-        bench = Benchmark(MappedImages.concat([train.images, rest.images]), np.r_[train.label, rest.label], np.r_[train.group, rest.group],
-                          pd.concat([train.meta, rest.meta], ignore_index=True))
+        if len(read) == 3: splits["test"] = read[2].subset(cap_per_group(np.arange(len(read[2].label)), read[2].group, p.eval_crops_per_source, p.data_seed))
+        bench = Benchmark(MappedImages.concat([b.images for b in read]), np.concatenate([b.label for b in read]),
+                          np.concatenate([b.group for b in read]), pd.concat([b.meta for b in read], ignore_index=True))
     else:
         draft = benchmark_draft(p)
         units = forger_units(p, draft)
@@ -138,8 +142,9 @@ def detector_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[Train
     for seed in p.seeds:
         for role in DETECTORS:
             config, data = detector_config(p, role), _shuffled(train, seed) if role == "null" else train
+            init = {"init_hash": file_hash(weights_path(config))} if config.weights else {}   # the initial weights' content, not their path
             units.append(TrainingUnit(f"detectors/{role}/seed{seed}", {"config": dataclasses.asdict(config), "seed": seed, "train_hash": data.data_hash(),
-                                                                       "val_hash": val_hash, "code": code},
+                                                                       "val_hash": val_hash, "code": code, **init},
                                       train_detector_unit, {"config": config, "train": data, "val": val, "seed": seed}))
     return units
 
