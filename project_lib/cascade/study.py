@@ -17,19 +17,20 @@ from pathlib import Path
 
 from .data import FAMILIES, LFW_LICENCE, PHOTOS, Benchmark, kish_groups, radial_profile, residual_std, source_kind, to_uint8
 from .models import build_model
-from .stack import (Trained, averaging, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
+from .stack import (Trained, averaging, paired_bootstrap, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
                                        seconds_per_image, stage3_features, to_input)
-from .units import EXPERTS, CascadeParams
+from .units import EXPERTS, CascadeParams, held_out_index, leave_out
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'RISK_COVERAGE_METHODS', 'data_card', 'spectral_features',
-           'spectral_baseline', 'global_statistics', 'trivial_detectors', 'trivial_table', 'run_seed', 'seed_metrics',
-           'routing_table', 'family_accuracy', 'complementarity', 'cost_table', 'paper_cost', 'measured_cascade_ms',
-           'histories', 'stack_importance', 'scores_matrix', 'best_single_expert', 'success_criteria', 'stack_verdict',
-           'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
-           'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
+__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS', 'RISK_COVERAGE_METHODS', 'data_card',
+           'spectral_features', 'spectral_baseline', 'global_statistics', 'trivial_detectors', 'trivial_table',
+           'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
+           'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
+           'success_criteria', 'stack_verdict', 'leave_one_family_out', 'plot_examples', 'plot_reconstructions',
+           'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage', 'family_accuracy_curves',
+           'plot_family_accuracy', 'reconstruction_quality']
 
 # %% ../../nbs/43_cascade_study.ipynb #5187af4e
 def data_card(p: CascadeParams, splits: dict[str, Benchmark], bench: Benchmark) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -140,7 +141,7 @@ def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str
     return {"seed": seed, "trained": trained, "outs": outs, "temperature": temperature, "band": band, "thresholds": thresholds,
             "test_prob": {**prob["test"], "cascade": score}, "test_decision": {**{m: (prob["test"][m] >= thresholds[m]).astype(int) for m in prob["test"]}, "cascade": decision},
             "routed": routed, "val_routed_fraction": float(val_routed.mean()), "stackers": stackers,
-            "null_prob": predict(detectors["null"].model, test, device)["prob"]}
+            "null_prob": predict(detectors["null"].model, test, device)["prob"] if "null" in detectors else None}
 
 # %% ../../nbs/43_cascade_study.ipynb #c014
 def seed_metrics(r: dict, test: Benchmark, spectral_prob: np.ndarray) -> pd.DataFrame:
@@ -282,6 +283,30 @@ def stack_verdict(gains: pd.DataFrame, # paired AUC differences: method - versus
     head = row("LightGBM stack", best)
     return {"estimate": float(head.difference), "low": float(head.ci_low), "high": float(head.ci_high), "margin": float(margin),
             "mde": float(2.8 * (head.ci_high - head.ci_low) / 3.92), "simpler_does_as_well": bool(any(as_well(m) for m in (best, *simpler)))}
+
+# %% ../../nbs/43_cascade_study.ipynb #6b196eb2
+LOFO_METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade") # every stage, scored on a family it never saw
+
+def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
+                         lofo: dict[str, dict[str, Trained]], # {family: {role: detector trained without it}} (`units.load_lofo`)
+                         seen: dict, # `run_seed` of the same seed with every family: the same methods trained with it
+                         device: str = "cpu") -> pd.DataFrame:
+    """Per left-out family and method: test AUC of that family's fakes against every real test image, trained with the family (`seen`)
+    and without it (validation, blend and the stack's fit without it too), and the paired difference, with a 95 % interval over test
+    sources (`paired_bootstrap`)."""
+    test, rows = splits["test"], []
+    for family, detectors in lofo.items():
+        idx = held_out_index(test, family)
+        held = {k: leave_out(splits[k], family) for k in ("train", "val", "blend")} | {"test": test.subset(idx)}
+        r = run_seed(p, held, detectors, device)
+        y, groups = held["test"].label, held["test"].group
+        for m in LOFO_METHODS:
+            with_it, without = seen["test_prob"][m][idx], r["test_prob"][m]
+            d = paired_bootstrap(y, groups, with_it[None], without[None], n_resamples=p.bootstrap_resamples)
+            rows.append({"family": family, "method": m, "fakes": int(y.sum()), "auc_seen": roc_auc(y, with_it), "auc_held_out": roc_auc(y, without),
+                         "difference": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
+    return pd.DataFrame(rows)
+
 
 # %% ../../nbs/43_cascade_study.ipynb #c016
 def plot_examples(bench: Benchmark, per_family: int = 6, seed: int = 0):

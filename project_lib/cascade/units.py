@@ -12,15 +12,16 @@ import pandas as pd
 
 from .. import engine
 from . import data as cascade_data, models as cascade_models, stack as cascade_stack
-from .data import (FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, cap_per_group, source_kind, draft_benchmark, group_split,
+from .data import (FAMILIES, FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, cap_per_group, source_kind, draft_benchmark, group_split,
                                       load_forger, load_manifest, train_forger)
 from .models import ModelConfig, check_field_types, weights_path
 from .stack import Trained, load_detector, train_detector_unit
 from ..engine import TrainingUnit, code_hash, file_hash, load_units
 
 # %% auto #0
-__all__ = ['EXPERTS', 'DETECTORS', 'CascadeParams', 'benchmark_draft', 'forger_units', 'split_indices', 'load_data',
-           'check_grouped', 'detector_config', 'detector_units', 'load_detectors']
+__all__ = ['EXPERTS', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units', 'split_indices',
+           'load_data', 'check_grouped', 'detector_config', 'detector_unit', 'detector_units', 'leave_out',
+           'held_out_index', 'lofo_units', 'load_detectors', 'load_lofo']
 
 # %% ../../nbs/42a_cascade_units.ipynb #u005
 EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
@@ -49,6 +50,7 @@ class CascadeParams:
     timing_images: int
     auc_margin: float # equivalence margin of the headline AUC difference (stack - best single expert)
     success_criteria: dict # expert -> {metric: target} (the seed's targets)
+    leave_one_out: list[str] = dataclasses.field(default_factory=list) # fake families left out one at a time (generated data): the generalisation test
 
     def __post_init__(self):
         check_field_types(self, "cascade")
@@ -62,6 +64,8 @@ class CascadeParams:
         if not 0 < self.routing_budget <= 1: raise ValueError(f"cascade.routing_budget is a fraction of the validation images, in (0, 1]; got {self.routing_budget}")
         if isinstance(self.eval_crops_per_source, bool) or not isinstance(self.eval_crops_per_source, int) or self.eval_crops_per_source < 1:
             raise ValueError(f"cascade.eval_crops_per_source must be an integer >= 1, got {self.eval_crops_per_source!r}")
+        unknown = sorted(set(self.leave_one_out) - set(FAMILIES))
+        if unknown: raise ValueError(f"cascade.leave_one_out names unknown families {unknown}; families: {list(FAMILIES)}")
         if self.stack_folds < 2: raise ValueError(f"cascade.stack_folds must be >= 2 (out-of-fold stacking), got {self.stack_folds}")
         for role, recipe in self.models.items():   # every recipe checked before anything trains: an unknown field is a typo
             unknown = set(recipe) - {f.name for f in dataclasses.fields(ModelConfig)} | set(recipe) & {"role", "px"}
@@ -134,19 +138,38 @@ def detector_config(p: CascadeParams, role: str) -> ModelConfig:
     "The recipe of a detector role (the null: the filter's, one epoch)."
     return dataclasses.replace(p.model_config("filter"), epochs=1) if role == "null" else p.model_config(role)
 
+DETECTOR_CODE = (cascade_data, cascade_models, cascade_stack, engine) # the modules a detector's training runs: a change retrains
+
+def detector_unit(p: CascadeParams, key: str, role: str, seed: int, train: Benchmark, val: Benchmark, val_hash: str | None = None) -> TrainingUnit:
+    "One detector's training unit, identified by its recipe, seed, the hashes of its training and validation images (and initial weights) and its code."
+    config = detector_config(p, role)
+    init = {"init_hash": file_hash(weights_path(config))} if config.weights else {}   # the initial weights' content, not their path
+    return TrainingUnit(key, {"config": dataclasses.asdict(config), "seed": seed, "train_hash": train.data_hash(), "val_hash": val_hash or val.data_hash(),
+                              "code": code_hash(*DETECTOR_CODE), **init},
+                        train_detector_unit, {"config": config, "train": train, "val": val, "seed": seed})
+
 def detector_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingUnit]:
-    "Every detector x seed (`runs/detectors/<role>/seed<k>`), identified by its recipe, seed, the hashes of its training and validation images and its code."
+    "Every detector x seed (`runs/detectors/<role>/seed<k>`; the null trains on shuffled labels)."
     train, val = splits["train"], splits["val"]
-    code, val_hash = code_hash(cascade_data, cascade_models, cascade_stack, engine), val.data_hash()
-    units = []
-    for seed in p.seeds:
-        for role in DETECTORS:
-            config, data = detector_config(p, role), _shuffled(train, seed) if role == "null" else train
-            init = {"init_hash": file_hash(weights_path(config))} if config.weights else {}   # the initial weights' content, not their path
-            units.append(TrainingUnit(f"detectors/{role}/seed{seed}", {"config": dataclasses.asdict(config), "seed": seed, "train_hash": data.data_hash(),
-                                                                       "val_hash": val_hash, "code": code, **init},
-                                      train_detector_unit, {"config": config, "train": data, "val": val, "seed": seed}))
-    return units
+    val_hash = val.data_hash()
+    return [detector_unit(p, f"detectors/{role}/seed{seed}", role, seed, _shuffled(train, seed) if role == "null" else train, val, val_hash)
+            for seed in p.seeds for role in DETECTORS]
+
+def leave_out(b: Benchmark, family: str) -> Benchmark:
+    "The benchmark without the fakes of `family`: its reals and every other family's fakes."
+    return b.subset(np.flatnonzero(b.meta.family.to_numpy() != family))
+
+def held_out_index(b: Benchmark, family: str) -> np.ndarray:
+    "Indices of the reals and of the fakes of `family`: the test of a detector that never saw that family."
+    return np.flatnonzero(np.isin(b.meta.family.to_numpy(), ("real", family)))
+
+def lofo_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingUnit]:
+    """Leave one family out: for each family of `p.leave_one_out`, the filter and the experts of the first seed trained and validated
+    without that family's fakes (`runs/detectors/lofo-<family>/<role>`); none for manifests (their fakes have no family)."""
+    if p.data == "manifests": return []
+    seed = p.seeds[0]
+    return [detector_unit(p, f"detectors/lofo-{family}/{role}", role, seed, leave_out(splits["train"], family), leave_out(splits["val"], family))
+            for family in p.leave_one_out for role in ("filter", *EXPERTS)]
 
 def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[int, dict[str, Trained]]:
     "The trained detectors of every seed ({seed: {role: Trained}}); refuses when any is missing or stale (evaluation never trains)."
@@ -156,3 +179,13 @@ def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, d
     for u in units:
         out.setdefault(u.kwargs["seed"], {})[u.key.split("/")[1]] = load_detector(u.kwargs["config"], records[u.key], Path(runs) / u.key, device)
     return out
+
+def load_lofo(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[str, dict[str, Trained]]:
+    "The leave-one-family-out detectors ({family: {role: Trained}}); refuses when any is missing or stale."
+    units = lofo_units(p, splits)
+    records, out = load_units(units, runs), {}
+    for u in units:
+        _, folder, role = u.key.split("/")
+        out.setdefault(folder.removeprefix("lofo-"), {})[role] = load_detector(u.kwargs["config"], records[u.key], Path(runs) / u.key, device)
+    return out
+
