@@ -302,6 +302,8 @@ def _tiny_recipe(role: str, **changes) -> dict:
     ({"px": 64.0}, "cascade.px must be int, got 64.0"),
     ({"seeds": [0, 1.5]}, r"cascade.seeds must be list\[int\], got \[0, 1.5\]"),
     ({"auc_margin": "0.02"}, "cascade.auc_margin must be float"),
+    ({"eval_crops_per_source": 16.0}, "cascade.eval_crops_per_source must be int, got 16.0"),
+    ({"eval_crops_per_source": 0}, "cascade.eval_crops_per_source must be >= 1, got 0"),
 ])
 def test_recipe_errors_are_refused_before_anything_trains(change, message):
     """Each recipe error of the second review, refused with a line naming the field when the parameters are built (before any forger

@@ -62,8 +62,7 @@ class CascadeParams:
         if not set(self.success_criteria) <= set(EXPERTS): raise ValueError(f"cascade.success_criteria names experts of {EXPERTS}, got {sorted(self.success_criteria)}")
         if self.px < 32 or self.px % 32: raise ValueError(f"cascade.px must be a positive multiple of 32 (the backbones downsample by 32), got {self.px}")
         if not 0 < self.routing_budget <= 1: raise ValueError(f"cascade.routing_budget is a fraction of the validation images, in (0, 1]; got {self.routing_budget}")
-        if isinstance(self.eval_crops_per_source, bool) or not isinstance(self.eval_crops_per_source, int) or self.eval_crops_per_source < 1:
-            raise ValueError(f"cascade.eval_crops_per_source must be an integer >= 1, got {self.eval_crops_per_source!r}")
+        if self.eval_crops_per_source < 1: raise ValueError(f"cascade.eval_crops_per_source must be >= 1, got {self.eval_crops_per_source}")   # its type: checked above
         unknown = sorted(set(self.leave_one_out) - set(FAMILIES))
         if unknown: raise ValueError(f"cascade.leave_one_out names unknown families {unknown}; families: {list(FAMILIES)}")
         if self.stack_folds < 2: raise ValueError(f"cascade.stack_folds must be >= 2 (out-of-fold stacking), got {self.stack_folds}")
