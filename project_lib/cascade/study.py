@@ -297,7 +297,7 @@ def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
     test, rows = splits["test"], []
     for family, detectors in lofo.items():
         idx = held_out_index(test, family)
-        held = {k: leave_out(splits[k], family) for k in ("train", "val", "blend")} | {"test": test.subset(idx)}
+        held = {k: leave_out(splits[k], family) for k in ("val", "blend")} | {"test": test.subset(idx)}   # what `run_seed` reads
         r = run_seed(p, held, detectors, device)
         y, groups = held["test"].label, held["test"].group
         for m in LOFO_METHODS:

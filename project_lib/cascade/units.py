@@ -166,9 +166,12 @@ def lofo_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingU
     """Leave one family out: for each family of `p.leave_one_out`, the filter and the experts of the first seed trained and validated
     without that family's fakes (`runs/detectors/lofo-<family>/<role>`); none for manifests (their fakes have no family)."""
     if p.data == "manifests": return []
-    seed = p.seeds[0]
-    return [detector_unit(p, f"detectors/lofo-{family}/{role}", role, seed, leave_out(splits["train"], family), leave_out(splits["val"], family))
-            for family in p.leave_one_out for role in ("filter", *EXPERTS)]
+    units, seed = [], p.seeds[0]
+    for family in p.leave_one_out:   # the family's training and validation images, made and hashed once for its four units
+        train, val = leave_out(splits["train"], family), leave_out(splits["val"], family)
+        val_hash = val.data_hash()
+        units += [detector_unit(p, f"detectors/lofo-{family}/{role}", role, seed, train, val, val_hash) for role in ("filter", *EXPERTS)]
+    return units
 
 def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[int, dict[str, Trained]]:
     "The trained detectors of every seed ({seed: {role: Trained}}); refuses when any is missing or stale (evaluation never trains)."
