@@ -18,12 +18,12 @@ from ..core import NpyRowWriter, atomic_write_bytes, atomic_write_text, npy_layo
 
 # %% auto #0
 __all__ = ['PHOTOS', 'PHOTO_DIR', 'LFW_LICENCE', 'FACE_PREFIX', 'CHAIN', 'FAMILIES', 'STRENGTHS', 'FORGER_DTYPE', 'FORGER_UPS',
-           'source_kind', 'real_photographs', 'crop_resize', 'jpeg', 'finish', 'draw_chain', 'degrade', 'residual_std',
-           'match_source', 'soft_ellipse', 'self_blend', 'resample', 'double_jpeg', 'radial_profile', 'match_spectrum',
-           'Forger', 'to_input', 'to_uint8', 'render', 'train_forger', 'load_forger', 'train_forgers', 'MappedImages',
-           'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark', 'make_benchmark', 'roc_auc', 'pipeline_cue_auc',
-           'group_split', 'cap_per_group', 'kish_groups', 'read_manifest', 'load_image', 'manifest_cache',
-           'load_manifest', 'write_manifest']
+           'LEARNED_FAMILIES', 'source_kind', 'real_photographs', 'crop_resize', 'jpeg', 'finish', 'draw_chain',
+           'degrade', 'residual_std', 'match_source', 'soft_ellipse', 'self_blend', 'resample', 'double_jpeg',
+           'radial_profile', 'match_spectrum', 'Forger', 'to_input', 'to_uint8', 'render', 'train_forger',
+           'load_forger', 'train_forgers', 'MappedImages', 'Benchmark', 'Draft', 'draft_benchmark', 'build_benchmark',
+           'make_benchmark', 'roc_auc', 'pipeline_cue_auc', 'group_split', 'cap_per_group', 'kish_groups',
+           'read_manifest', 'load_image', 'manifest_cache', 'load_manifest', 'write_manifest']
 
 # %% ../../nbs/40_cascade_data.ipynb #c005
 PHOTOS = {   # name: (loader, package, licence)
@@ -433,6 +433,11 @@ class Draft:
     photos: list[dict]
     seed: int
 
+    @property
+    def groups(self) -> np.ndarray:
+        "Each sample's group (its source photograph's name), as the benchmark built from the draft has them."
+        return np.array([self.photos[s["photo"]]["name"] for s in self.plan], dtype=object)
+
     def forger_crops(self, max_forger_crops: int = 1024) -> np.ndarray:
         "The forgers' training crops: a seeded subset (a cap keeps the cost fixed), in benchmark order."
         return self.crops[np.sort(np.random.default_rng(self.seed).permutation(len(self.crops))[:max_forger_crops])]
@@ -451,28 +456,42 @@ def draft_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int
         crops.append(crop); rows.append(info)
     return Draft(plan, np.stack(crops), rows, photos, seed)
 
-def build_benchmark(draft: Draft, forgers: dict[str, Forger]) -> Benchmark:
+LEARNED_FAMILIES = {"ae_swap": "bilinear", "generator": "transposed", "generator_matched": "transposed"} # family -> the forger it blends in
+
+def _renderings(draft: Draft, forgers: dict[str, Forger], idx: np.ndarray) -> dict[int, np.ndarray]:
+    "{sample: its forger's rendering of its crop} for the fakes among `idx` that a forger makes (only those are rendered: a sample's rendering does not depend on the others)."
+    out = {}
+    for up, forger in forgers.items():
+        need = [int(k) for k in idx if draft.plan[k]["label"] and LEARNED_FAMILIES.get(draft.plan[k]["family"]) == up]
+        if need: out.update(zip(need, render(forger, draft.crops[need])))
+    return out
+
+def build_benchmark(draft: Draft, forgers: dict[str, Forger], # {'bilinear': swapper, 'transposed': generator}
+                    idx: Sequence[int] | None = None, # only these samples, in this order (default: all)
+                   ) -> Benchmark:
     "The benchmark: every planned fake made from its crop (the learned families with the trained forgers), all images processed alike."
     crops, px = draft.crops, draft.crops.shape[1]
-    swapped, generated = render(forgers["bilinear"], crops), render(forgers["transposed"], crops)
-    images, rows = [], copy.deepcopy(draft.rows)
-    for k, step in enumerate(draft.plan):
+    idx = np.arange(len(draft.plan)) if idx is None else np.asarray(idx, dtype=int)
+    rendered = _renderings(draft, forgers, idx)
+    images, rows = [], [copy.deepcopy(draft.rows[k]) for k in idx]
+    for row, k in zip(rows, idx):
+        step = draft.plan[k]
         x, rng, photo = crops[k], copy.deepcopy(step["rng"]), draft.photos[step["photo"]]   # a copy: the draft builds the same benchmark again
         if step["label"]:
             a = STRENGTHS[step["family"]][step["strength"] - 1]
             fam = step["family"]
             if fam == "sbi": x = self_blend(x, a, rng)
-            elif fam == "ae_swap": x = _blend(x, swapped[k], a * soft_ellipse(px, rng))
-            elif fam == "generator": x = _blend(x, generated[k], np.full((px, px), a))
-            elif fam == "generator_matched": x = match_spectrum(_blend(x, generated[k], np.full((px, px), a)), x)
+            elif fam == "ae_swap": x = _blend(x, rendered[k], a * soft_ellipse(px, rng))
+            elif fam == "generator": x = _blend(x, rendered[k], np.full((px, px), a))
+            elif fam == "generator_matched": x = match_spectrum(_blend(x, rendered[k], np.full((px, px), a)), x)
             elif fam == "resample": x = resample(x, a)
             else: x = double_jpeg(x, a, rng)
             x, gain = match_source(x, crops[k])
         images.append(finish(degrade(x, **step["chain"]), photo["grey"], step["flip"], step["quality"]))
-        rows[k].update(photo=photo["name"], flip=step["flip"], quality=step["quality"], family=step["family"], strength=step["strength"],
-                       detail_gain=gain if step["label"] else 1.0, **{k_: v for k_, v in step["chain"].items() if k_ != "noise_seed"})
+        row.update(photo=photo["name"], flip=step["flip"], quality=step["quality"], family=step["family"], strength=step["strength"],
+                   detail_gain=gain if step["label"] else 1.0, **{k_: v for k_, v in step["chain"].items() if k_ != "noise_seed"})
     meta = pd.DataFrame(rows)
-    return Benchmark(np.stack(images), np.array([s["label"] for s in draft.plan]), meta.photo.to_numpy(dtype=object), meta)
+    return Benchmark(np.stack(images), np.array([draft.plan[k]["label"] for k in idx]), meta.photo.to_numpy(dtype=object), meta)
 
 def make_benchmark(px: int = 64, crops_per_photo: int = 48, crops_per_face: int = 4, n_faces: int = 100, fake_fraction: float = 0.5,
                    seed: int = 0, forger_dir: str | Path | None = None, # where the forgers are trained (default: a temporary folder)

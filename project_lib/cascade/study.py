@@ -24,13 +24,14 @@ from .units import EXPERTS, CascadeParams, held_out_index, leave_out
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS', 'RISK_COVERAGE_METHODS', 'data_card',
-           'spectral_features', 'spectral_baseline', 'global_statistics', 'trivial_detectors', 'trivial_table',
-           'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
-           'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
-           'success_criteria', 'stack_verdict', 'leave_one_family_out', 'plot_examples', 'plot_reconstructions',
-           'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage', 'family_accuracy_curves',
-           'plot_family_accuracy', 'reconstruction_quality']
+__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS', 'GENERATOR_FAMILIES', 'RISK_COVERAGE_METHODS',
+           'data_card', 'spectral_features', 'spectral_baseline', 'global_statistics', 'trivial_detectors',
+           'trivial_table', 'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity',
+           'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix',
+           'best_single_expert', 'success_criteria', 'stack_verdict', 'leave_one_family_out', 'held_out_forger',
+           'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores',
+           'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
+           'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
 # %% ../../nbs/43_cascade_study.ipynb #5187af4e
 def data_card(p: CascadeParams, splits: dict[str, Benchmark], bench: Benchmark) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -287,6 +288,18 @@ def stack_verdict(gains: pd.DataFrame, # paired AUC differences: method - versus
 # %% ../../nbs/43_cascade_study.ipynb #6b196eb2
 LOFO_METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade") # every stage, scored on a family it never saw
 
+def _generalisation_rows(p: CascadeParams, label: dict, y, groups,
+                         seen: dict, # {method: test scores of the detectors that saw the manipulation}, on the images of `y`
+                         unseen: dict, # {method: test scores of those that did not}, on the same images
+                        ) -> list[dict]:
+    "Per method of `LOFO_METHODS`: AUC seen and unseen on the same test images, and the paired difference with a 95 % interval over test sources."
+    rows = []
+    for m in LOFO_METHODS:
+        d = paired_bootstrap(y, groups, seen[m][None], unseen[m][None], n_resamples=p.bootstrap_resamples)
+        rows.append({**label, "method": m, "fakes": int(np.sum(y)), "auc_seen": roc_auc(y, seen[m]), "auc_held_out": roc_auc(y, unseen[m]),
+                     "difference": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
+    return rows
+
 def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
                          lofo: dict[str, dict[str, Trained]], # {family: {role: detector trained without it}} (`units.load_lofo`)
                          seen: dict, # `run_seed` of the same seed with every family: the same methods trained with it
@@ -299,13 +312,110 @@ def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
         idx = held_out_index(test, family)
         held = {k: leave_out(splits[k], family) for k in ("val", "blend")} | {"test": test.subset(idx)}   # what `run_seed` reads
         r = run_seed(p, held, detectors, device)
-        y, groups = held["test"].label, held["test"].group
-        for m in LOFO_METHODS:
-            with_it, without = seen["test_prob"][m][idx], r["test_prob"][m]
-            d = paired_bootstrap(y, groups, with_it[None], without[None], n_resamples=p.bootstrap_resamples)
-            rows.append({"family": family, "method": m, "fakes": int(y.sum()), "auc_seen": roc_auc(y, with_it), "auc_held_out": roc_auc(y, without),
-                         "difference": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
+        rows += _generalisation_rows(p, {"family": family}, held["test"].label, held["test"].group,
+                                     {m: seen["test_prob"][m][idx] for m in LOFO_METHODS}, r["test_prob"])
     return pd.DataFrame(rows)
+
+GENERATOR_FAMILIES = ("generator", "generator_matched") # the families a generator's rendering makes (the held-out forger re-makes them)
+
+def held_out_forger(p: CascadeParams, splits: dict[str, Benchmark],
+                    remade: Benchmark, # the test split again, its generator families' fakes re-made by the held-out generator (`units.held_out_forger_test`)
+                    detectors: dict[str, Trained], # one seed's detectors (trained on the training generator's fakes)
+                    seen: dict, # `run_seed` of those detectors on the test split
+                    device: str = "cpu") -> pd.DataFrame:
+    """Per generator family and method: test AUC of that family's fakes made by the generator the detectors trained on (`seen`) and of the
+    same crops' fakes made by the held-out generator, against every real test image, and the paired difference over test sources."""
+    test = splits["test"]
+    other = ~np.isin(test.meta.family.to_numpy(), GENERATOR_FAMILIES)
+    if len(remade.label) != len(test.label) or not np.array_equal(remade.label, test.label) or not np.array_equal(remade.images[other], test.images[other]):
+        raise ValueError("remade must be the test split with only the generator families' fakes re-made (same samples, labels and other images)")
+    r = run_seed(p, {"val": splits["val"], "blend": splits["blend"], "test": remade}, detectors, device)
+    rows = []
+    for family in GENERATOR_FAMILIES:
+        if not (test.meta.family == family).any(): continue   # no test fake of this family (small benchmarks)
+        idx = held_out_index(test, family)
+        rows += _generalisation_rows(p, {"family": family}, test.label[idx], test.group[idx],
+                                     {m: seen["test_prob"][m][idx] for m in LOFO_METHODS}, {m: r["test_prob"][m][idx] for m in LOFO_METHODS})
+    return pd.DataFrame(rows)
+
+
+# %% ../../nbs/43_cascade_study.ipynb #f8802149
+def auc_rows(y, scores: np.ndarray) -> np.ndarray:
+    "ROC-AUC of each row of `scores` (k, n) against the labels `y` (n,), from average ranks (a tie counts one half, as in sklearn)."
+    from scipy.stats import rankdata
+    y = np.asarray(y)
+    pos = y == 1
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if not n1 or not n0: raise ValueError("y must hold both classes")
+    return (rankdata(np.atleast_2d(scores), axis=1)[:, pos].sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+def _resample_draw(rng: np.random.Generator, order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    "Image indices of one two-level resample of a draw: its groups with replacement, then images within each drawn group with replacement."
+    g = rng.integers(0, len(sizes), len(sizes))
+    n = np.repeat(sizes[g], sizes[g])
+    return order[np.repeat(starts[g], sizes[g]) + (rng.random(len(n)) * n).astype(int)]
+
+def hierarchical_bootstrap(draws: list[dict], # per benchmark draw: y (n,), groups (n,), scores {method: (seeds, n) or (n,)}, the same methods in every draw
+                           n_resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, replicates): per method the test AUC (mean over draws of the mean over the draw's seeds) with a 95 % interval from a three-level
+    bootstrap (draws, then source groups within a drawn draw, then images within a drawn group; a resample missing a class is drawn again),
+    and the (n_resamples, methods) replicates that `bootstrap_differences` pairs."""
+    if not draws: raise ValueError("draws must hold at least one benchmark draw")
+    methods = list(draws[0]["scores"])
+    if any(list(d["scores"]) != methods for d in draws): raise ValueError(f"every draw must score the same methods {methods}")
+    prepared = []
+    for d in draws:
+        y, groups = np.asarray(d["y"]), np.asarray(d["groups"]).astype(str)
+        rows = [np.atleast_2d(d["scores"][m]) for m in methods]
+        if any(r.shape[1] != len(y) for r in rows): raise ValueError(f"scores must have one column per image ({len(y)})")
+        stacked, owner = np.concatenate(rows), np.repeat(np.arange(len(methods)), [len(r) for r in rows])
+        names, inv = np.unique(groups, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        sizes = np.bincount(inv, minlength=len(names))
+        prepared.append((y, stacked, owner, order, np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes))
+    def draw_means(y, stacked, owner, idx=slice(None)):   # per method: the mean AUC over the draw's seeds
+        a = auc_rows(y[idx], stacked[:, idx])
+        return np.bincount(owner, a, len(methods)) / np.bincount(owner, minlength=len(methods))
+    point = np.mean([draw_means(y, s, o) for y, s, o, *_ in prepared], axis=0)
+    rng, reps = np.random.default_rng(seed), np.empty((n_resamples, len(methods)))
+    for r in range(n_resamples):
+        chosen = []
+        for k in rng.integers(0, len(prepared), len(prepared)):
+            y, stacked, owner, order, starts, sizes = prepared[k]
+            idx = _resample_draw(rng, order, starts, sizes)
+            while len(np.unique(y[idx])) < 2: idx = _resample_draw(rng, order, starts, sizes)
+            chosen.append(draw_means(y, stacked, owner, idx))
+        reps[r] = np.mean(chosen, axis=0)
+    table = pd.DataFrame({"method": methods, "auc": point, "ci_low": np.quantile(reps, 0.025, axis=0), "ci_high": np.quantile(reps, 0.975, axis=0),
+                          "n_draws": len(draws), "n_seeds": [int(np.mean([np.atleast_2d(d["scores"][m]).shape[0] for d in draws])) for m in methods]})
+    return table, pd.DataFrame(reps, columns=methods)
+
+def bootstrap_differences(table: pd.DataFrame, replicates: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    "Per (method, versus): AUC of method minus versus (`hierarchical_bootstrap`'s estimates), its 95 % interval and P(replicate <= 0), paired on the same replicates."
+    est = table.set_index("method").auc
+    rows = []
+    for a, b in pairs:
+        if a not in est or b not in est: raise ValueError(f"no bootstrap for {(a, b)}: methods are {list(est.index)}")
+        d = replicates[a] - replicates[b]
+        rows.append({"method": a, "versus": b, "difference": float(est[a] - est[b]), "ci_low": float(d.quantile(0.025)),
+                     "ci_high": float(d.quantile(0.975)), "p_not_better": float((d <= 0).mean())})
+    return pd.DataFrame(rows)
+
+def evaluate_draw(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[int, dict[str, Trained]], device: str = "cpu") -> tuple[list[dict], dict]:
+    "(`run_seed` of every seed, {trivial detector: test scores}) of one draw: the trivial detectors and the spectral baseline fitted on its training split."
+    results = [run_seed(p, splits, detectors[s], device) for s in sorted(detectors)]
+    spectral, = spectral_baseline(splits["train"], splits["test"])
+    trivial = {k: v[0] for k, v in trivial_detectors(splits["train"], splits["test"]).items()} | {"spectral logistic regression": spectral}
+    return results, trivial
+
+def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict[str, np.ndarray]) -> dict:
+    """One draw's entry for `hierarchical_bootstrap`: every method's test scores per seed, the null's, the best single expert's (chosen on
+    the draw's validation split) and the best trivial detector's (chosen on its test split: the strongest opponent)."""
+    test = splits["test"]
+    best, best_trivial = best_single_expert(results, splits["val"]), max(trivial, key=lambda k: roc_auc(test.label, trivial[k]))
+    return {"y": test.label, "groups": test.group, "best single expert": best, "best trivial": best_trivial,
+            "scores": {**{m: scores_matrix(results, m) for m in METHODS}, "best single expert": scores_matrix(results, best),
+                       "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial]}}
 
 
 # %% ../../nbs/43_cascade_study.ipynb #c016

@@ -19,9 +19,10 @@ from .stack import Trained, load_detector, train_detector_unit
 from ..engine import TrainingUnit, code_hash, file_hash, load_units
 
 # %% auto #0
-__all__ = ['EXPERTS', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units', 'split_indices',
-           'load_data', 'check_grouped', 'detector_config', 'detector_unit', 'detector_units', 'leave_out',
-           'held_out_index', 'lofo_units', 'load_detectors', 'load_lofo']
+__all__ = ['EXPERTS', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units', 'held_out_forger_unit',
+           'load_forgers', 'split_indices', 'load_data', 'check_grouped', 'detector_config', 'detector_unit',
+           'detector_units', 'leave_out', 'held_out_index', 'lofo_units', 'load_detectors', 'held_out_forger_test',
+           'load_lofo']
 
 # %% ../../nbs/42a_cascade_units.ipynb #u005
 EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
@@ -51,6 +52,9 @@ class CascadeParams:
     auc_margin: float # equivalence margin of the headline AUC difference (stack - best single expert)
     success_criteria: dict # expert -> {metric: target} (the seed's targets)
     leave_one_out: list[str] = dataclasses.field(default_factory=list) # fake families left out one at a time (generated data): the generalisation test
+    extra_draws: list[int] = dataclasses.field(default_factory=list) # further benchmark draws (data seeds; generated data): each redraws the crops, fakes, acquisition chains and the source split
+    draw_seeds: list[int] = dataclasses.field(default_factory=list) # training seeds on the extra draws (empty: `seeds`)
+    held_out_forger: bool = False # also train a second generator on sources the detectors never train on, and test them on its fakes (generated data)
 
     def __post_init__(self):
         check_field_types(self, "cascade")
@@ -66,6 +70,8 @@ class CascadeParams:
         unknown = sorted(set(self.leave_one_out) - set(FAMILIES))
         if unknown: raise ValueError(f"cascade.leave_one_out names unknown families {unknown}; families: {list(FAMILIES)}")
         if self.stack_folds < 2: raise ValueError(f"cascade.stack_folds must be >= 2 (out-of-fold stacking), got {self.stack_folds}")
+        if self.data_seed in self.extra_draws or len(set(self.extra_draws)) < len(self.extra_draws):
+            raise ValueError(f"cascade.extra_draws must be distinct data seeds other than data_seed ({self.data_seed}), got {self.extra_draws}")
         for role, recipe in self.models.items():   # every recipe checked before anything trains: an unknown field is a typo
             unknown = set(recipe) - {f.name for f in dataclasses.fields(ModelConfig)} | set(recipe) & {"role", "px"}
             if unknown: raise ValueError(f"cascade.models.{role} has unknown or reserved fields {sorted(unknown)}: expected fields of ModelConfig but role and px")
@@ -75,26 +81,59 @@ class CascadeParams:
     def model_config(self, role: str) -> ModelConfig:
         return ModelConfig(role=role, px=self.px, **self.models[role])
 
+    @property
+    def draws(self) -> list[int]:
+        "Every benchmark draw (data seed): `data_seed` first (the one the forgers are trained on), then `extra_draws` (generated data only)."
+        return [self.data_seed, *(self.extra_draws if self.data == "generated" else [])]
+
+    def seeds_of(self, draw: int) -> list[int]:
+        "The training seeds of a draw: `seeds` on `data_seed`, `draw_seeds` (or `seeds`) on the extra draws."
+        if draw not in self.draws: raise ValueError(f"draw {draw} is not a benchmark draw of these parameters ({self.draws})")
+        return self.seeds if draw == self.data_seed else (self.draw_seeds or self.seeds)
+
 # %% ../../nbs/42a_cascade_units.ipynb #u008
-def benchmark_draft(p: CascadeParams) -> Draft:
-    "The generated benchmark's plan and crops (before its fakes)."
-    return draft_benchmark(p.px, p.crops_per_photo, p.crops_per_face, p.n_faces, seed=p.data_seed)
+def benchmark_draft(p: CascadeParams, draw: int | None = None) -> Draft:
+    "The plan and crops (before the fakes) of a generated benchmark draw (default: `p.data_seed`)."
+    return draft_benchmark(p.px, p.crops_per_photo, p.crops_per_face, p.n_faces, seed=p.data_seed if draw is None else draw)
+
+def _forger_unit(key: str, crops: np.ndarray, up: str, epochs: int, seed: int) -> TrainingUnit:
+    "One forger's training, identified by its recipe, the hash of its training crops and its code."
+    return TrainingUnit(key, {"config": {"up": up, "epochs": epochs, "seed": seed}, "data": _array_hash(crops), "code": code_hash(cascade_data, engine)},
+                        train_forger, {"crops": crops, "up": up, "epochs": epochs, "seed": seed})
 
 def forger_units(p: CascadeParams, draft: Draft | None = None) -> list[TrainingUnit]:
-    "The forgers' trainings (`runs/forgers/<up>`), identified by their recipe, the hash of their training crops and their code; none for manifests."
+    """The forgers' trainings (`runs/forgers/<up>`) on crops of `p.data_seed`'s draw; every draw's fakes are made with them (a forger is a
+    manipulation tool, not part of a draw); none for manifests."""
     if p.data == "manifests": return []
     crops = (draft or benchmark_draft(p)).forger_crops()
-    code = code_hash(cascade_data, engine)
-    return [TrainingUnit(f"forgers/{up}", {"config": {"up": up, "epochs": p.forger_epochs, "seed": p.data_seed}, "data": _array_hash(crops), "code": code},
-                         train_forger, {"crops": crops, "up": up, "epochs": p.forger_epochs, "seed": p.data_seed}) for up in FORGER_UPS]
+    return [_forger_unit(f"forgers/{up}", crops, up, p.forger_epochs, p.data_seed) for up in FORGER_UPS]
 
-def split_indices(p: CascadeParams, groups) -> dict[str, np.ndarray]:
-    """Sample indices of the generated benchmark's splits, from its groups alone: photographs and LFW faces split on their own by `p.split`;
-    validation, blend and test keep at most `p.eval_crops_per_source` images of a source."""
-    parts = group_split(groups, p.split, p.data_seed, strata=source_kind(groups))
-    return {k: v if k == "train" else cap_per_group(v, groups, p.eval_crops_per_source, p.data_seed) for k, v in parts.items()}
+def held_out_forger_unit(p: CascadeParams, draft: Draft, splits: dict[str, np.ndarray]) -> TrainingUnit:
+    """A second generator (`runs/forgers/transposed-held-out`): the generator's architecture, another initialisation, trained on crops of
+    the validation and blend sources of `p.data_seed`'s draw only (`splits`: its `split_indices`), so that neither its weights nor its
+    training images are behind any fake the detectors train on, and it never saw a test source."""
+    own = np.sort(np.concatenate([splits["val"], splits["blend"]]))
+    keep = np.flatnonzero(np.isin(draft.groups, np.unique(draft.groups[own])))   # every crop of those sources, not only the ones the cap kept
+    crops = draft.crops[np.sort(np.random.default_rng(p.data_seed + 1).permutation(keep)[:len(draft.forger_crops())])]
+    return _forger_unit("forgers/transposed-held-out", crops, "transposed", p.forger_epochs, p.data_seed + 1)
 
-def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Benchmark]:
+def load_forgers(p: CascadeParams, runs: Path, draft: Draft | None = None) -> dict[str, "cascade_data.Forger"]:
+    "The trained forgers ({'bilinear': swapper, 'transposed': generator}); refuses when they are not trained."
+    units = forger_units(p, draft)
+    records = load_units(units, runs)
+    return {u.kwargs["up"]: load_forger(Path(runs) / u.key, records[u.key]) for u in units}
+
+def split_indices(p: CascadeParams, groups, draw: int | None = None) -> dict[str, np.ndarray]:
+    """Sample indices of a generated benchmark draw's splits (seeded by the draw; default `p.data_seed`), from its groups alone: photographs
+    and LFW faces split on their own by `p.split`; validation, blend and test keep at most `p.eval_crops_per_source` images of a source."""
+    seed = p.data_seed if draw is None else draw
+    parts = group_split(groups, p.split, seed, strata=source_kind(groups))
+    return {k: v if k == "train" else cap_per_group(v, groups, p.eval_crops_per_source, seed) for k, v in parts.items()}
+
+def load_data(p: CascadeParams, runs: Path,
+              draw: int | None = None, # a generated benchmark draw of `p.draws` (default: `p.data_seed`)
+              forgers: dict | None = None, # the trained forgers when already loaded (`load_forgers`)
+             ) -> tuple[dict[str, Benchmark], Benchmark]:
     "The four splits (train, val, blend, test) and the whole benchmark (generated: made with the trained forgers under `runs`; manifests: images decoded once into `runs/manifest_cache` and read from there on demand, never all in memory); every split holds whole groups."
     if p.data == "manifests":
         folder, cache = Path(p.manifest_dir), Path(runs) / "manifest_cache"
@@ -108,11 +147,11 @@ def load_data(p: CascadeParams, runs: Path) -> tuple[dict[str, Benchmark], Bench
         bench = Benchmark(MappedImages.concat([b.images for b in read]), np.concatenate([b.label for b in read]),
                           np.concatenate([b.group for b in read]), pd.concat([b.meta for b in read], ignore_index=True))
     else:
-        draft = benchmark_draft(p)
-        units = forger_units(p, draft)
-        records = load_units(units, runs)   # refuses when the forgers are not trained
-        bench = build_benchmark(draft, {u.kwargs["up"]: load_forger(Path(runs) / u.key, records[u.key]) for u in units})
-        splits = {k: bench.subset(v) for k, v in split_indices(p, bench.group).items()}
+        draw = p.data_seed if draw is None else draw
+        p.seeds_of(draw)   # refuses a draw that is not one of the parameters'
+        draft = benchmark_draft(p, draw)
+        bench = build_benchmark(draft, forgers or load_forgers(p, runs, draft if draw == p.data_seed else None))
+        splits = {k: bench.subset(v) for k, v in split_indices(p, bench.group, draw).items()}
     check_grouped(splits)
     return splits, bench
 
@@ -147,12 +186,16 @@ def detector_unit(p: CascadeParams, key: str, role: str, seed: int, train: Bench
                               "code": code_hash(*DETECTOR_CODE), **init},
                         train_detector_unit, {"config": config, "train": train, "val": val, "seed": seed})
 
-def detector_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingUnit]:
-    "Every detector x seed (`runs/detectors/<role>/seed<k>`; the null trains on shuffled labels)."
+def detector_units(p: CascadeParams, splits: dict[str, Benchmark], # the draw's splits (`load_data`)
+                   draw: int | None = None, # a benchmark draw of `p.draws` (default: `p.data_seed`)
+                  ) -> list[TrainingUnit]:
+    """Every detector x training seed of a draw (`runs/detectors/<role>/seed<k>` on `p.data_seed`, `runs/detectors/draw<d>/<role>/seed<k>`
+    on an extra draw; the null trains on shuffled labels)."""
+    draw = p.data_seed if draw is None else draw
     train, val = splits["train"], splits["val"]
-    val_hash = val.data_hash()
-    return [detector_unit(p, f"detectors/{role}/seed{seed}", role, seed, _shuffled(train, seed) if role == "null" else train, val, val_hash)
-            for seed in p.seeds for role in DETECTORS]
+    val_hash, folder = val.data_hash(), "detectors" if draw == p.data_seed else f"detectors/draw{draw}"
+    return [detector_unit(p, f"{folder}/{role}/seed{seed}", role, seed, _shuffled(train, seed) if role == "null" else train, val, val_hash)
+            for seed in p.seeds_of(draw) for role in DETECTORS]
 
 def leave_out(b: Benchmark, family: str) -> Benchmark:
     "The benchmark without the fakes of `family`: its reals and every other family's fakes."
@@ -173,14 +216,25 @@ def lofo_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingU
         units += [detector_unit(p, f"detectors/lofo-{family}/{role}", role, seed, train, val, val_hash) for role in ("filter", *EXPERTS)]
     return units
 
-def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[int, dict[str, Trained]]:
-    "The trained detectors of every seed ({seed: {role: Trained}}); refuses when any is missing or stale (evaluation never trains)."
-    units = detector_units(p, splits)
+def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu",
+                   draw: int | None = None, # a benchmark draw of `p.draws` (default: `p.data_seed`)
+                  ) -> dict[int, dict[str, Trained]]:
+    "The trained detectors of every seed of a draw ({seed: {role: Trained}}); refuses when any is missing or stale (evaluation never trains)."
+    units = detector_units(p, splits, draw)
     records = load_units(units, runs)
     out = {}
     for u in units:
-        out.setdefault(u.kwargs["seed"], {})[u.key.split("/")[1]] = load_detector(u.kwargs["config"], records[u.key], Path(runs) / u.key, device)
+        out.setdefault(u.kwargs["seed"], {})[u.key.split("/")[-2]] = load_detector(u.kwargs["config"], records[u.key], Path(runs) / u.key, device)
     return out
+
+def held_out_forger_test(p: CascadeParams, runs: Path, forgers: dict) -> Benchmark:
+    """The test split of `p.data_seed`'s draw again, the fakes of its generator families re-made from the same crops by the held-out
+    generator (`held_out_forger_unit`), every other image as before; refuses when that generator is not trained."""
+    draft = benchmark_draft(p)
+    split = split_indices(p, draft.groups)
+    unit = held_out_forger_unit(p, draft, split)
+    held_out = load_forger(Path(runs) / unit.key, load_units([unit], runs)[unit.key])
+    return build_benchmark(draft, {**forgers, "transposed": held_out}, split["test"])
 
 def load_lofo(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[str, dict[str, Trained]]:
     "The leave-one-family-out detectors ({family: {role: Trained}}); refuses when any is missing or stale."
