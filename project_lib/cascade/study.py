@@ -20,7 +20,7 @@ from .models import build_model
 from .stack import (Trained, averaging, paired_bootstrap, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
                                        seconds_per_image, stage3_features, to_input)
-from .units import EXPERTS, CascadeParams, held_out_index, leave_out
+from .units import EXPERTS, CascadeParams, held_out_index, leave_out, load_data, load_detectors
 from ..core import summarise_over_seeds
 
 # %% auto #0
@@ -29,7 +29,7 @@ __all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS', '
            'trivial_table', 'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity',
            'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix',
            'best_single_expert', 'success_criteria', 'stack_verdict', 'leave_one_family_out', 'held_out_forger',
-           'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores',
+           'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws',
            'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
            'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
@@ -416,6 +416,19 @@ def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict
     return {"y": test.label, "groups": test.group, "best single expert": best, "best trivial": best_trivial,
             "scores": {**{m: scores_matrix(results, m) for m in METHODS}, "best single expert": scores_matrix(results, best),
                        "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial]}}
+
+def score_draws(p: CascadeParams, runs: Path,
+                forgers: dict, # the trained forgers (`units.load_forgers`)
+                device: str = "cpu") -> list[dict]:
+    """Every further draw's `draw_scores` (with its detectors' summed training seconds, `train_s`), one draw at a time: its benchmark,
+    detectors and evaluation, of which nothing else is kept. (Two processes were slower: LightGBM and the boosted statistics use every core.)"""
+    out = []
+    for draw in p.draws[1:]:
+        splits = load_data(p, runs, draw, forgers)[0]
+        detectors = load_detectors(p, splits, runs, device, draw)
+        results, trivial = evaluate_draw(p, splits, detectors, device)
+        out.append(draw_scores(results, splits, trivial) | {"train_s": sum(t.train_time_s for s in detectors.values() for t in s.values())})
+    return out
 
 
 # %% ../../nbs/43_cascade_study.ipynb #c016

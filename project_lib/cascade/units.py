@@ -21,8 +21,8 @@ from ..engine import TrainingUnit, code_hash, file_hash, load_units
 # %% auto #0
 __all__ = ['EXPERTS', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units', 'held_out_forger_unit',
            'load_forgers', 'split_indices', 'load_data', 'check_grouped', 'detector_config', 'detector_unit',
-           'detector_units', 'leave_out', 'held_out_index', 'lofo_units', 'load_detectors', 'held_out_forger_test',
-           'load_lofo']
+           'detector_units', 'further_draw_units', 'leave_out', 'held_out_index', 'lofo_units', 'load_detectors',
+           'held_out_forger_test', 'load_lofo']
 
 # %% ../../nbs/42a_cascade_units.ipynb #u005
 EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
@@ -196,6 +196,22 @@ def detector_units(p: CascadeParams, splits: dict[str, Benchmark], # the draw's 
     val_hash, folder = val.data_hash(), "detectors" if draw == p.data_seed else f"detectors/draw{draw}"
     return [detector_unit(p, f"{folder}/{role}/seed{seed}", role, seed, _shuffled(train, seed) if role == "null" else train, val, val_hash)
             for seed in p.seeds_of(draw) for role in DETECTORS]
+
+def _draw_splits(p: CascadeParams, runs: Path, draw: int, forgers: dict) -> dict[str, Benchmark]:
+    "A draw's splits, built on one torch thread (as `study.score_draw` builds them)."
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: return load_data(p, runs, draw, forgers)[0]
+    finally: torch.set_num_threads(threads)
+
+def further_draw_units(p: CascadeParams, runs: Path, forgers: dict) -> list[TrainingUnit]:
+    "The detector units of every further draw (`detector_units`), the draws' benchmarks built in `p.n_jobs` processes."
+    from joblib import Parallel, delayed
+    draws = p.draws[1:]
+    if not draws: return []
+    built = Parallel(n_jobs=min(len(draws), max(p.n_jobs, 1)), backend="loky")(delayed(_draw_splits)(p, runs, d, forgers) for d in draws)
+    return [u for d, splits in zip(draws, built) for u in detector_units(p, splits, d)]
 
 def leave_out(b: Benchmark, family: str) -> Benchmark:
     "The benchmark without the fakes of `family`: its reals and every other family's fakes."
