@@ -61,7 +61,7 @@ def test_a_finished_unit_is_reused_and_a_changed_one_retrained(tiny, runs, tmp_p
     first = {u.key: (root / u.key / "unit.json").read_text() for u in units}
     run_units([dataclasses.replace(u, fn=_boom) for u in units], root, ONE)     # same identity: the records are read back, nothing trains
     assert {u.key: (root / u.key / "unit.json").read_text() for u in units} == first
-    other = forger_units(dataclasses.replace(tiny, data_seed=1))           # other crops: another identity for the same folders
+    other = forger_units(dataclasses.replace(tiny, data_seed=1, extra_draws=[]))   # other crops: another identity for the same folders
     assert [u.key for u in other] == list(first) and all(u.hash != v.hash for u, v in zip(other, units))
     with pytest.raises(AssertionError, match="forgers/bilinear was retrained"):
         run_units([dataclasses.replace(u, fn=_boom) for u in other], root, ONE)
