@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from project_lib.synapse.data import (CLASS_NAMES, ORIGINAL_MASK_LABELS, POST, PRE, SEGMENTATION_TYPES, SEMANTIC_LABELS,
+from project_lib.synapse.data import (mask_thickness, CLASS_NAMES, ORIGINAL_MASK_LABELS, POST, PRE, SEGMENTATION_TYPES, SEMANTIC_LABELS,
                                       SYNAPSE_TABLE_COLUMNS, GeneratorConfig, SynapseCube, SyntheticSynapses, assemble_bbox,
                                       blend_outside_mask, check_mask_labels, crop_cube, cubes_from_bbox, generate_cube, load_bbox,
                                       normalise_cube, original_mask_labels, prepare_cube, read_synapse_table, read_tiff_stack,
@@ -579,3 +579,24 @@ def test_cli_refuses_a_missing_or_corrupt_checkpoint(tmp_path, capsys):
             main(["--checkpoint", str(path), "--cube_size", "16", "--classifier_hidden", "8", "--output_dir", str(tmp_path / "out"), "--quiet"])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_mask_thickness_of_slabs_and_a_ball():
+    for t in (1, 2, 3, 5):   # a slab t voxels thick: exactly t, whatever its other sides
+        slab = np.zeros((12, 12, 12), bool)
+        slab[2:2 + t, 1:10, 2:11] = True
+        assert mask_thickness(slab) == pytest.approx(t, abs=1e-9)
+    z, y, x = np.ogrid[:20, :20, :20]
+    assert mask_thickness((z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 < 36) > 8   # a ball of radius 6 is no sheet
+
+
+def test_swapped_or_rotated_cleft_and_cloud_ids_are_refused_from_the_geometry(tmp_path):
+    root = hand_bbox(tmp_path)
+    # cleft and cloud swapped: the "cleft" is the 3-voxel-thick cloud, thicker than the one-voxel "cloud" sheet
+    with pytest.raises(ValueError, match=r"the cleft nearest the centre is 3 voxels thick, no thinner than the vesicle cloud \(1\): a cleft is a thin "
+                                         r"sheet; the cleft and vesicle-cloud ids are probably swapped"):
+        cubes_from_bbox(root, "bbox1", 12, labels={"mitochondrion": 5, "vesicle_cloud": 7, "cleft": 6})
+    # rotated (cleft <- mitochondrion, cloud <- cleft, mitochondrion <- cloud): the "cleft" lies inside neurite 20 only
+    with pytest.raises(ValueError, match=r"the cleft nearest the centre does not touch both side neurites \(ids \[10, 20\]; it touches \[20\]\)"):
+        cubes_from_bbox(root, "bbox1", 12, labels={"mitochondrion": 6, "vesicle_cloud": 7, "cleft": 5})
+    assert len(cubes_from_bbox(root, "bbox1", 12, labels=BBOX1)) == 1   # the right ids pass

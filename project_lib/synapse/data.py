@@ -22,7 +22,7 @@ __all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'SYNAPSE_TABLE_COLUM
            'GeneratorConfig', 'SynapseCube', 'generate_cube', 'SyntheticSynapses', 'read_tiff_stack',
            'read_synapse_table', 'write_original_layout', 'load_bbox', 'assemble_bbox', 'crop_cube', 'normalise_cube',
            'segmentation_mask', 'blend_outside_mask', 'prepare_cube', 'original_mask_labels', 'check_mask_labels',
-           'cubes_from_bbox']
+           'mask_thickness', 'cubes_from_bbox']
 
 # %% ../../nbs/30_synapse_data.ipynb #c005
 CLASS_NAMES = ("asymmetric_spine", "symmetric_shaft", "large_bouton", "dense_core", "perforated")
@@ -768,11 +768,37 @@ def _check_vesicle_cloud(semantic: np.ndarray, instance: np.ndarray, sides: list
         gap = float(distance[near].min())
         mito = semantic == SEMANTIC_LABELS["mitochondrion"]
         mito_gap = float(distance[mito].min()) if mito.any() else math.inf
+        in_sides = [int((instance[near] == s).sum()) for s in sides]
         if gap > max_gap: problem = f"the vesicle cloud nearest the cleft centre lies {gap:.1f} voxels from the cleft (max_cloud_gap_vox = {max_gap:g})"
-        elif not np.isin(instance[near], sides).any(): problem = f"the vesicle cloud nearest the cleft centre overlaps neither side neurite (ids {sides})"
+        elif not any(in_sides): problem = f"the vesicle cloud nearest the cleft centre overlaps neither side neurite (ids {sides})"
+        elif max(in_sides) < 0.75 * sum(in_sides):   # a cleft's voxels lie on both partners; a cloud lies in the presynaptic one
+            problem = f"the vesicle cloud nearest the cleft centre lies on both side neurites ({max(in_sides) / sum(in_sides):.0%} on the larger): a cloud lies in one"
         elif mito_gap < gap: problem = f"a mitochondrion lies nearer the cleft ({mito_gap:.1f} voxels) than the vesicle cloud ({gap:.1f})"
         else: return
     raise ValueError(f"{where}: {problem}; the vesicle-cloud id is probably wrong for this bbox ({hint})")
+
+def mask_thickness(mask: np.ndarray) -> float:
+    """The extent of a 3-D mask along its thinnest principal axis, in voxels: sqrt(12 var + 1) of the voxel coordinates along that axis,
+    exact for a slab (a sheet one voxel thick: 1; three voxels: 3); large for a blob."""
+    xyz = np.argwhere(mask).astype(float)
+    if len(xyz) < 2: return 1.0
+    return float(np.sqrt(12 * max(np.linalg.eigvalsh(np.cov(xyz.T, bias=True))[0], 0.0) + 1))
+
+def _check_cleft(semantic: np.ndarray, instance: np.ndarray, sides: list[int], centre, where: str, hint: str):
+    """Refuse a cube whose cleft cannot be the synapse's: absent, not touching both side neurites (within 2 voxels), or no thinner
+    than the vesicle cloud (a cleft is a thin sheet between the partners, a cloud a blob on one side; thickness: `mask_thickness`).
+    Swapped or rotated cleft and cloud ids fail here."""
+    cleft, cloud = semantic == SEMANTIC_LABELS["cleft"], semantic == SEMANTIC_LABELS["vesicle_cloud"]
+    if not cleft.any(): problem = "the cube holds no cleft"
+    else:
+        near = _closest_component(cleft, centre)
+        touched = set(np.unique(instance[ndimage.binary_dilation(near, ndimage.generate_binary_structure(3, 1), iterations=2)]).tolist())
+        if not set(sides) <= touched: problem = f"the cleft nearest the centre does not touch both side neurites (ids {sides}; it touches {sorted(touched - {0})})"
+        elif cloud.any() and mask_thickness(near) >= mask_thickness(_closest_component(cloud, centre)):
+            problem = (f"the cleft nearest the centre is {mask_thickness(near):g} voxels thick, no thinner than the vesicle cloud "
+                       f"({mask_thickness(_closest_component(cloud, centre)):g}): a cleft is a thin sheet")
+        else: return
+    raise ValueError(f"{where}: {problem}; the cleft and vesicle-cloud ids are probably swapped or wrong for this bbox ({hint})")
 
 def _synapse_cube(raw, seg, add_mask, row: pd.Series, size: int, ids: dict[str, list[int]], bbox: str, max_gap: float) -> SynapseCube:
     "The cube of one synapse table row, its vesicle cloud checked before it decides the presynaptic side."
@@ -786,6 +812,7 @@ def _synapse_cube(raw, seg, add_mask, row: pd.Series, size: int, ids: dict[str, 
     where = f"{bbox}, synapse {row['Var1']}"
     if 0 in sides or sides[0] == sides[1]:
         raise ValueError(f"{where}: side_1 and side_2 must lie in two different neurites, got ids {sides}")
+    _check_cleft(semantic, inst_in, sides, [size // 2] * 3, where, _ids_hint(bbox))
     _check_vesicle_cloud(semantic, inst_in, sides, [size // 2] * 3, max_gap, where, _ids_hint(bbox))
     cloud = semantic == SEMANTIC_LABELS["vesicle_cloud"]
     pre_side = 0 if (cloud & (inst_in == sides[0])).sum() >= (cloud & (inst_in == sides[1])).sum() else 1
