@@ -21,8 +21,9 @@ from .train import InputRows, predict, prepared_inputs
 from .units import SynapseStudyParams   # its parameters (kept importable from here)
 
 # %% auto #0
-__all__ = ['ORACLE_TRAITS', 'network_features', 'oracle_features', 'handcrafted_matrix', 'streamed_features', 'score_set',
-           'permutation_table', 'comparison_table', 'localisation_table', 'fit_probe', 'one_per_axon']
+__all__ = ['ORACLE_TRAITS', 'PER_BBOX', 'network_features', 'oracle_features', 'handcrafted_matrix', 'streamed_features',
+           'score_set', 'per_group_zscore', 'permutation_table', 'comparison_table', 'localisation_table', 'fit_probe',
+           'one_per_axon']
 
 # %% ../../nbs/36_synapse_study.ipynb #c007
 ORACLE_TRAITS = ("vesicle_diameter_nm", "vesicle_aspect", "vesicle_count", "vesicle_packing", "docked_count", "dense_core_count",
@@ -80,6 +81,25 @@ def score_set(x: np.ndarray, metadata: pd.DataFrame, n_clusters: int, seed: int)
             "probe_accuracy": grouped_probe_accuracy(z, cls, balanced_axon_folds(axon, cls, bbox)),
             "axon_retrieval_in_bbox": in_bbox["rate"], "axon_retrieval_in_bbox_chance": in_bbox["chance"],
             "axon_retrieval_in_bbox_class": in_bbox_class["rate"], "axon_retrieval_in_bbox_class_chance": in_bbox_class["chance"]}, pred
+
+# %% ../../nbs/36_synapse_study.ipynb #2b20ef39
+PER_BBOX = " · per-bbox z" # the suffix of a variant whose features are z-scored within each bounding box
+
+def per_group_zscore(x: np.ndarray, # (n, d) features
+                     groups, # (n,) group of each row (a bounding box)
+                    ) -> np.ndarray: # (n, d) float64
+    """Every feature z-scored within each group: the one-line batch correction that removes what differs between bounding boxes
+    (imaging conditions) before anything is clustered; a feature constant within a group is 0 there. The strongest trivial baseline."""
+    x, groups = np.asarray(x, np.float64), np.asarray(groups)
+    if x.ndim != 2 or len(groups) != len(x): raise ValueError(f"x must be (n, d) with one group per row, got {x.shape} and {len(groups)} groups")
+    if not np.isfinite(x).all(): raise ValueError("x must be finite, found NaN or inf")
+    out = np.empty_like(x)
+    for g in np.unique(groups):
+        rows = groups == g
+        sd = x[rows].std(0)
+        out[rows] = np.where(sd > 0, (x[rows] - x[rows].mean(0)) / np.where(sd > 0, sd, 1), 0.0)
+    return out
+
 
 # %% ../../nbs/36_synapse_study.ipynb #c013
 def permutation_table(preds: dict[str, list[np.ndarray]], # variant -> k-means labels per set
