@@ -401,21 +401,27 @@ def bootstrap_differences(table: pd.DataFrame, replicates: pd.DataFrame, pairs: 
                      "ci_high": float(d.quantile(0.975)), "p_not_better": float((d <= 0).mean())})
     return pd.DataFrame(rows)
 
-def evaluate_draw(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[int, dict[str, Trained]], device: str = "cpu") -> tuple[list[dict], dict]:
-    "(`run_seed` of every seed, {trivial detector: test scores}) of one draw: the trivial detectors and the spectral baseline fitted on its training split."
+def evaluate_draw(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[int, dict[str, Trained]], device: str = "cpu") -> tuple[list[dict], dict, dict]:
+    """(`run_seed` of every seed, {trivial detector: test scores}, {trivial detector: validation scores}) of one draw: the trivial
+    detectors and the spectral baseline fitted on its training split."""
     results = [run_seed(p, splits, detectors[s], device) for s in sorted(detectors)]
-    spectral, = spectral_baseline(splits["train"], splits["test"])
-    trivial = {k: v[0] for k, v in trivial_detectors(splits["train"], splits["test"]).items()} | {"spectral logistic regression": spectral}
-    return results, trivial
+    spectral = spectral_baseline(splits["train"], splits["val"], splits["test"])
+    fitted = trivial_detectors(splits["train"], splits["val"], splits["test"]) | {"spectral logistic regression": spectral}
+    return results, {k: v[1] for k, v in fitted.items()}, {k: v[0] for k, v in fitted.items()}
 
-def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict[str, np.ndarray]) -> dict:
+def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict[str, np.ndarray], # {trivial detector: test scores}
+                trivial_val: dict[str, np.ndarray], # {trivial detector: validation scores}
+               ) -> dict:
     """One draw's entry for `hierarchical_bootstrap`: every method's test scores per seed, the null's, the best single expert's (chosen on
-    the draw's validation split) and the best trivial detector's (chosen on its test split: the strongest opponent)."""
-    test = splits["test"]
-    best, best_trivial = best_single_expert(results, splits["val"]), max(trivial, key=lambda k: roc_auc(test.label, trivial[k]))
-    return {"y": test.label, "groups": test.group, "best single expert": best, "best trivial": best_trivial,
+    the draw's validation split) and the best trivial detector's, chosen on its test split (the strongest opponent, an optimistic number)
+    and on its validation split (an honest one)."""
+    test, val = splits["test"], splits["val"]
+    best, best_trivial = best_single_expert(results, val), max(trivial, key=lambda k: roc_auc(test.label, trivial[k]))
+    honest = max(trivial_val, key=lambda k: roc_auc(val.label, trivial_val[k]))
+    return {"y": test.label, "groups": test.group, "best single expert": best, "best trivial": best_trivial, "best trivial on validation": honest,
             "scores": {**{m: scores_matrix(results, m) for m in METHODS}, "best single expert": scores_matrix(results, best),
-                       "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial]}}
+                       "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial],
+                       "best trivial (chosen on validation)": trivial[honest]}}
 
 def score_draws(p: CascadeParams, runs: Path,
                 forgers: dict, # the trained forgers (`units.load_forgers`)
@@ -426,8 +432,8 @@ def score_draws(p: CascadeParams, runs: Path,
     for draw in p.draws[1:]:
         splits = load_data(p, runs, draw, forgers)[0]
         detectors = load_detectors(p, splits, runs, device, draw)
-        results, trivial = evaluate_draw(p, splits, detectors, device)
-        out.append(draw_scores(results, splits, trivial) | {"train_s": sum(t.train_time_s for s in detectors.values() for t in s.values())})
+        results, trivial, trivial_val = evaluate_draw(p, splits, detectors, device)
+        out.append(draw_scores(results, splits, trivial, trivial_val) | {"train_s": sum(t.train_time_s for s in detectors.values() for t in s.values())})
     return out
 
 
