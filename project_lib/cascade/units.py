@@ -198,7 +198,7 @@ def detector_units(p: CascadeParams, splits: dict[str, Benchmark], # the draw's 
             for seed in p.seeds_of(draw) for role in DETECTORS]
 
 def _draw_splits(p: CascadeParams, runs: Path, draw: int, forgers: dict) -> dict[str, Benchmark]:
-    "A draw's splits, built on one torch thread (as `study.score_draw` builds them)."
+    "A draw's splits, built on one torch thread (`further_draw_units` builds draws in parallel processes sharing the cores)."
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
