@@ -508,7 +508,7 @@ def synapse_unit_costs(p, device: str) -> SynapseUnitCosts:
     "Time a cube, a contrastive and a proxy step and a forward pass at the sizes of `p` (a `SynapseStudyParams`) on `device`, with a worker's threads."
     from project_lib.synapse.data import SyntheticSynapses
     from project_lib.synapse.model import VGG3D
-    from project_lib.synapse.train import ContrastiveVGG, augment, channels_last, nt_xent, prepared_inputs
+    from project_lib.synapse.train import ContrastiveVGG, channels_last, contrastive_loss, prepared_inputs
     threads = worker_threads(min(worker_count(p.n_jobs), len(p.train_seeds) + 1), device)
     ds = SyntheticSynapses(p.generator_config(pretraining=True), p.pretrain_seed)
     cube_s = time_call(lambda: prepared_inputs([ds[0]], p.seg_types[0], p.alpha), 1)
@@ -521,8 +521,7 @@ def synapse_unit_costs(p, device: str) -> SynapseUnitCosts:
             x = channels_last(x1.expand(batch, *x1.shape[1:]))
             def step():
                 if objective == "contrastive":
-                    z = net(channels_last(torch.cat([augment(x.cpu(), gen), augment(x.cpu(), gen)]).to(device)))
-                    loss = nt_xent(z[:batch], z[batch:], p.ssl_temperature)
+                    loss = contrastive_loss(net, x.cpu(), gen, p.contrastive_config(0), device)
                 else: loss = backbone(x).pow(2).mean()
                 opt.zero_grad(); loss.backward(); opt.step()
             return time_call(step, 1)

@@ -18,7 +18,7 @@ from project_lib.mfn.sim import SimulationConfig, simulate
 from project_lib.synapse.data import SyntheticSynapses
 from project_lib.synapse.model import VGG3D
 from project_lib.synapse.study import SynapseStudyParams, prepared_inputs
-from project_lib.synapse.train import ContrastiveConfig, ContrastiveVGG, augment, nt_xent
+from project_lib.synapse.train import ContrastiveConfig, ContrastiveVGG, contrastive_loss
 
 SCHEMAS = {"mfn": MFNStudyParams, "cryoem": CryoEMStudyParams, "cryoem_al": ALStudyParams, "cascade": CascadeParams,
            "synapse": SynapseStudyParams}
@@ -66,12 +66,10 @@ def test_cascade_paper_training_step_on_one_batch(role):
 def test_synapse_paper_extraction_and_contrastive_step_at_80():
     p = load_study_params("synapse", SynapseStudyParams, "paper")
     x = prepared_inputs([SyntheticSynapses(p.generator_config(), 0)[0]] * 2, p.seg_types[0], p.alpha)
-    model = VGG3D(input_size=p.cube_size, classifier_hidden=p.classifier_hidden, dropout=p.dropout)
+    model = VGG3D(**p.network_kwargs())
     with torch.no_grad(): assert model(x).shape == (2, 7)
     net = ContrastiveVGG(model, ContrastiveConfig().proj_dim)
-    gen = torch.Generator().manual_seed(0)
-    z = net(torch.cat([augment(x, gen), augment(x, gen)]))
-    loss = nt_xent(z[:2], z[2:], p.ssl_temperature)
+    loss = contrastive_loss(net, x, torch.Generator().manual_seed(0), p.contrastive_config(0))
     loss.backward()
     assert torch.isfinite(loss)
 

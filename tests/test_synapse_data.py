@@ -124,6 +124,85 @@ def test_structures_are_defined_in_nm():
     assert np.mean(fine.instance == PRE) == pytest.approx(np.mean(coarse.instance == PRE), rel=0.05)
 
 
+def _centred_block_mean(fine, f):
+    "Block means of a fine render, block k centred on coarse voxel k (odd f): fine voxels f*k - (f-1)/2 .. f*k + (f-1)/2."
+    s, h = fine.shape[0] // f, (f - 1) // 2
+    return np.roll(fine, (h, h, h), axis=(0, 1, 2)).reshape(s, f, s, f, s, f).mean(axis=(1, 3, 5))
+
+
+@pytest.mark.parametrize("synapse_class", [0, 2])
+def test_a_coarse_render_is_the_block_average_of_a_fine_one(synapse_class):
+    """The cpu profile's 32^3 at 20 nm against a 160^3 render at 4 nm of the same synapse, block-averaged by 5 (an independent
+    render at a resolution no coarse cube uses): r > 0.95 away from the border (the first round's direct render: 0.67-0.69)."""
+    nuisance = {"contrast": 1.0, "offset": 0.0, "noise_sigma": 0.0, "blur_nm": 6.0}
+    coarse, fine = (generate_cube(GeneratorConfig(cube_size=s, voxel_nm=v, jitter_nm=0.0), synapse_class, np.random.default_rng(3), nuisance).raw
+                    for s, v in ((32, 20.0), (160, 4.0)))
+    inner = (slice(1, 31),) * 3
+    r = np.corrcoef(coarse[inner].ravel(), _centred_block_mean(fine, 5)[inner].ravel())[0, 1]
+    assert r > 0.95, r
+
+
+def test_noise_is_scaled_to_the_voxel_volume():
+    """noise_sigma is the noise of an 8 nm voxel: a 20 nm voxel averages (20/8)^3 of them, so its noise sd is sigma * (8/20)^1.5."""
+    quiet = {"contrast": 1.0, "offset": 0.0, "noise_sigma": 0.0, "blur_nm": 6.0}
+    for size, voxel in ((32, 20.0), (40, 16.0), (80, 8.0)):
+        config = GeneratorConfig(cube_size=size, voxel_nm=voxel, jitter_nm=0.0)
+        clean, noisy = (generate_cube(config, 1, np.random.default_rng(5), {**quiet, "noise_sigma": s}).raw for s in (0.0, 0.05))
+        inside = (clean > 0.2) & (clean < 0.8)          # away from the clip at 0 and 1
+        assert np.std((noisy - clean)[inside]) == pytest.approx(0.05 * (8.0 / voxel) ** 1.5, rel=0.05)
+
+
+def test_masks_are_block_modes_of_the_fine_masks():
+    """Semantic and instance masks of a supersampled cube are the most frequent label of each block of the fine render."""
+    from project_lib.synapse.data import block_mode, supersampling
+    assert [supersampling(v) for v in (8.0, 10.0, 16.0, 20.0, 40.0)] == [1, 1, 2, 2, 4]
+    labels = np.zeros((4, 4, 4), np.int32)
+    labels[:2, :2, :2] = [[[1, 1], [1, 2]], [[2, 2], [3, 1]]]   # block 0: four 1s, three 2s, one 3
+    labels[2:, 2:, 2:] = 5
+    out = block_mode(labels, 2)
+    assert out.shape == (2, 2, 2) and out[0, 0, 0] == 1 and out[1, 1, 1] == 5 and out[0, 1, 0] == 0
+
+
+def test_cue_controls_separate_only_their_traits():
+    """class_traits='texture': classes differ in the texture traits only, every geometry trait sits at the classes' mean; and the reverse."""
+    from project_lib.synapse.data import CUE_TRAITS, _class_means
+    assert not set(CUE_TRAITS["texture"]) & set(CUE_TRAITS["geometry"])
+    for cue, other in (("texture", "geometry"), ("geometry", "texture")):
+        means = [_class_means(GeneratorConfig(class_traits=cue), k) for k in range(4)]
+        for t in CUE_TRAITS[other]: assert len({round(m[t], 9) for m in means}) == 1, (cue, t)
+        for t in CUE_TRAITS[cue]: assert len({round(m[t], 9) for m in means}) > 1, (cue, t)
+    meta = SyntheticSynapses(GeneratorConfig(cube_size=32, voxel_nm=20.0, class_traits="texture", n_bboxes=2), 0).metadata()
+    by_class = meta.groupby("synapse_class")
+    assert by_class.psd_thickness_nm.mean().max() - by_class.psd_thickness_nm.mean().min() > 20       # 12 vs 50 nm apart
+    with pytest.raises(ValueError, match="class_traits"): GeneratorConfig(class_traits="colour")
+
+
+def _lag1(v, axis):
+    a, b = np.moveaxis(v, axis, 0)[1:].ravel(), np.moveaxis(v, axis, 0)[:-1].ravel()
+    return np.corrcoef(a, b)[0, 1]
+
+
+def test_thick_sections_blur_z_only():
+    """Sections 60 nm thick at 20 nm voxels: neighbouring z-sections become more alike than neighbouring x columns; isotropic: alike."""
+    quiet = {"contrast": 1.0, "offset": 0.0, "noise_sigma": 0.0, "blur_nm": 4.0}
+    iso, thick = (generate_cube(GeneratorConfig(cube_size=32, voxel_nm=20.0, section_nm=s), 0, np.random.default_rng(2), quiet).raw for s in (0.0, 60.0))
+    assert abs(_lag1(iso, 0) - _lag1(iso, 2)) < 0.05
+    assert _lag1(thick, 0) > _lag1(thick, 2) + 0.08                # measured 0.89 against 0.76
+    assert _lag1(thick, 0) > _lag1(iso, 0) + 0.15                  # measured 0.89 against 0.68
+
+
+def test_section_artefacts_change_whole_sections():
+    """Gain and offset per z-section; a lost section repeats its neighbour; a shifted one is its own section rolled by one voxel."""
+    from project_lib.synapse import data
+    ramp = np.tile(np.arange(16, dtype=np.float32)[None, None, :], (40, 16, 1)) / 16 + 0.1
+    out = data._section_artefacts(ramp.copy(), np.random.default_rng(0))
+    assert np.ptp(out.mean(axis=(1, 2))) > 0                      # sections differ
+    affine = [z for z in range(40) if np.corrcoef(out[z].ravel(), ramp[z].ravel())[0, 1] > 0.9999]
+    copies = [z for z in range(1, 40) if np.array_equal(out[z], out[z - 1])]
+    assert len(affine) >= 30 and len(affine) + len(copies) + 5 >= 40   # most sections: an affine change of their own; some lost or shifted
+    with pytest.raises(ValueError, match="section_nm"): GeneratorConfig(section_nm=-1.0)
+
+
 def test_bad_configs_and_inputs():
     for kwargs, message in [({"cube_size": 36}, "multiple of 8"), ({"cube_size": 8}, "multiple of 8"),
                             ({"voxel_nm": 0}, "voxel_nm"), ({"n_classes": 2}, "n_classes"),

@@ -12,10 +12,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn.cluster import KMeans
 from sklearn.manifold import TSNE
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score, silhouette_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from ..core import atomic_write_text
@@ -69,11 +69,13 @@ def grad_cam(model: VGG3D, x: torch.Tensor, # (B, 1, S, S, S) network input
 def localisation_auc(cam: np.ndarray, # (S, S, S) map
                      mask: np.ndarray, # (S, S, S) bool: the structures the map should find
                     ) -> float:
-    "ROC-AUC of the map's values against the mask (NaN when the mask is empty or full)."
+    "ROC-AUC of the map's values against the mask (NaN when the mask is empty or full), as the Mann-Whitney U of the mask's ranks (ties: mean rank)."
     if cam.shape != mask.shape: raise ValueError(f"cam {cam.shape} and mask {mask.shape} differ in shape")
     mask = mask.astype(bool)
     if mask.all() or not mask.any(): return float("nan")
-    return float(roc_auc_score(mask.ravel(), cam.ravel()))
+    ranks, inside = stats.rankdata(cam.ravel()), mask.ravel()
+    n1, n0 = int(inside.sum()), int((~inside).sum())
+    return float((ranks[inside].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 # %% ../../nbs/32_synapse_analysis.ipynb #c012
 def centre_prior(size: int) -> np.ndarray:

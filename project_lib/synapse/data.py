@@ -18,8 +18,9 @@ from scipy.spatial.transform import Rotation
 from ..core import atomic_write_bytes, require_portable
 
 # %% auto #0
-__all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'SYNAPSE_TABLE_COLUMNS', 'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS',
-           'GeneratorConfig', 'SynapseCube', 'generate_cube', 'SyntheticSynapses', 'read_tiff_stack',
+__all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'CUE_TRAITS', 'NUISANCE_RANGES', 'SYNAPSE_TABLE_COLUMNS',
+           'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS', 'GeneratorConfig', 'supersampling', 'noise_scale',
+           'block_mean', 'block_mode', 'SynapseCube', 'generate_cube', 'SyntheticSynapses', 'read_tiff_stack',
            'read_synapse_table', 'write_original_layout', 'load_bbox', 'assemble_bbox', 'crop_cube', 'normalise_cube',
            'segmentation_mask', 'blend_outside_mask', 'prepare_cube', 'original_mask_labels', 'check_mask_labels',
            'mask_thickness', 'cubes_from_bbox']
@@ -55,6 +56,10 @@ _GAP_NM = 20.0 # synaptic cleft width between the pre- and postsynaptic membrane
 _MEMBRANE_NM = 8.0 # one membrane (bilayer plus stain)
 _SIDE_DEPTH_NM = 60.0 # depth of the side_1 / side_2 annotation points inside their neurites
 
+# the paired cue controls: classes that differ only in what fills the structures, or only in their sizes and shapes
+CUE_TRAITS = {"texture": ("vesicle_diameter_nm", "vesicle_aspect", "vesicle_packing", "dense_core_count", "psd_thickness_nm"),
+              "geometry": ("vesicle_count", "docked_count", "cleft_radius_nm", "bouton_radius_nm", "spine", "mitochondrion", "perforated")}
+
 def _is_int(x) -> bool: return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,9 @@ class GeneratorConfig:
     synapses_per_axon: int = 3
     jitter_nm: float = 40.0 # cleft centre offset from the cube centre, uniform per axis (on the voxel grid)
     rotate: bool = True # random 3-D orientation of the cleft; False: cleft normal along +z
+    class_traits: str = "all" # which traits differ between classes: "all", "texture" or "geometry" (`CUE_TRAITS`); the others sit at the classes' mean
+    section_nm: float = 0.0 # > 0: serial sections this thick along z (z resolution coarser than x, y: anisotropic); 0: isotropic
+    section_artefacts: bool = False # per-section gain and offset jitter, and now and then a missing (repeated) or shifted section
 
     @property
     def n_cubes(self) -> int: return self.n_bboxes * self.axons_per_bbox * self.synapses_per_axon
@@ -96,18 +104,22 @@ class GeneratorConfig:
             raise ValueError(f"jitter_nm = {self.jitter_nm:g} needs a field of view of at least {2 * reach:g} nm, "
                              f"but cube_size * voxel_nm = {self.field_nm:g} nm")
         if not isinstance(self.rotate, bool): raise ValueError(f"rotate must be a bool, got {self.rotate!r}")
+        if self.class_traits not in ("all", *CUE_TRAITS): raise ValueError(f"class_traits must be 'all' or one of {sorted(CUE_TRAITS)}, got {self.class_traits!r}")
+        if not (isinstance(self.section_nm, (int, float)) and math.isfinite(self.section_nm) and self.section_nm >= 0):
+            raise ValueError(f"section_nm must be a finite number >= 0, got {self.section_nm!r}")
+        if not isinstance(self.section_artefacts, bool): raise ValueError(f"section_artefacts must be a bool, got {self.section_artefacts!r}")
 
 # %% ../../nbs/30_synapse_data.ipynb #c011
-_NUISANCE_RANGES = {"contrast": (0.7, 1.3), "offset": (-0.1, 0.1), "noise_sigma": (0.02, 0.08), "blur_nm": (4.0, 10.0)}
+NUISANCE_RANGES = {"contrast": (0.7, 1.3), "offset": (-0.1, 0.1), "noise_sigma": (0.05, 0.15), "blur_nm": (4.0, 10.0)}
 
 def _draw_nuisance(rng: np.random.Generator) -> dict:
-    "Imaging nuisances of one bounding box, uniform within `_NUISANCE_RANGES`."
-    return {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in _NUISANCE_RANGES.items()}
+    "Imaging nuisances of one bounding box, uniform within `NUISANCE_RANGES`."
+    return {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in NUISANCE_RANGES.items()}
 
 def _check_nuisance(nuisance: dict) -> dict:
-    if not isinstance(nuisance, dict) or set(nuisance) != set(_NUISANCE_RANGES):
-        raise ValueError(f"nuisance must be a dict with keys {sorted(_NUISANCE_RANGES)}, got {nuisance!r}")
-    out = {k: float(nuisance[k]) for k in _NUISANCE_RANGES}
+    if not isinstance(nuisance, dict) or set(nuisance) != set(NUISANCE_RANGES):
+        raise ValueError(f"nuisance must be a dict with keys {sorted(NUISANCE_RANGES)}, got {nuisance!r}")
+    out = {k: float(nuisance[k]) for k in NUISANCE_RANGES}
     if not all(math.isfinite(v) for v in out.values()) or out["contrast"] <= 0 or out["noise_sigma"] < 0 or out["blur_nm"] < 0:
         raise ValueError(f"nuisance needs finite values, contrast > 0, noise_sigma >= 0 and blur_nm >= 0, got {out}")
     return out
@@ -117,12 +129,13 @@ def _draw_axon_offset(rng: np.random.Generator) -> dict:
     return {k: float(rng.normal(0, _AXON_SD * sd)) for k, (_, sd, _) in _TRAITS.items()}
 
 def _class_means(config: GeneratorConfig, synapse_class: int) -> dict:
-    "Trait means and flag probabilities of a class after applying the separation."
+    "Trait means and flag probabilities of a class after applying the separation (traits outside `config.class_traits`: the classes' mean)."
     means = {**{k: v[0] for k, v in _TRAITS.items()}, **_FLAGS}
     out = {}
     for name, values in means.items():
         m = np.asarray(values[:config.n_classes], dtype=np.float64)
-        out[name] = float(m.mean() + config.separation * (m[synapse_class] - m.mean()))
+        differs = config.class_traits == "all" or name in CUE_TRAITS[config.class_traits]
+        out[name] = float(m.mean() + differs * config.separation * (m[synapse_class] - m.mean()))
     return out
 
 # %% ../../nbs/30_synapse_data.ipynb #c013
@@ -284,20 +297,59 @@ def _vesicles(meta: dict, rng: np.random.Generator) -> np.ndarray:
     return _place(meta["vesicle_count"], clear, ves)
 
 # %% ../../nbs/30_synapse_data.ipynb #c022
+_RENDER_NM = 10.0 # the finest structures (7 nm vesicle rims, 8 nm membranes) are drawn on sub-voxels of at most this size
+_NOISE_NM = 8.0 # `noise_sigma` is the noise of an 8 nm voxel; a voxel of v nm averages (v / 8)³ of them
+
+def supersampling(voxel_nm: float) -> int:
+    "Sub-voxels per axis with which a cube of `voxel_nm` voxels is rendered: the smallest factor giving sub-voxels of at most `_RENDER_NM`."
+    return max(1, math.ceil(voxel_nm / _RENDER_NM - 1e-9))
+
+def noise_scale(voxel_nm: float) -> float:
+    "Factor on `noise_sigma` for a voxel of `voxel_nm`: independent 8 nm noise averaged over the voxel's volume, (8 / v)^1.5."
+    return (_NOISE_NM / voxel_nm) ** 1.5
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    "The render grid: `size` sub-voxels per axis of `voxel_nm`, sub-voxel index `zero` (maybe fractional) at the cube's centre point."
+    size: int
+    voxel_nm: float
+    zero: float
+
+    @classmethod
+    def of(cls, config: GeneratorConfig) -> _Grid:
+        "The grid of `supersampling` sub-voxels per voxel, each voxel's sub-voxels centred on the voxel's centre (voxel S/2 sits at 0)."
+        f = supersampling(config.voxel_nm)
+        return cls(config.cube_size * f, config.voxel_nm / f, f * (config.cube_size // 2) + (f - 1) / 2)
+
+    def axis(self) -> np.ndarray: return ((np.arange(self.size) - self.zero) * self.voxel_nm).astype(np.float32)
+
+def block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    "Mean of every f×f×f block of a cubic volume (side a multiple of f)."
+    s = a.shape[0] // f
+    return a if f == 1 else a.reshape(s, f, s, f, s, f).mean(axis=(1, 3, 5))
+
+def block_mode(a: np.ndarray, f: int) -> np.ndarray:
+    "The most frequent value of every f×f×f block of a cubic label volume (on ties, the first in the block's C order)."
+    if f == 1: return a
+    s = a.shape[0] // f
+    b = a.reshape(s, f, s, f, s, f).transpose(0, 2, 4, 1, 3, 5).reshape(s ** 3, f ** 3)
+    counts = (b[:, :, None] == b[:, None, :]).sum(-1)
+    return b[np.arange(len(b)), counts.argmax(1)].reshape(s, s, s)
+
 _TONE = {"ecs": 0.9, "cleft": 0.6, "pre": 0.8, "post": 0.77, "membrane": 0.18, "psd": 0.1, "matrix": 0.55,
          "cristae": 0.3, "rim": 0.2, "lumen": 0.92, "halo": 0.6, "core": 0.08}
 
-def _vesicle_coverage(config: GeneratorConfig, rot: np.ndarray, centre_nm: np.ndarray, ves: np.ndarray,
+def _vesicle_coverage(grid: _Grid, rot: np.ndarray, centre_nm: np.ndarray, ves: np.ndarray,
                       rng: np.random.Generator) -> dict[str, np.ndarray]:
-    "Coverage volumes (rim, lumen, halo, core) of all vesicles, each vesicle rendered in a small box around it."
-    S, v = config.cube_size, config.voxel_nm
+    "Coverage volumes (rim, lumen, halo, core) of all vesicles on the render grid, each vesicle rendered in a small box around it."
+    S, v = grid.size, grid.voxel_nm
     layers = {k: np.zeros(S ** 3, np.float32) for k in ("rim", "lumen", "halo", "core")}
     turn = rot @ Rotation.random(len(ves), random_state=rng).as_matrix() if len(ves) else np.empty((0, 3, 3))
     for dense in (False, True):
         pick = ves[:, 5] == dense
         if not pick.any(): continue
         radius, aspect = ves[pick, 3], ves[pick, 4]
-        f = (centre_nm + ves[pick, :3] @ rot.T) / v + S // 2          # (n, 3) fractional voxel index, x y z
+        f = (centre_nm + ves[pick, :3] @ rot.T) / v + grid.zero       # (n, 3) fractional voxel index, x y z
         k = int(np.ceil(radius.max() / v)) + 1
         box = np.stack(np.meshgrid(*[np.arange(-k, k + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
         idx = np.rint(f).astype(int)[:, None, :] + box[None]            # (n, K, 3)
@@ -332,13 +384,26 @@ class SynapseCube:
     semantic: np.ndarray # (S, S, S) uint8 with SEMANTIC_LABELS values, 0 = none
     metadata: dict # identity, class, traits, nuisances and annotation points (x, y, z voxels in the cube)
 
+_SECTION_GAIN_SD, _SECTION_OFFSET_SD, _MISSING_P, _SHIFT_P = 0.04, 0.02, 0.02, 0.03
+
+def _section_artefacts(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    "Serial-section artefacts along z: each section's own gain and offset; a section now and then lost (its neighbour repeated) or shifted one voxel in x or y."
+    s = len(img)
+    gain, offset = rng.normal(1.0, _SECTION_GAIN_SD, s), rng.normal(0.0, _SECTION_OFFSET_SD, s)
+    missing, shifted = rng.random(s) < _MISSING_P, rng.random(s) < _SHIFT_P
+    axis, step = rng.integers(1, 3, s), rng.choice([-1, 1], s)
+    out = img * gain[:, None, None].astype(np.float32) + offset[:, None, None].astype(np.float32)
+    for z in np.flatnonzero(shifted): out[z] = np.roll(out[z], step[z], axis=axis[z] - 1)
+    for z in np.flatnonzero(missing): out[z] = out[z - 1] if z else out[1]
+    return out
+
 def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random.Generator) -> SynapseCube:
-    "Render the volumes of a planned cube, continuing its random stream."
-    S, v, g2 = config.cube_size, config.voxel_nm, _GAP_NM / 2
-    axis = (np.arange(S, dtype=np.float32) - S // 2) * v
+    "Render the volumes of a planned cube on its sub-voxel grid, continuing its random stream; the cube is their block average (masks: block mode) plus noise."
+    grid, f, g2 = _Grid.of(config), supersampling(config.voxel_nm), _GAP_NM / 2
+    S, v, axis = grid.size, grid.voxel_nm, grid.axis()
     zz, yy, xx = np.meshgrid(axis, axis, axis, indexing="ij")
     p = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], -1)              # (S³, 3) nm, x y z, cube frame
-    centre = (np.array([meta[f"central_coord_{k}"] for k in (1, 2, 3)]) - S // 2) * v
+    centre = (np.array([meta[f"central_coord_{k}"] for k in (1, 2, 3)]) - config.cube_size // 2) * config.voxel_nm
     u = (p - centre.astype(np.float32)) @ rot.astype(np.float32)        # canonical coordinates, row form of Rᵀ(x − c)
     x, y, z = u[:, 0], u[:, 1], u[:, 2]
     rho = np.hypot(x, y)
@@ -370,7 +435,7 @@ def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random
         for angle in rng.uniform(0, 2 * np.pi, rng.integers(1, 3)):
             psd *= 1 - ramp(0.22 * cr - np.hypot(x - 0.45 * cr * np.cos(angle), y - 0.45 * cr * np.sin(angle)))
 
-    ves = _vesicle_coverage(config, rot, centre, _vesicles(meta, rng), rng)
+    ves = _vesicle_coverage(grid, rot, centre, _vesicles(meta, rng), rng)
     for tone, cover in (("cleft", ramp(g2 - np.abs(z)) * ramp(meta["cleft_radius_nm"] - rho)), ("matrix", matrix),
                         ("cristae", matrix * ramp(5.0 - stripe)), ("membrane", membrane), ("psd", psd),
                         ("lumen", ves["lumen"]), ("halo", ves["halo"]), ("core", ves["core"]), ("rim", ves["rim"])):
@@ -386,9 +451,12 @@ def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random
     semantic[(sd["mito"] < 0).reshape(shape)] = SEMANTIC_LABELS["mitochondrion"]
 
     img = ndimage.gaussian_filter(img.reshape(shape), meta["blur_nm"] / v)
+    if config.section_nm > v: img = ndimage.uniform_filter1d(img, max(1, round(config.section_nm / v)), axis=0, mode="nearest")   # thick sections: z averaged
+    img = block_mean(img, f)
+    if config.section_artefacts: img = _section_artefacts(img, rng)
     img = meta["contrast"] * (img - 0.5) + 0.5 + meta["offset"]
-    img += meta["noise_sigma"] * rng.standard_normal(shape, dtype=np.float32)
-    return SynapseCube(np.clip(img, 0, 1).astype(np.float32), inst.reshape(shape), semantic, meta)
+    img += meta["noise_sigma"] * noise_scale(config.voxel_nm) * rng.standard_normal(img.shape, dtype=np.float32)
+    return SynapseCube(np.clip(img, 0, 1).astype(np.float32), block_mode(inst.reshape(shape), f), block_mode(semantic, f), meta)
 
 def generate_cube(config: GeneratorConfig, # geometry, classes and separation
                   synapse_class: int, # index into the config's classes

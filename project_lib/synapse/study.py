@@ -4,6 +4,7 @@
 
 # %% ../../nbs/36_synapse_study.ipynb #c002
 from __future__ import annotations
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -13,17 +14,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from .analysis import centre_prior, grad_cam, handcrafted_features, localisation_auc, localisation_masks
-from .data import SynapseCube, prepare_cube
+from .data import SynapseCube, SyntheticSynapses, prepare_cube
 from .model import VGG3D, VGG3DStageExtractor
 from .stats import (adjusted_rand, ari_permutation_test, balanced_axon_folds, grouped_probe_accuracy, holm, kmeans_labels,
                                        paired_comparison, same_axon_retrieval)
-from .train import InputRows, predict, prepared_inputs
+from .stats import crossed_bootstrap
+from .train import ArrayHash, InputRows, plateaued, predict, prepared_inputs
 from .units import SynapseStudyParams   # its parameters (kept importable from here)
 
 # %% auto #0
-__all__ = ['ORACLE_TRAITS', 'PER_BBOX', 'network_features', 'oracle_features', 'handcrafted_matrix', 'streamed_features',
-           'score_set', 'per_group_zscore', 'permutation_table', 'comparison_table', 'localisation_table', 'fit_probe',
-           'one_per_axon']
+__all__ = ['ORACLE_TRAITS', 'PER_BBOX', 'STANDARD', 'network_features', 'oracle_features', 'handcrafted_matrix',
+           'streamed_features', 'score_set', 'per_group_zscore', 'permutation_table', 'comparison_table', 'conv_layers',
+           'ari_and_probe', 'seed_set_matrix', 'layer_curve', 'convergence_table', 'StudyNetworks', 'set_features',
+           'score_variants', 'network_set_scores', 'choose_layer', 'map_sets', 'evaluate_set', 'generated_set_scores',
+           'localisation_table', 'fit_probe', 'one_per_axon']
 
 # %% ../../nbs/36_synapse_study.ipynb #c007
 ORACLE_TRAITS = ("vesicle_diameter_nm", "vesicle_aspect", "vesicle_count", "vesicle_packing", "docked_count", "dense_core_count",
@@ -66,13 +70,17 @@ def streamed_features(cubes: Sequence[SynapseCube], # a lazy dataset (e.g. `Synt
     return {name: np.concatenate(c) for name, c in chunks.items()}
 
 # %% ../../nbs/36_synapse_study.ipynb #c010
-def score_set(x: np.ndarray, metadata: pd.DataFrame, n_clusters: int, seed: int) -> tuple[dict, np.ndarray]:
-    "(scores, k-means labels) of features `x` (n, d) of one evaluation set."
+def _standardised(x: np.ndarray, metadata: pd.DataFrame) -> np.ndarray:
+    "Features `x` (one row per cube of `metadata`) without their constant columns, each standardised."
     x = np.asarray(x, np.float64)
     if len(x) != len(metadata): raise ValueError(f"x has {len(x)} rows, metadata {len(metadata)}")
     keep = x.std(0) > 0
     if not keep.any(): raise ValueError("every feature is constant")
-    z = StandardScaler().fit_transform(x[:, keep])
+    return StandardScaler().fit_transform(x[:, keep])
+
+def score_set(x: np.ndarray, metadata: pd.DataFrame, n_clusters: int, seed: int) -> tuple[dict, np.ndarray]:
+    "(scores, k-means labels) of features `x` (n, d) of one evaluation set."
+    z = _standardised(x, metadata)
     pred = kmeans_labels(z, n_clusters, seed, scale=False)
     cls, bbox, axon = (metadata[c].to_numpy() for c in ("synapse_class", "bbox", "axon"))
     in_bbox = same_axon_retrieval(z, axon, bbox)
@@ -124,6 +132,167 @@ def comparison_table(scores: pd.DataFrame, # one row per (set, variant) with met
     table = pd.DataFrame(rows)
     table["p_holm"] = holm(table.p_wilcoxon)
     return table
+
+# %% ../../nbs/36_synapse_study.ipynb #c014b
+def conv_layers(model: VGG3D) -> list[int]:
+    "Indices of every Conv3d of `model.features`, then the standard read-out (the last index): the layers of the layer curve."
+    return [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv3d)] + [len(model.features) - 1]
+
+def ari_and_probe(x: np.ndarray, metadata: pd.DataFrame, n_clusters: int, seed: int) -> dict:
+    "k-means ARI against the class and the axon-grouped probe's balanced accuracy of features `x` (n, d) of one set (standardised first)."
+    z, cls = _standardised(x, metadata), metadata.synapse_class.to_numpy()
+    return {"ari_class": adjusted_rand(cls, kmeans_labels(z, n_clusters, seed, scale=False)),
+            "probe_accuracy": grouped_probe_accuracy(z, cls, balanced_axon_folds(metadata.axon.to_numpy(), cls, metadata.bbox.to_numpy()))}
+
+def seed_set_matrix(table: pd.DataFrame, # network-level scores: network, seed, set, layer and metric columns
+                    network: str, layer: int, metric: str) -> np.ndarray: # (seeds, sets)
+    "One read-out's scores as a (seeds, sets) table, refused unless every seed scored every set."
+    wide = table[(table.network == network) & (table.layer == layer)].pivot_table(index="seed", columns="set", values=metric)
+    if wide.empty or wide.isna().any().any(): raise ValueError(f"need {metric} of {network!r} layer {layer} for every seed and set")
+    return wide.to_numpy(dtype=float)
+
+def layer_curve(table: pd.DataFrame, network: str, metric: str, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    "Per layer of `network`: the mean of `metric` over seeds × sets and its 95 % two-level bootstrap interval."
+    rows = []
+    for layer in sorted(table[table.network == network].layer.unique()):
+        v = seed_set_matrix(table, network, int(layer), metric)
+        low, high = np.quantile(crossed_bootstrap(v, n_resamples, seed), [0.025, 0.975])
+        rows.append({"network": network, "layer": int(layer), "metric": metric, "mean": float(v.mean()), "ci_low": float(low), "ci_high": float(high)})
+    return pd.DataFrame(rows)
+
+def convergence_table(histories: dict[int, pd.DataFrame], # training seed -> its contrastive history (val_loss, and val_gap when logged)
+                      cap: int, # the epoch cap
+                      epochs: int = 3, tol: float = 0.01) -> pd.DataFrame:
+    "Per seed: epochs run, whether early stopping ended it, the largest relative change of validation loss over the last `epochs` epochs, the convergence rule, the last gap."
+    rows = []
+    for seed, h in histories.items():
+        v = h.val_loss.to_numpy(float)
+        change = np.abs(np.diff(v[-(epochs + 1):])) / np.abs(v[-(epochs + 1):-1]) if len(v) > 1 else np.array([np.nan])
+        rows.append({"seed": seed, "epochs run": len(v), "stopped early": len(v) < cap, "best epoch": int(np.argmin(v)) + 1,
+                     f"largest change over the last {epochs} epochs": float(change.max()), "converged (< 1 % per epoch)": plateaued(v, epochs, tol),
+                     **({"standard - layer 20 ARI gap, last epoch": float(h.val_gap.iloc[-1])} if "val_gap" in h else {})})
+    return pd.DataFrame(rows)
+
+
+# %% ../../nbs/36_synapse_study.ipynb #c014e
+STANDARD = 33 # the standard read-out: the last index of VGG3D's `features`
+
+@dataclasses.dataclass
+class StudyNetworks:
+    "The networks one evaluation compares: per training seed the contrastive network and a random one with re-estimated BatchNorm, the trait proxy, and a builder of fresh networks."
+    contrastive: dict[int, VGG3D]
+    random: dict[int, VGG3D]
+    proxy: VGG3D
+    new_model: Callable[[], VGG3D]
+
+def set_features(p: SynapseStudyParams, nets: StudyNetworks, i: int, # evaluation set i (its own seed: `p.train_seed_of(i)`)
+                 cubes: Sequence[SynapseCube], metadata: pd.DataFrame, device: str = "cpu",
+                ) -> tuple[dict[str, np.ndarray], dict[tuple[str, int, int], np.ndarray], str]:
+    """(features of every variant with set i's own seed's networks, network-level features {(network, seed, layer)} of every
+    seed's networks on the main input, hash of the main inputs); cubes rendered `p.batch_size` at a time."""
+    seed, main = p.train_seed_of(i), p.seg_types[0]
+    torch.manual_seed(10_000 + seed)
+    default_bn = nets.new_model()
+    layers, main_inputs = conv_layers(default_bn), ArrayHash((len(cubes), 1, *[p.cube_size] * 3), np.float32)
+    pooled = lambda net, x, at: network_features(net, x, at, p.batch_size, device)
+    def of_batch(batch):
+        out = {}
+        for seg in p.seg_types:
+            x, tag = prepared_inputs(batch, seg, p.alpha), ("" if seg == main else f" · seg {seg}")
+            if seg == main:
+                main_inputs.update(x)
+                for s in p.train_seeds:
+                    f = pooled(nets.contrastive[s], x, layers)
+                    out.update({("contrastive", s, n): f[n] for n in layers})
+                    f = pooled(nets.random[s], x, [20, STANDARD])
+                    out.update({("random, BN re-estimated", s, n): f[n] for n in (20, STANDARD)})
+            f = pooled(nets.contrastive[seed], x, [19, 20, STANDARD])
+            out[f"contrastive · standard{tag}"], out[f"contrastive · layer 20{tag}"] = f[STANDARD], f[20]
+            g = pooled(nets.random[seed], x, [20, STANDARD])
+            out[f"random, BN re-estimated · standard{tag}"] = g[STANDARD]
+            if seg == main:
+                out["contrastive · layer 19 (rank only)"], out["random, BN re-estimated · layer 20"] = f[19], g[20]
+                g = pooled(nets.proxy, x, [20, STANDARD])
+                out["proxy · standard"], out["proxy · layer 20"] = g[STANDARD], g[20]
+                out["random, default BN · standard"] = pooled(default_bn, x, [STANDARD])[STANDARD]
+            out[f"hand-crafted{tag}"] = handcrafted_matrix(batch, seg, p.alpha, p.voxel_nm)
+        return out
+    feats = streamed_features(cubes, of_batch, p.batch_size)
+    network = {k: feats.pop(k) for k in [k for k in feats if isinstance(k, tuple)]}
+    feats["trait oracle"] = oracle_features(metadata)
+    return feats, network, main_inputs.hexdigest()
+
+def score_variants(feats: dict[str, np.ndarray], metadata: pd.DataFrame, per_bbox_of: Sequence[str], n_clusters: int, seed: int,
+                  ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    "Scores of every variant of one set, raw and (for `per_bbox_of`) z-scored within each bounding box (`PER_BBOX` suffix), and each raw variant's k-means labels."
+    rows, preds = [], {}
+    for name, f in feats.items():
+        sc, preds[name] = score_set(f, metadata, n_clusters, seed)
+        rows.append({"variant": name, **sc})
+    rows += [{"variant": name + PER_BBOX, **score_set(per_group_zscore(feats[name], metadata.bbox), metadata, n_clusters, seed)[0]} for name in per_bbox_of]
+    return rows, preds
+
+def network_set_scores(network: dict[tuple[str, int, int], np.ndarray], metadata: pd.DataFrame, set_index: int, n_clusters: int, seed: int) -> list[dict]:
+    "One row per (network, seed, layer) of one set: its ARI against the class and its probe accuracy."
+    return [{"network": n, "seed": s, "set": set_index, "layer": layer, **ari_and_probe(f, metadata, n_clusters, seed)} for (n, s, layer), f in network.items()]
+
+def choose_layer(cams: pd.DataFrame, # `localisation_table` rows with network, target, cam_set columns
+                ) -> pd.DataFrame:
+    """Per network, target and mask: the layer with the best mean AUC on CAM set 0, then its AUC against the centre prior's,
+    paired over the cubes of the other CAM sets (the same set when there is only one)."""
+    rows = []
+    for (net_name, target_name, mask_name), g in cams.groupby(["network", "target", "mask"]):
+        best = g[(g.cam_set == 0) & (g.layer != "centre prior")].groupby("layer").auc.mean().idxmax()
+        held = g[g.cam_set > 0] if (g.cam_set > 0).any() else g
+        a, b = (held[held.layer == layer].sort_values("cube").auc.to_numpy() for layer in (best, "centre prior"))
+        c = paired_comparison(a, b)
+        rows.append({"network": net_name, "target": target_name, "mask": mask_name, "layer chosen on set A": int(best),
+                     "layer AUC (held-out cubes)": a.mean(), "centre prior AUC": b.mean(), "difference": c["mean_diff"],
+                     "ci_low": c["ci_low"], "ci_high": c["ci_high"], "p_wilcoxon": c["p_wilcoxon"], "cubes": c["n"]})
+    return pd.DataFrame(rows)
+
+
+# %% ../../nbs/36_synapse_study.ipynb #c014g
+def map_sets(fn: Callable, args: Sequence[tuple], n_jobs: int) -> list:
+    "`fn(*a)` for every `a`, in order: in `n_jobs` processes of one torch thread each, or here when `n_jobs` <= 1 (sets are independent: the results do not depend on it)."
+    if n_jobs <= 1 or len(args) < 2: return [fn(*a) for a in args]
+    from joblib import Parallel, delayed
+    return Parallel(n_jobs=min(n_jobs, len(args)), backend="loky")(delayed(_one_thread)(fn, *a) for a in args)
+
+def _one_thread(fn: Callable, *args):
+    torch.set_num_threads(1)
+    return fn(*args)
+
+def evaluate_set(p: SynapseStudyParams, nets: StudyNetworks, i: int, cubes: SyntheticSynapses, per_bbox_of: Sequence[str], device: str = "cpu") -> dict:
+    """Everything the study keeps of evaluation set i: its variant scores (`score_variants`) and k-means labels, network-level
+    scores, the standard features of its own seed's networks, pooled layers 19 and 20, unscaled k-means ARIs and its inputs' hash."""
+    meta = cubes.metadata()
+    feats, network, input_hash = set_features(p, nets, i, cubes, meta, device)
+    seed = p.eval_seeds[i]
+    pooled19 = feats.pop("contrastive · layer 19 (rank only)")
+    rows, preds = score_variants(feats, meta, per_bbox_of, p.n_clusters, seed)
+    return {"metadata": meta, "rows": [{"set": i, "train_seed": p.train_seed_of(i), **r} for r in rows], "preds": preds,
+            "network_rows": network_set_scores(network, meta, i, p.n_clusters, seed), "input_hash": input_hash,
+            "standard": {k: feats[f"{k} · standard"] for k in ("contrastive", "random, BN re-estimated", "proxy")},
+            "pooled19": pooled19, "pooled20": feats["contrastive · layer 20"],
+            "unscaled": [{"set": i, "variant": name, "ari_class": adjusted_rand(meta.synapse_class, kmeans_labels(feats[name], p.n_clusters, seed, scale=False))}
+                         for name in ("contrastive · standard", "contrastive · layer 20")]}
+
+def generated_set_scores(p: SynapseStudyParams, nets: StudyNetworks, cubes: SyntheticSynapses, # e.g. a sweep or cue-control set
+                         j: int, # its index (its networks: `p.train_seed_of(j)`; k-means seed j)
+                         device: str = "cpu") -> tuple[list[dict], dict[str, np.ndarray], pd.DataFrame]:
+    "(rows, k-means labels, metadata) of a generated set scored on the main input: contrastive standard and layer 20, random standard, hand-crafted, trait oracle."
+    meta, seed = cubes.metadata(), p.train_seed_of(j)
+    def of_batch(batch):
+        x = prepared_inputs(batch, p.seg_types[0], p.alpha)
+        f = network_features(nets.contrastive[seed], x, [20, STANDARD], p.batch_size, device)
+        return {"contrastive · standard": f[STANDARD], "contrastive · layer 20": f[20],
+                "random, BN re-estimated · standard": network_features(nets.random[seed], x, [STANDARD], p.batch_size, device)[STANDARD],
+                "hand-crafted": handcrafted_matrix(batch, p.seg_types[0], p.alpha, p.voxel_nm)}
+    feats = {**streamed_features(cubes, of_batch, p.batch_size), "trait oracle": oracle_features(meta)}
+    rows, preds = score_variants(feats, meta, [], p.n_clusters, j)
+    return [{"set": j, **r} for r in rows], preds, meta
+
 
 # %% ../../nbs/36_synapse_study.ipynb #c016
 def localisation_table(model: VGG3D, cubes: Sequence[SynapseCube], layers: Sequence[int],

@@ -15,16 +15,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core import NpyRowWriter, npy_layout, params_hash, read_npy_rows
-from ..engine import FitResult, code_hash, fit, load_weights
+from ..engine import FitResult, code_hash, fit, is_cuda, load_weights
+from .stats import adjusted_rand, kmeans_labels
 from .data import GeneratorConfig, SynapseCube, SyntheticSynapses, prepare_cube
 from .model import VGG3D, check_input, cubes_to_input
 
 # %% auto #0
 __all__ = ['CUBE_SYMMETRIES', 'PROXY_TRAITS', 'InputRows', 'cache_inputs', 'check_rows', 'pooled_features', 'channels_last',
-           'predict', 'ArrayHash', 'array_hash', 'prepared_inputs', 'cube_symmetry', 'Augmentation', 'augment',
-           'nt_xent', 'partner_top1', 'ContrastiveVGG', 'ContrastiveConfig', 'contrastive_validation',
-           'train_contrastive', 'proxy_targets', 'r2_per_column', 'ProxyTrainingConfig', 'train_proxy',
-           'reestimate_batchnorm', 'runs_cache', 'PretrainingSet', 'contrastive_unit', 'proxy_unit', 'history_of']
+           'predict', 'ArrayHash', 'array_hash', 'prepared_inputs', 'cube_symmetry', 'Augmentation', 'gaussian_blur3d',
+           'shifted', 'augment', 'nt_xent', 'partner_top1', 'ContrastiveVGG', 'ContrastiveConfig', 'contrastive_loss',
+           'plateaued', 'contrastive_validation', 'train_contrastive', 'proxy_targets', 'r2_per_column',
+           'ProxyTrainingConfig', 'train_proxy', 'reestimate_batchnorm', 'runs_cache', 'PretrainingSet',
+           'contrastive_unit', 'proxy_unit', 'history_of']
 
 # %% ../../nbs/34_synapse_train.ipynb #c006b
 class InputRows:
@@ -151,19 +153,57 @@ def cube_symmetry(x: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    "Ranges of the per-view intensity changes, in the network's input units ([-1, 1])."
+    "Ranges of the per-view changes (SynapseCLR's kinds): geometry in voxels, intensities in the network's input units ([-1, 1])."
+    anisotropy: float = 0.5 # probability of averaging z-sections in pairs: sections twice as thick, as in serial-section EM
+    section_sd: float = 0.05 # sd of each z-section's own gain (about 1) and offset: section-to-section staining changes
+    blur_sigma: tuple[float, float] = (0.0, 1.0) # Gaussian blur, voxels
+    shift: int = 3 # a random crop: translation by up to this many voxels per axis, edges replicated
+    cutout: float = 0.5 # probability of blanking one box (a quarter to a third of the side) to the view's mean
     contrast: tuple[float, float] = (0.9, 1.1)
     offset: tuple[float, float] = (-0.1, 0.1)
     noise_sigma: tuple[float, float] = (0.0, 0.08)
 
+def gaussian_blur3d(v: torch.Tensor, sigma: float) -> torch.Tensor:
+    "(..., S, S, S) volume blurred by a separable Gaussian of `sigma` voxels (truncated at 3 sigma, edges replicated); sigma 0: unchanged."
+    if sigma <= 0: return v
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=v.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    lead, out = v.shape[:-3], v.reshape(1, 1, *v.shape[-3:])
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]; shape[2 + axis] = 2 * r + 1
+        pad = [0] * 6; pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.reshape(shape))
+    return out.reshape(*lead, *v.shape[-3:])
+
+def shifted(v: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+    "(C, S, S, S) volume translated by `offset` (z, y, x) voxels, the edge voxels repeated into the uncovered border."
+    m = max(abs(int(o)) for o in offset)
+    if m == 0: return v
+    s = v.shape[-3:]
+    p = F.pad(v[None], [m] * 6, mode="replicate")[0]
+    (z, y, x) = (m - int(o) for o in offset)
+    return p[..., z:z + s[0], y:y + s[1], x:x + s[2]]
+
 def augment(x: torch.Tensor, # (B, 1, S, S, S)
             gen: torch.Generator, aug: Augmentation = Augmentation()) -> torch.Tensor:
-    "A random view of every cube: a cube symmetry, then contrast, offset and Gaussian noise."
-    b = len(x)
+    """A random view of every cube, in the order an image is made: thicker sections (z pairs averaged), per-section gain
+    and offset, blur, a random crop (shift), a cube symmetry, cutout, then contrast, offset and Gaussian noise."""
+    b, s = len(x), x.shape[-1]
+    u = lambda lo_hi, *shape: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(*shape, generator=gen)
+    thick = (torch.rand(b, generator=gen) < aug.anisotropy).reshape(b, 1, 1, 1, 1)
+    pairs = x.reshape(b, 1, s // 2, 2, s, s).mean(3, keepdim=True).expand(b, 1, s // 2, 2, s, s).reshape(x.shape) if s % 2 == 0 else x
+    out = torch.where(thick, pairs, x)
+    out = out * (1 + aug.section_sd * torch.randn(b, 1, s, 1, 1, generator=gen)) + aug.section_sd * torch.randn(b, 1, s, 1, 1, generator=gen)
+    sigmas, moves = u(aug.blur_sigma, b).tolist(), torch.randint(-aug.shift, aug.shift + 1, (b, 3), generator=gen).tolist()
     ks = torch.randint(0, len(CUBE_SYMMETRIES), (b,), generator=gen).tolist()
-    out = torch.stack([cube_symmetry(x[i], k) for i, k in enumerate(ks)])
-    u = lambda lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(b, 1, 1, 1, 1, generator=gen)
-    return u(aug.contrast) * out + u(aug.offset) + u(aug.noise_sigma) * torch.randn(out.shape, generator=gen)
+    out = torch.stack([cube_symmetry(shifted(gaussian_blur3d(out[i], sigmas[i]), moves[i]), ks[i]) for i in range(b)])
+    cut, side = torch.rand(b, generator=gen) < aug.cutout, torch.randint(s // 4, s // 3 + 1, (b,), generator=gen)
+    corner = (torch.rand(b, 3, generator=gen) * (s - side[:, None] + 1)).long()
+    for i in torch.nonzero(cut).flatten().tolist():
+        (z, y, x_), w = corner[i].tolist(), int(side[i])
+        out[i, :, z:z + w, y:y + w, x_:x_ + w] = out[i].mean()
+    return u(aug.contrast, b, 1, 1, 1, 1) * out + u(aug.offset, b, 1, 1, 1, 1) + u(aug.noise_sigma, b, 1, 1, 1, 1) * torch.randn(out.shape, generator=gen)
 
 # %% ../../nbs/34_synapse_train.ipynb #c012
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, # (B, d) projections of the two views
@@ -184,61 +224,116 @@ def partner_top1(z1: torch.Tensor, z2: torch.Tensor) -> float:
     return float((sim.argmax(1).cpu() == torch.cat([torch.arange(b, 2 * b), torch.arange(b)])).float().mean())
 
 # %% ../../nbs/34_synapse_train.ipynb #c015
-class ContrastiveVGG(nn.Module):
-    "VGG3D's pooled standard features followed by a projector, for contrastive training."
-    def __init__(self, backbone: VGG3D, proj_dim: int = 64):
-        super().__init__()
-        self.backbone, width = backbone, backbone.out_channels
-        self.projector = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
+def _projector(width: int, proj_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(pooled_features(self.backbone, x))
+class ContrastiveVGG(nn.Module):
+    """VGG3D with one projector on each compared read-out: the standard pooled output and the pooled output of layer
+    `stage_layer`. The loss is the mean of both read-outs' NT-Xent, so training favours neither read-out."""
+    def __init__(self, backbone: VGG3D, proj_dim: int = 64, stage_layer: int = 20):
+        super().__init__()
+        convs = [m for m in backbone.features[:stage_layer + 1] if isinstance(m, nn.Conv3d)]
+        if not 0 <= stage_layer < len(backbone.features) - 1 or not isinstance(backbone.features[stage_layer], nn.Conv3d):
+            raise ValueError(f"stage_layer must index a Conv3d of backbone.features before its last layer, got {stage_layer}")
+        self.backbone, self.stage_layer = backbone, stage_layer
+        self.heads = nn.ModuleList([_projector(backbone.out_channels, proj_dim), _projector(convs[-1].out_channels, proj_dim)])
+
+    def readouts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "(standard, stage) pooled features of `x`, running the backbone once."
+        h = check_input(x, self.backbone.input_size)
+        for i, module in enumerate(self.backbone.features):
+            h = module(h)
+            if i == self.stage_layer: stage = h.mean(dim=(2, 3, 4))
+        return h.mean(dim=(2, 3, 4)), stage
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Projections of the standard and of the stage read-out."
+        standard, stage = self.readouts(x)
+        return self.heads[0](standard), self.heads[1](stage)
 
 @dataclasses.dataclass(frozen=True)
 class ContrastiveConfig:
     "Contrastive training settings."
-    epochs: int = 8
-    batch_size: int = 16 # cubes per step (2 views each)
+    epochs: int = 8 # the cap when `patience` stops earlier
+    batch_size: int = 16 # cubes per step (2 views each): every view has 2 * batch_size - 2 negatives
     lr: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.2
     proj_dim: int = 64
     seed: int = 0
+    schedule: str = "cosine" # "cosine" (to 0 at `epochs`) or "constant" (a plateau then comes from the data, not the schedule)
+    patience: int = 0 # stop once validation loss has not improved for this many epochs (0: train every epoch)
+    stage_layer: int = 20 # the compared stage-specific read-out, trained beside the standard one
+    bf16: bool = False # bfloat16 autocast on the CPU (about 2.6x faster for 3-D convolutions; CUDA always uses fp16 AMP)
 
-def _cosine(lr: float, epochs: int) -> Callable[[int], float]:
-    return lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"): raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.batch_size < 2: raise ValueError(f"batch_size must be >= 2 (a view needs negatives), got {self.batch_size}")
 
-def _two_views(net: nn.Module, x: torch.Tensor, gen: torch.Generator, aug: Augmentation, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    "Projections of two random views of the cubes `x`: the views are drawn on the CPU (`gen` is a CPU generator; the same views on any device), then moved to `device`."
-    z = net(channels_last(torch.cat([augment(x, gen, aug), augment(x, gen, aug)]).to(device)))
-    return z[:len(x)], z[len(x):]
+    def lr_at(self) -> Callable[[int], float]:
+        "The learning rate of a 0-based epoch."
+        return (lambda e: self.lr * 0.5 * (1 + math.cos(math.pi * e / self.epochs))) if self.schedule == "cosine" else (lambda e: self.lr)
+
+def _two_views(net: nn.Module, x: torch.Tensor, gen: torch.Generator, aug: Augmentation, device: str, bf16: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    "[(z1, z2)] per read-out for two random views of the cubes `x`: the views are drawn on the CPU (`gen` is a CPU generator; the same views on any device), then moved to `device`."
+    views = channels_last(torch.cat([augment(x, gen, aug), augment(x, gen, aug)]).to(device))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not is_cuda(device)):
+        zs = net(views)
+    return [(z[:len(x)].float(), z[len(x):].float()) for z in zs]
+
+def _pair_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]], temperature: float) -> torch.Tensor:
+    return sum(nt_xent(z1, z2, temperature) for z1, z2 in pairs) / len(pairs)
+
+def contrastive_loss(net: ContrastiveVGG, x: torch.Tensor, # (B, 1, S, S, S) cubes on the CPU
+                     gen: torch.Generator, config: ContrastiveConfig, device: str = "cpu", aug: Augmentation = Augmentation()) -> torch.Tensor:
+    "The training loss of a batch: both read-outs' NT-Xent on two random views of every cube, averaged."
+    return _pair_loss(_two_views(net, x, gen, aug, device, config.bf16), config.temperature)
+
+def plateaued(values: Sequence[float], epochs: int = 3, tol: float = 0.01) -> bool:
+    "The convergence rule: each of the last `epochs` epoch-to-epoch changes of `values` is below `tol` of the value before it."
+    v = np.asarray(values, dtype=float)
+    if len(v) < epochs + 1: return False
+    last = v[-(epochs + 1):]
+    return bool(np.all(np.abs(np.diff(last)) < tol * np.abs(last[:-1])))
 
 def contrastive_validation(net: ContrastiveVGG, inputs: torch.Tensor | InputRows, config: ContrastiveConfig, device: str = "cpu",
-                           aug: Augmentation = Augmentation()) -> dict:
-    "Validation loss and partner top-1 on fixed views of `inputs`, in batches of the training size."
+                           aug: Augmentation = Augmentation(), labels: np.ndarray | None = None) -> dict:
+    """Validation loss of each read-out and their mean, partner top-1, on fixed views of `inputs` in batches of the training
+    size; given the cubes' classes (a monitor, never a selection), the k-means ARI of each read-out and the standard - stage gap."""
     net.eval()
     gen, losses, top1 = torch.Generator().manual_seed(10_007), [], []
     with torch.no_grad():
         for x in inputs.split(config.batch_size):
             if len(x) < 2: continue
-            z1, z2 = _two_views(net, x, gen, aug, device)
-            losses.append(float(nt_xent(z1, z2, config.temperature))); top1.append(partner_top1(z1, z2))
-    loss = float(np.mean(losses))
-    return {"val_loss": loss, "val_top1": float(np.mean(top1)), "neg_val_loss": -loss}
+            pairs = _two_views(net, x, gen, aug, device, config.bf16)
+            losses.append([float(nt_xent(z1, z2, config.temperature)) for z1, z2 in pairs]); top1.append(partner_top1(*pairs[0]))
+        per_readout = np.mean(losses, axis=0)
+        row = {"val_loss": float(per_readout.mean()), "val_loss_standard": float(per_readout[0]), "val_loss_stage": float(per_readout[1]),
+               "val_top1": float(np.mean(top1)), "neg_val_loss": -float(per_readout.mean())}
+        if labels is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and not is_cuda(device)):
+                feats = [net.readouts(channels_last(x.to(device))) for x in inputs.split(config.batch_size)]
+            k = len(np.unique(labels))
+            ari = [adjusted_rand(labels, kmeans_labels(torch.cat([f[j] for f in feats]).float().cpu().numpy(), k)) for j in (0, 1)]
+            row.update({"val_ari_standard": ari[0], "val_ari_stage": ari[1], "val_gap": ari[0] - ari[1]})
+    return row
 
 def train_contrastive(backbone: VGG3D, train_inputs: torch.Tensor | InputRows, # (n, 1, S, S, S) in [-1, 1]
                       val_inputs: torch.Tensor | InputRows, # cubes of other bounding boxes
                       config: ContrastiveConfig, out_dir: str | Path, device: str = "cpu", progress: bool = True,
-                      aug: Augmentation = Augmentation()) -> FitResult:
-    "Train `backbone` contrastively (in place), keep its best-validation weights; returns the fit record."
+                      aug: Augmentation = Augmentation(),
+                      val_labels: np.ndarray | None = None, # classes of the validation cubes: logged (the read-outs' ARI), never used to select
+                     ) -> FitResult:
+    "Train `backbone` contrastively (in place) with both read-outs' projectors, keep its best-validation weights; returns the fit record."
     for name, x in (("train_inputs", train_inputs), ("val_inputs", val_inputs)): check_rows(x, backbone.input_size, name, 2)
+    if val_labels is not None and len(val_labels) != len(val_inputs): raise ValueError(f"val_labels must hold one class per validation cube ({len(val_inputs)}), got {len(val_labels)}")
     torch.manual_seed(config.seed)
-    net = channels_last(ContrastiveVGG(backbone, config.proj_dim).to(device))
+    net = channels_last(ContrastiveVGG(backbone, config.proj_dim, config.stage_layer).to(device))
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss = lambda n, idx, gen: nt_xent(*_two_views(n, train_inputs[torch.as_tensor(idx)], gen, aug, device), config.temperature)
+    loss = lambda n, idx, gen: contrastive_loss(n, train_inputs[torch.as_tensor(idx)], gen, config, device, aug)
     result = fit(net, opt, loss, n_train=len(train_inputs), epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                 lr_at=_cosine(config.lr, config.epochs), evaluate=lambda n: contrastive_validation(n, val_inputs, config, device, aug),
-                 select="neg_val_loss", out_dir=out_dir, device=device, desc="contrastive", progress=progress,
+                 lr_at=config.lr_at(), evaluate=lambda n: contrastive_validation(n, val_inputs, config, device, aug, val_labels),
+                 select="neg_val_loss", out_dir=out_dir, device=device, desc="contrastive", progress=progress, patience=config.patience,
                  identity={"objective": "contrastive", "config": dataclasses.asdict(config), "augmentation": dataclasses.asdict(aug),
                            "train_data": array_hash(train_inputs), "val_data": array_hash(val_inputs)})
     load_weights(net, result.best_checkpoint, device)
@@ -366,7 +461,8 @@ def contrastive_unit(unit_dir: Path, device: str, data: PretrainingSet, model: d
     d = data.load(runs_cache(Path(unit_dir).parent))
     torch.manual_seed(config.seed)
     backbone = VGG3D(**model)
-    return _fit_record(train_contrastive(backbone, d["train_x"], d["val_x"], config, unit_dir, device, progress=False), backbone, unit_dir)
+    return _fit_record(train_contrastive(backbone, d["train_x"], d["val_x"], config, unit_dir, device, progress=False,
+                                         val_labels=d["val_metadata"].synapse_class.to_numpy()), backbone, unit_dir)
 
 def proxy_unit(unit_dir: Path, device: str, data: PretrainingSet, model: dict, config: ProxyTrainingConfig) -> dict:
     "Training unit: the trait-regression proxy (targets standardised by the training boxes' mean and std), inputs read from the stage's cache."

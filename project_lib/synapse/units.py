@@ -29,18 +29,23 @@ class SynapseStudyParams:
     n_bboxes: int
     axons_per_bbox: int
     synapses_per_axon: int
+    section_nm: float # serial-section thickness along z (0: isotropic voxels)
+    section_artefacts: bool # per-section gain jitter, missing and shifted sections
     pretrain_bboxes: int # bounding boxes of the pretraining set; the last `val_bboxes` validate
     val_bboxes: int
     pretrain_seed: int
     eval_seeds: list[int] # one independent evaluation set each
     train_seeds: list[int] # one contrastive network (and one random init) each
-    ssl_epochs: int
+    ssl_epochs: int # the cap: training stops earlier once validation loss has not improved for `ssl_patience` epochs
+    ssl_patience: int # 0: every epoch, cosine learning rate; > 0: constant learning rate and early stopping
+    ssl_bf16: bool # bfloat16 autocast for contrastive training on the CPU
     ssl_batch_size: int
     ssl_lr: float
     ssl_temperature: float
     proxy_epochs: int
     proxy_batch_size: int
     proxy_lr: float
+    fmaps: int # channels of VGG3D's first block (24 in the original; fewer: a cheaper network of the same layout and receptive fields)
     classifier_hidden: int
     dropout: float
     n_jobs: int # training workers (0: one per GPU, else CPU processes of `engine.Executor`'s fixed thread count)
@@ -52,6 +57,7 @@ class SynapseStudyParams:
     cam_layers: list[int]
     sweep_separations: list[float] # class separations of the difficulty sweep (the main one is `separation`)
     sweep_sets: int # evaluation sets per sweep separation
+    cue_sets: int # evaluation sets of each cue control (classes differing only in texture, only in geometry)
     n_perm: int # permutations of the axon-level null
     ari_margin: float # equivalence margin of the headline's ARI difference (standard - layer 20)
     check_cube_size: int # the resolution check: untrained variants at another cube size and voxel size
@@ -71,12 +77,13 @@ class SynapseStudyParams:
         if self.n_jobs < 0: raise ValueError(f"n_jobs must be >= 0, got {self.n_jobs}")
         if self.n_perm < 99: raise ValueError(f"n_perm must be >= 99, got {self.n_perm}")
 
-    def generator_config(self, pretraining: bool = False, separation: float | None = None) -> GeneratorConfig:
-        "The generator of the evaluation sets (at `separation`, default the main one), or of the pretraining set."
+    def generator_config(self, pretraining: bool = False, separation: float | None = None, class_traits: str = "all") -> GeneratorConfig:
+        "The generator of the evaluation sets (at `separation`, default the main one; `class_traits` for the cue controls), or of the pretraining set."
         return GeneratorConfig(cube_size=self.cube_size, voxel_nm=self.voxel_nm, n_classes=self.n_classes,
                                separation=self.separation if separation is None else separation,
                                n_bboxes=self.pretrain_bboxes if pretraining else self.n_bboxes,
-                               axons_per_bbox=self.axons_per_bbox, synapses_per_axon=self.synapses_per_axon)
+                               axons_per_bbox=self.axons_per_bbox, synapses_per_axon=self.synapses_per_axon, class_traits=class_traits,
+                               section_nm=self.section_nm, section_artefacts=self.section_artefacts)
 
     def check_config(self, n_bboxes: int | None = None) -> GeneratorConfig:
         "The evaluation generator at the check's resolution with one synapse per axon (same field of view, classes, boxes and axons)."
@@ -85,7 +92,12 @@ class SynapseStudyParams:
 
     def network_kwargs(self) -> dict:
         "Keyword arguments of every VGG3D trained and compared at this profile's cube size."
-        return {"input_size": self.cube_size, "classifier_hidden": self.classifier_hidden, "dropout": self.dropout}
+        return {"input_size": self.cube_size, "fmaps": self.fmaps, "classifier_hidden": self.classifier_hidden, "dropout": self.dropout}
+
+    def contrastive_config(self, seed: int) -> ContrastiveConfig:
+        "The contrastive training of training seed `seed`."
+        return ContrastiveConfig(self.ssl_epochs, self.ssl_batch_size, self.ssl_lr, temperature=self.ssl_temperature, seed=seed,
+                                 schedule="constant" if self.ssl_patience else "cosine", patience=self.ssl_patience, bf16=self.ssl_bf16)
 
     def pretraining_set(self) -> PretrainingSet:
         "The pretraining cubes as main-input network inputs, the last `val_bboxes` bounding boxes validating."
@@ -107,7 +119,7 @@ def training_units(p: SynapseStudyParams, data: dict, # `p.pretraining_set().loa
         identity = {"objective": fn.__name__, "network": p.network_kwargs(), "config": dataclasses.asdict(config), "pretraining": dataclasses.asdict(spec),
                     "inputs": inputs, **data_hashes, "code": code}
         return TrainingUnit(key, identity, fn, {"data": spec, "model": p.network_kwargs(), "config": config})
-    return ([unit(f"contrastive-s{s}", contrastive_unit, ContrastiveConfig(p.ssl_epochs, p.ssl_batch_size, p.ssl_lr, temperature=p.ssl_temperature, seed=s))
+    return ([unit(f"contrastive-s{s}", contrastive_unit, p.contrastive_config(s))
              for s in p.train_seeds]
             + [unit("proxy", proxy_unit, ProxyTrainingConfig(p.proxy_epochs, p.proxy_batch_size, p.proxy_lr, p.train_seeds[0]), targets=targets)])
 
