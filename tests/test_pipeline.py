@@ -120,10 +120,15 @@ def test_synapse_study_runs_end_to_end_in_tiny_profile(tmp_path):
     for unit in ("contrastive-s0", "contrastive-s1", "proxy"):
         assert {"best.pt", "last.pt", "vgg3d.pt", "unit.json"} <= {f.name for f in (out / "runs" / unit).iterdir()}
     assert (out / "train" / "provenance.json").is_file() and len((out / "train" / "units.csv").read_text().splitlines()) == 4
-    assert {f.name for f in (out / "plots").iterdir()} == {"separation_sweep.csv", "contrastive_training.csv"}
-    assert set(metrics["verdict"]) >= {"estimate", "low", "high", "margin", "mde"} and metrics["verdict"]["testable"] is False  # 4 sets
+    assert {f.name for f in (out / "plots").iterdir()} == {"separation_sweep.csv", "contrastive_training.csv", "layer_curve.csv"}
+    # two networks of two epochs have not converged: the headline says so whatever its interval
+    assert set(metrics["verdict"]) >= {"estimate", "low", "high", "low90", "high90", "margin", "mde"} and metrics["verdict"]["testable"] is False
+    assert metrics["networks"] == 2 and metrics["converged_networks"] < 2 and set(metrics["network_level"]) == {
+        "contrastive, ARI", "contrastive, probe accuracy", "random init (BN re-estimated), ARI"}
     assert {f.name for f in (out / "tables").iterdir()} >= {"paired-comparisons.csv", "difficulty-sweep.csv", "proxy-held-out-r2-per-trait.csv",
-                                                            "layer-choice-against-the-centre-prior.csv", "axon-level-permutation-test-of-the-mean-ari.csv"}
+                                                            "layer-choice-against-the-centre-prior.csv", "axon-level-permutation-test-of-the-mean-ari.csv",
+                                                            "network-level-comparison.csv", "layer-curve.csv", "cue-controls.csv",
+                                                            "contrastive-training-convergence.csv", "raw-and-per-bbox-normalised-features-side-by-side.csv"}
     assert external_references(html) == [] and html.count("data:image/png;base64") >= 6
     assert "What the original pipeline" in html and "Profile tiny" in html and "Answer" in html
 
