@@ -550,15 +550,18 @@ def plan_synapse(profile: str, device: str | None = None,
     all_steps = len(p.train_seeds) * ssl_steps + proxy_steps
     held_gb = max(4 * p.ssl_batch_size, 16) * voxels * 4 / 1e9   # a batch, its two views and their channels-last copy, or the 16 rows a hash reads
     per_set = p.n_bboxes * p.axons_per_bbox * p.synapses_per_axon
-    eval_cubes = per_set * (len(p.eval_seeds) + p.sweep_sets * len(p.sweep_separations))
+    main_forwards = 2 * len(p.train_seeds) + 2 + 2 * len(p.seg_types)   # every seed's contrastive and random networks; per type the set's own two; proxy, default BN
+    other_sets = p.sweep_sets * len(p.sweep_separations) + 2 * p.cue_sets     # sweep and cue-control sets: the set's contrastive and random networks
+    eval_s = per_set * (len(p.eval_seeds) * (c.cube_s + main_forwards * c.forward_s) + other_sets * (c.cube_s + 2 * c.forward_s))
     eval_batch_gb = p.batch_size * voxels * (9 + 4 * len(p.seg_types)) / 1e9   # a batch of cubes (raw, instance, semantic) and its inputs per type
     workers = min(worker_count(p.n_jobs), trainings)
     return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * c.ssl_step_s + proxy_steps * c.proxy_step_s) / all_steps,
                       round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), 2 * n_val * c.forward_s,
                       n * c.cube_s, c.host_gb + held_gb, c.device_gb, (trainings + 3 * workers) * c.checkpoint_gb + n * voxels * 4 / 1e9,   # + AdamW's moments under way
                       workers, c.note),
-            StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_cubes * (c.cube_s + 4 * c.forward_s), c.host_gb + eval_batch_gb, c.device_gb, 0.01, 1,
-                      "generating the evaluation and sweep cubes and 4 networks' features of each, a batch at a time (clustering and nulls not counted)")]
+            StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_s, c.host_gb + eval_batch_gb, c.device_gb, 0.01, 1,
+                      "generating the evaluation, sweep and cue-control cubes and every compared network's features of each, a batch at a time "
+                      "(clustering, nulls and Grad-CAM not counted; the CPU runs sets in `n_jobs` processes)")]
 
 # %% ../nbs/50_plan.ipynb #p021
 @dataclasses.dataclass(frozen=True)
