@@ -4,9 +4,8 @@
 
 # %% ../../nbs/38_synapse_answer.ipynb #c002
 from __future__ import annotations
-import dataclasses
+import dataclasses, functools
 
-import numpy as np
 import pandas as pd
 
 from ..report import verdict_words
@@ -78,6 +77,11 @@ class StudyResults:
     @property
     def all_converged(self) -> bool: return self.n_converged == len(self.p.train_seeds)
 
+    @functools.cached_property
+    def verdicts(self) -> dict[str, dict]:
+        "`network_verdicts` of the study, bootstrapped once."
+        return network_verdicts(self.network_scores, self.p.ari_margin)
+
     def simpler_does_as_well(self) -> bool:
         "Whether a simpler method (hand-crafted or random init, raw or z-scored per bbox) comes within the margin of the better read-out (network level)."
         better = max(seed_set_matrix(self.network_scores, "contrastive", layer, "ari_class").mean() for layer in (STANDARD, 20))
@@ -85,7 +89,7 @@ class StudyResults:
 
     def headline(self) -> dict:
         "The front page's verdict group: the network-level ARI difference, its intervals and MDE, testable only when every network converged."
-        v = network_verdicts(self.network_scores, self.p.ari_margin)["contrastive, ARI"]
+        v = self.verdicts["contrastive, ARI"]
         return {**{k: v[k] for k in ("estimate", "low", "high", "low90", "high90", "mde", "margin")},
                 "testable": self.all_converged, "simpler_does_as_well": bool(self.simpler_does_as_well())}
 
@@ -99,8 +103,8 @@ class StudyResults:
 
     def answer_lines(self) -> list[str]:
         "The Answer section, one markdown bullet per finding."
-        p, h, nets = self.p, self.headline(), network_verdicts(self.network_scores, self.p.ari_margin)
-        pv, n_sets, seg = nets["contrastive, probe accuracy"], len(p.eval_seeds), p.seg_types[-1]
+        p, h = self.p, self.headline()
+        pv, n_sets, seg = self.verdicts["contrastive, probe accuracy"], len(p.eval_seeds), p.seg_types[-1]
         image = self.summary[(self.summary.metric == "ari_class") & self.summary.variant.isin([CS, C20, RND, HAND, "random, BN re-estimated · layer 20",
                                                                                              "random, default BN · standard"])].set_index("variant")["mean"]
         top_sep, choice = max(p.sweep_separations + [p.separation]), self.main_choice
@@ -186,7 +190,7 @@ class StudyResults:
                 "permutation_p": {v: perm_p(v) for v in (CS, C20, RND, HAND)}, "standard_minus_layer20_ari_p_holm": holm_p,
                 "chosen_layer": int(self.main_choice["layer chosen on set A"]), "chosen_layer_minus_centre_prior_auc": float(self.main_choice["difference"]),
                 "proxy_val_r2": float(self.proxy_r2), "layer20_from_layer19_r2": float(self.rank["r2"]),
-                "verdict": self.headline(), "network_level": network_verdicts(self.network_scores, self.p.ari_margin),
+                "verdict": self.headline(), "network_level": self.verdicts,
                 "converged_networks": self.n_converged, "networks": len(self.p.train_seeds),
                 "layer_curve": {"peak_ari_layer": int(self._peak("ari_class").layer), "peak_probe_layer": int(self._peak("probe_accuracy").layer),
                                 "best_gradcam_layer": int(self.cam_auc["cleft + vesicles"].idxmax())},
