@@ -24,12 +24,13 @@ from .units import EXPERTS, CascadeParams, held_out_index, leave_out, load_data,
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['STATISTICS', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS', 'GENERATOR_FAMILIES', 'RISK_COVERAGE_METHODS',
-           'data_card', 'spectral_features', 'spectral_baseline', 'global_statistics', 'trivial_detectors',
-           'trivial_table', 'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity',
-           'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix',
-           'best_single_expert', 'success_criteria', 'stack_verdict', 'leave_one_family_out', 'held_out_forger',
-           'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws',
+__all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS',
+           'GENERATOR_FAMILIES', 'RISK_COVERAGE_METHODS', 'data_card', 'spectral_features', 'spectral_baseline',
+           'global_statistics', 'trivial_detectors', 'trivial_table', 'best_detector', 'trivially_detectable',
+           'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
+           'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
+           'success_criteria', 'stack_verdict', 'leave_one_family_out', 'held_out_forger', 'auc_rows',
+           'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws',
            'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
            'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
@@ -117,6 +118,30 @@ def trivial_table(scores: dict[str, np.ndarray], # {detector: scores on `bench`}
             if (fam == f).any(): row[f] = roc_auc(y[keep], s[keep])
         rows.append(row)
     return pd.DataFrame(rows).sort_values("auc", ascending=False, kind="stable").reset_index(drop=True)
+
+def best_detector(scores: dict[str, np.ndarray], # {detector: its scores on the split of `y`}
+                  y) -> str:
+    "The detector whose scores rank `y` best (highest ROC-AUC, the first listed on a tie)."
+    return max(scores, key=lambda k: roc_auc(y, scores[k]))
+
+TRIVIAL_BAR = 0.60 # the benchmark's bar: the best trivial detector (chosen on validation) scores test AUC at most this
+
+FAMILY_TRACES = {   # why a family can stay readable by a trivial detector after source matching and the shared acquisition chain
+    "sbi": "the blended copy is blurred and rescaled, so its region is smoother than the rest of the image",
+    "ae_swap": "the swapper's bilinear up-sampling smooths the pasted region, which detail matching restores only on average",
+    "generator": "transposed convolutions leave periodic peaks in the power spectrum (Durall et al. 2020) that matching the residual's variance "
+                 "does not remove; generator_matched, its spectrum rescaled to the source's, is the same family without them",
+    "generator_matched": "its spectrum is matched channel by channel, not for the grey image the spectral regression reads, and the generator's "
+                         "colour smoothing stays",
+    "resample": "zooming keeps only the crop's centre and removes its finest frequencies: the spectrum's shape and the share of clipped pixels change",
+    "double_jpeg": "a first compression on a shifted grid leaves 8 x 8 block edges off the final grid (blockiness)",
+}
+
+def trivially_detectable(table: pd.DataFrame, # `trivial_table`
+                         detector: str, bar: float = TRIVIAL_BAR) -> list[str]:
+    "'family AUC (why)' for each family that `detector` reads above `bar` in `table` (its fakes against every real image)."
+    row = table.set_index("detector").loc[detector]
+    return [f"{f} {row[f]:.2f} ({FAMILY_TRACES[f]})" for f in FAMILIES if f in row.index and row[f] > bar]
 
 # %% ../../nbs/43_cascade_study.ipynb #c012
 METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "experts-only stack", "cascade")
@@ -416,8 +441,7 @@ def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict
     the draw's validation split) and the best trivial detector's, chosen on its test split (the strongest opponent, an optimistic number)
     and on its validation split (an honest one)."""
     test, val = splits["test"], splits["val"]
-    best, best_trivial = best_single_expert(results, val), max(trivial, key=lambda k: roc_auc(test.label, trivial[k]))
-    honest = max(trivial_val, key=lambda k: roc_auc(val.label, trivial_val[k]))
+    best, best_trivial, honest = best_single_expert(results, val), best_detector(trivial, test.label), best_detector(trivial_val, val.label)
     return {"y": test.label, "groups": test.group, "best single expert": best, "best trivial": best_trivial, "best trivial on validation": honest,
             "scores": {**{m: scores_matrix(results, m) for m in METHODS}, "best single expert": scores_matrix(results, best),
                        "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial],
