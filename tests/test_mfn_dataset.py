@@ -14,11 +14,11 @@ from project_lib.mfn.sim import SimulationConfig
 CONFIGS = sweep([16, 24], [0.1, 0.2], [0, 1], steps=[30])
 
 
-def test_schema_is_section_9(tmp_path):
+def test_schema_is_section_9_plus_the_diffusion_ratio(tmp_path):
     df = generate_dataset(CONFIGS, tmp_path / "d.parquet", progress=False)
     schema = pq.read_schema(tmp_path / "d.parquet").remove_metadata()
     expected = [("sim_id", pa.int64()), ("random_seed", pa.int64()), ("grid_size", pa.int64()), ("steps", pa.int64()),
-                ("alpha", pa.float64()), ("turing_enabled", pa.bool_())] + [(n, pa.float64()) for n in FEATURE_NAMES]
+                ("alpha", pa.float64()), ("turing_enabled", pa.bool_()), ("diffusion_ratio", pa.float64())] + [(n, pa.float64()) for n in FEATURE_NAMES]
     assert [(f.name, f.type) for f in schema] == expected
     assert df.sim_id.tolist() == list(range(len(CONFIGS)))
 

@@ -95,7 +95,8 @@ def test_cryoem_al_study_runs_end_to_end_in_tiny_profile(tmp_path):
 def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
     out, html = _run_study("mfn", tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_simulations"] == {"default": 24, "v41": 24}
+    assert metrics["n_simulations"] == {"default": 24, "v41": 24, "targets": 12, "growth": 9}   # 2 alphas x 2 ratios x 3 seeds; 1 alpha x 3 seeds x 3 step counts
+    assert metrics["audit"]["trusted"] == sum(v for k, v in metrics["audit"].items() if k.startswith("trusted_"))   # the count is the per-feature flags' sum
     df, meta = read_dataset(out / "runs" / "dataset-default" / "dataset.parquet")   # written by simulate_mfn
     assert len(df) == 24 and meta["dynamics"] == ["default"]
     assert (out / "runs" / "clamp-default" / "clamp.parquet").is_file() and (out / "train" / "units.csv").is_file()
@@ -105,7 +106,8 @@ def test_mfn_study_runs_end_to_end_in_tiny_profile(tmp_path):
     for stage in ("train", "."):
         prov = json.loads((out / stage / "provenance.json").read_text())
         assert prov["profile"] == "tiny" and prov["wall_time_s"] > 0
-    assert {p.name for p in (out / "figures").iterdir()} >= {"example-fields.png", "feature-correlation.png"}
+    assert {p.name for p in (out / "figures").iterdir()} >= {"example-fields.png", "feature-correlation.png", "feature-growth-against-steps.png"}
+    assert {p.name for p in (out / "tables").iterdir()} >= {"descriptor-audit.csv", "what-the-features-tell-apart.csv"}
     assert external_references(html) == [] and "Profile tiny" in html
     assert html.count("data:image/png;base64") >= 4                 # the figures are embedded
     assert "load_study_data(" not in html                           # code inputs are hidden

@@ -15,10 +15,10 @@ from .features import FEATURE_NAMES
 from .sim import V_MIN_V
 
 # %% auto #0
-__all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'FEATURE_GROUPS', 'TARGETS', 'out_of_range_fractions',
+__all__ = ['EXPECTED_RANGES', 'EXTENSIVE_FEATURES', 'CLAMP_MV', 'MODEL_FEATURES', 'TARGETS', 'out_of_range_fractions',
            'constant_features', 'turing_effect', 'alpha_effect', 'plot_fields', 'plot_feature_ranges',
            'plot_correlation', 'plot_effects', 'per_cell', 'degenerate_features', 'clamp_table', 'clamp_feature_shift',
-           'out_of_fold', 'seed_bootstrap_ci', 'predictability', 'auc_verdict']
+           'score', 'out_of_fold']
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c005
 from .stage import MFNStudyParams # the study's schema lives with the stage that reads it first
@@ -147,7 +147,7 @@ def plot_effects(effects: dict[str, pd.DataFrame]):
     return fig
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c019
-EXTENSIVE_FEATURES = ("N_clusters_low", "N_clusters_med", "N_clusters_high", "max_cluster_size", "E_trend")
+EXTENSIVE_FEATURES = ("N_clusters_low", "N_clusters_med", "N_clusters_high", "E_trend") # grow with the area; max_cluster_size and cluster_size_std are bounded by the pattern
 CLAMP_MV = V_MIN_V * 1000.0 # the schema's clamp, in the features' unit (mV)
 
 def per_cell(df: pd.DataFrame) -> pd.DataFrame:
@@ -179,11 +179,8 @@ def clamp_feature_shift(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../../nbs/13_mfn_analysis.ipynb #c022
-FEATURE_GROUPS = {"fractal": ("D_box", "D_r2"), "statistics": ("V_min", "V_max", "V_mean", "V_std", "V_skew", "V_kurt"),
-                  "temporal": ("dV_mean", "dV_max", "T_stable", "E_trend"),
-                  "clusters": ("f_active", "N_clusters_low", "N_clusters_med", "N_clusters_high", "max_cluster_size", "cluster_size_std"),
-                  "all 18": FEATURE_NAMES}
-TARGETS = {"alpha": ("R²", "regression"), "turing_enabled": ("ROC-AUC", "classification")}
+MODEL_FEATURES = tuple(f for f in FEATURE_NAMES if f != "T_stable") # T_stable restates the step count: in no model, effect or figure
+TARGETS = {"alpha": ("R²", "regression"), "turing_enabled": ("ROC-AUC", "classification"), "diffusion_ratio": ("R²", "regression")}
 
 def _model(kind: str, seed: int):
     import lightgbm
@@ -191,7 +188,8 @@ def _model(kind: str, seed: int):
                   random_state=seed, n_jobs=1, deterministic=True, force_row_wise=True, verbose=-1)
     return lightgbm.LGBMRegressor(**common) if kind == "regression" else lightgbm.LGBMClassifier(**common)
 
-def _score(kind: str, y: np.ndarray, pred: np.ndarray) -> float:
+def score(kind: str, y: np.ndarray, pred: np.ndarray) -> float:
+    "R² (regression) or ROC-AUC (classification; nan when one class is missing) of predictions `pred` of `y`."
     from sklearn.metrics import r2_score, roc_auc_score
     if kind == "regression": return float(r2_score(y, pred))
     return float(roc_auc_score(y, pred)) if len(np.unique(y)) == 2 else float("nan")
@@ -211,44 +209,3 @@ def out_of_fold(df: pd.DataFrame, features, target: str, n_splits: int = 5, seed
             scoring = "r2" if kind == "regression" else "roc_auc"
             drops.append(permutation_importance(model, x[test], y[test], scoring=scoring, n_repeats=5, random_state=seed).importances_mean)
     return pred, (pd.Series(np.mean(drops, 0), index=list(features)) if importance else None)
-
-def seed_bootstrap_ci(df: pd.DataFrame, target: str, pred: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    "95% percentile CI of the score, resampling seeds with replacement (all runs of a drawn seed come along)."
-    kind, rng = TARGETS[target][1], np.random.default_rng(seed)
-    y, groups = df[target].astype(float).to_numpy(), df.random_seed.to_numpy()
-    members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
-    keys = np.array(list(members))
-    scores = []
-    for _ in range(n_resamples):
-        idx = np.concatenate([members[g] for g in rng.choice(keys, len(keys))])
-        scores.append(_score(kind, y[idx], pred[idx]))
-    return tuple(float(v) for v in np.nanquantile(scores, [0.025, 0.975]))
-
-def predictability(df: pd.DataFrame, n_splits: int = 5, n_resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "(score table per target and feature group with seed-bootstrap CIs, permutation importance per target and feature)."
-    data, rows, importances = per_cell(df), [], {}
-    for target, (metric, kind) in TARGETS.items():
-        for group, features in FEATURE_GROUPS.items():
-            pred, drop = out_of_fold(data, features, target, n_splits, seed, importance=group == "all 18")
-            low, high = seed_bootstrap_ci(data, target, pred, n_resamples, seed)
-            rows.append({"target": target, "metric": metric, "features": group, "score": _score(kind, data[target].astype(float).to_numpy(), pred),
-                         "ci_low": low, "ci_high": high})
-            if drop is not None: importances[target] = drop
-    return pd.DataFrame(rows), pd.DataFrame(importances).rename_axis("feature").reset_index()
-
-# %% ../../nbs/13_mfn_analysis.ipynb #c026
-def auc_verdict(pred: pd.DataFrame, # `predictability` scores with a `dynamics` column
-                margin: float, # declared equivalence margin (AUC units)
-                dynamics: str = "default", # the dynamics whose Turing AUC is the headline
-                null: str = "v41", # the dynamics whose Turing AUC is the calibrated null
-                testable: bool = True, # False when the scale or the design cannot answer the question
-               ) -> dict:
-    "The metrics' verdict group: Turing AUC under `dynamics` minus the null's, its 95 % interval, `margin` and MDE."
-    if not margin > 0: raise ValueError(f"margin must be > 0, got {margin!r}")
-    rows = pred[(pred.target == "turing_enabled") & (pred.features == "all 18")].set_index("dynamics")
-    for d in (dynamics, null):
-        if d not in rows.index: raise ValueError(f"no Turing score of all 18 features for dynamics {d!r}; have {sorted(rows.index)}")
-    head, base = rows.loc[dynamics], float(rows.loc[null, "score"])
-    low, high = float(head.ci_low) - base, float(head.ci_high) - base
-    return {"estimate": float(head.score) - base, "low": low, "high": high, "margin": float(margin),
-            "mde": 2.8 * (high - low) / 3.92, "testable": bool(testable)}

@@ -25,7 +25,8 @@ __all__ = ['RUN_COLUMNS', 'PARQUET_SCHEMA', 'sweep', 'simulate_row', 'thread_bud
 
 # %% ../../nbs/12_mfn_dataset.ipynb #c005
 RUN_COLUMNS = (("sim_id", pa.int64()), ("random_seed", pa.int64()), ("grid_size", pa.int64()),
-               ("steps", pa.int64()), ("alpha", pa.float64()), ("turing_enabled", pa.bool_()))
+               ("steps", pa.int64()), ("alpha", pa.float64()), ("turing_enabled", pa.bool_()),
+               ("diffusion_ratio", pa.float64()))   # D_h / D_a of the run's Turing layer
 PARQUET_SCHEMA = pa.schema([pa.field(n, t, nullable=False) for n, t in RUN_COLUMNS]
                            + [pa.field(n, pa.float64(), nullable=False) for n in FEATURE_NAMES])
 
@@ -37,17 +38,19 @@ def sweep(grid_sizes, # grid sizes N
           turing=(True, False), # Turing settings
           dynamics: str = "default",
           spike_probability: float = 0.25,
+          diffusion_ratios=(None,), # D_h / D_a of the Turing layer (None: the dynamics' own)
          ) -> list[SimulationConfig]:
     "All simulation configurations of a sweep, in sim_id order."
-    for name, values in (("grid_sizes", grid_sizes), ("alphas", alphas), ("seeds", seeds), ("steps", steps), ("turing", turing)):
+    for name, values in (("grid_sizes", grid_sizes), ("alphas", alphas), ("seeds", seeds), ("steps", steps), ("turing", turing),
+                         ("diffusion_ratios", diffusion_ratios)):
         if len(values) == 0: raise ValueError(f"{name} must not be empty")
         if len(set(values)) != len(values): raise ValueError(f"{name} has duplicate values: {list(values)}")
     for name, values in (("grid_sizes", grid_sizes), ("seeds", seeds), ("steps", steps)):   # 16.5 must not quietly become 16
         bad = [v for v in values if isinstance(v, bool) or not (isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and float(v).is_integer()))]
         if bad: raise ValueError(f"{name} must be integers, got {bad}")
     return [SimulationConfig(grid_size=int(n), steps=int(t), alpha=float(a), seed=int(s), turing_enabled=bool(tu),
-                             dynamics=dynamics, spike_probability=spike_probability)
-            for n, t, a, s, tu in itertools.product(grid_sizes, steps, alphas, seeds, turing)]
+                             dynamics=dynamics, spike_probability=spike_probability, diffusion_ratio=None if r is None else float(r))
+            for n, t, a, r, s, tu in itertools.product(grid_sizes, steps, alphas, diffusion_ratios, seeds, turing)]
 
 # %% ../../nbs/12_mfn_dataset.ipynb #c011
 def simulate_row(sim_id: int, config: SimulationConfig, feature_config: FeatureConfig | None = None,
@@ -56,7 +59,11 @@ def simulate_row(sim_id: int, config: SimulationConfig, feature_config: FeatureC
     if numba_threads: numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
     features = simulate(config, feature_config).features(feature_config)
     return {"sim_id": sim_id, "random_seed": config.seed, "grid_size": config.grid_size, "steps": config.steps,
-            "alpha": config.alpha, "turing_enabled": config.turing_enabled, **features.to_dict()}
+            "alpha": config.alpha, "turing_enabled": config.turing_enabled, "diffusion_ratio": _ratio(config), **features.to_dict()}
+
+def _ratio(config: SimulationConfig) -> float:
+    d = config.effective_dynamics()
+    return d.d_inhibitor / d.d_activator
 
 def thread_budget(n_jobs: int, cpus: int | None = None) -> tuple[int, int]:
     "(workers, numba threads per worker) for joblib's `n_jobs` (-1: all cores), so that workers x threads <= cores."

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_mfn_sim.ipynb #c002
 from __future__ import annotations
-import dataclasses, numbers
+import dataclasses, math, numbers
 from typing import Callable, Literal
 
 import numba
@@ -57,6 +57,7 @@ class SimulationConfig:
     turing_enabled: bool = True # activator-inhibitor layer on/off
     dynamics: str = "default" # key of DYNAMICS: "default" or "v41"
     seed: int = 0 # seed of the run's random stream
+    diffusion_ratio: float | None = None # D_h / D_a of the Turing layer (D_a kept); None: the dynamics' own
 
     def __post_init__(self):
         def need(ok, message):
@@ -73,6 +74,17 @@ class SimulationConfig:
         need(isinstance(self.turing_enabled, (bool, np.bool_)), f"turing_enabled must be a bool, got {self.turing_enabled!r}")
         need(isinstance(self.dynamics, str) and self.dynamics in DYNAMICS, f"dynamics must be one of {sorted(DYNAMICS)} (a string), got {self.dynamics!r}")
         need(is_int(self.seed) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.diffusion_ratio is not None:
+            need(isinstance(self.diffusion_ratio, numbers.Real) and not isinstance(self.diffusion_ratio, bool) and math.isfinite(self.diffusion_ratio)
+                 and self.diffusion_ratio > 0, f"diffusion_ratio must be a positive number or None, got {self.diffusion_ratio!r}")
+            d_h = float(self.diffusion_ratio) * DYNAMICS[self.dynamics].d_activator
+            need(d_h <= 0.25, f"diffusion_ratio={self.diffusion_ratio} gives D_h={d_h:.3g} > 0.25: the explicit diffusion scheme is unstable there")
+
+    def effective_dynamics(self, dynamics: Dynamics | None = None, # replaces DYNAMICS[self.dynamics]
+                          ) -> Dynamics:
+        "The constants this run uses: its dynamics with the inhibitor's diffusion set by `diffusion_ratio` (when given)."
+        d = dynamics or DYNAMICS[self.dynamics]
+        return d if self.diffusion_ratio is None else dataclasses.replace(d, d_inhibitor=float(self.diffusion_ratio) * d.d_activator)
 
 # %% ../../nbs/11_mfn_sim.ipynb #c010
 @numba.njit(cache=True, inline="always")
@@ -213,7 +225,7 @@ def simulate(config: SimulationConfig, # what to run
     "Run one simulation, accumulating the temporal features online."
     if not isinstance(config, SimulationConfig): raise TypeError(f"config must be a SimulationConfig, got {type(config).__name__}")
     if dynamics is not None and not isinstance(dynamics, Dynamics): raise TypeError(f"dynamics must be a Dynamics, got {type(dynamics).__name__}")
-    d = dynamics or DYNAMICS[config.dynamics]
+    d = config.effective_dynamics(dynamics)
     rng = np.random.default_rng(config.seed)
     v, a, h = _initial_state(config, rng, d)
     v2, a2, h2 = np.empty_like(v), a.copy(), h.copy()

@@ -31,13 +31,34 @@ class MFNStudyParams:
     spike_probability: float # chance of a spike per step
     dynamics: list[str] # dynamics variants to sweep ("default", "v41")
     n_jobs: int # joblib workers of the sweep
+    max_box_size: int # box counting's largest box in cells (a fixed range: D_box comparable over grid sizes)
+    target_grid_size: int # the target and growth sweeps' N
+    diffusion_ratios: list[float] # target sweep: D_h / D_a of the Turing layer (crossed with `alphas`, Turing on, `default`)
+    growth_steps: list[int] # growth sweep: step counts, including the profile's T (the largest of `steps`) and 2T
+    growth_seeds: int # growth sweep: the first this many of `seeds`
     # mfn_analysis: read by the evaluation stage only
     example_grid_size: int # example fields shown in the report
     example_steps: int
     example_seed: int
     bootstrap_resamples: int # resamples for every confidence interval
     bootstrap_seed: int
-    equivalence_margin: float # declared ± margin on the headline's ROC-AUC difference (verdict)
+    equivalence_margin: float # declared ± margin on the schema's gain over the best single feature (score units: R²)
+    null_shuffles: int # within-seed shuffles of a target (the null's runs)
+    audit_grid_sd: float # a feature is invariant when the grid size moves it by at most this many seed SDs
+    audit_convergence: float # converged: from T to 2T it changes by at most this share of its value (or half a seed SD)
+    audit_icc: float # reliable: ICC(1) of single runs at least this
+    audit_redundancy_rho: float # redundant: |Spearman rho| above this with a feature kept
+
+    @property
+    def steps_t(self) -> int:
+        "The profile's T: the largest step count of the sweep (the audit's convergence is measured from T to 2T)."
+        return max(self.steps)
+
+    def __post_init__(self):
+        t = max(self.steps)
+        if t not in self.growth_steps or 2 * t not in self.growth_steps:
+            raise ValueError(f"mfn.growth_steps must include T = {t} (the largest of steps) and 2T = {2 * t}, got {self.growth_steps}")
+        if isinstance(self.growth_seeds, bool) or self.growth_seeds < 2: raise ValueError(f"mfn.growth_seeds must be at least 2 (a seed SD), got {self.growth_seeds}")
 
 # %% ../../nbs/15_mfn_stage.ipynb #m511
 CLAMP_MAX_GRID, CLAMP_MAX_STEPS = 256, 300 # the clamp counterfactual's runs: every run of the cpu profile, a subset of paper's
@@ -64,13 +85,18 @@ def simulate_clamp(unit_dir: Path, device: str, # engine unit function (the devi
 def study_units(p, # `MFNStudyParams` of one profile
                 scheduler_address: str | None = None, # Dask scheduler for the simulations; None: `p.n_jobs` local processes
                ) -> list[TrainingUnit]:
-    "The study's units: `dataset-<dynamics>` per dynamics and `clamp-default`, identified by sweep, features and code."
-    fc, code = FeatureConfig(), code_hash(sim, features, dataset)
+    "The study's units: `dataset-<dynamics>` per dynamics, `targets-default`, `growth-default` and `clamp-default`, identified by sweep, features and code."
+    fc, code = FeatureConfig(max_box_size=p.max_box_size), code_hash(sim, features, dataset)
     run = dict(n_jobs=p.n_jobs, scheduler_address=scheduler_address)
     units = []
     for dyn in p.dynamics:
         grid = dict(grid_sizes=p.grid_sizes, alphas=p.alphas, seeds=p.seeds, steps=p.steps, dynamics=dyn, spike_probability=p.spike_probability)
         units.append(TrainingUnit(f"dataset-{dyn}", {"sweep": grid, "feature_config": dataclasses.asdict(fc), "code": code}, simulate_dataset,
+                                  dict(configs=sweep(**grid), feature_config=fc, **run)))
+    audit = dict(grid_sizes=[p.target_grid_size], seeds=p.seeds, turing=[True], dynamics="default", spike_probability=p.spike_probability)
+    for key, grid in (("targets-default", dict(audit, alphas=p.alphas, steps=[p.steps_t], diffusion_ratios=p.diffusion_ratios)),
+                      ("growth-default", dict(audit, alphas=p.alphas[::2], steps=p.growth_steps, seeds=p.seeds[:p.growth_seeds]))):
+        units.append(TrainingUnit(key, {"sweep": grid, "feature_config": dataclasses.asdict(fc), "code": code}, simulate_dataset,
                                   dict(configs=sweep(**grid), feature_config=fc, **run)))
     grid = dict(grid_sizes=[n for n in p.grid_sizes if n <= CLAMP_MAX_GRID], alphas=p.alphas, seeds=p.seeds,
                 steps=[t for t in p.steps if t <= CLAMP_MAX_STEPS], dynamics="default", spike_probability=p.spike_probability)
@@ -95,8 +121,11 @@ def _read(unit: TrainingUnit, record: dict, runs: Path) -> Path:
 def load_study_data(p, # `MFNStudyParams` of one profile
                     runs: str | Path, # the simulate stage's runs folder
                    ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
-    "({dynamics: dataset}, clamp runs) of the finished units under `runs`; refuses, naming them, when any is missing or stale."
+    """({dynamics: dataset}, clamp runs, {"targets": the target sweep, "growth": the growth sweep}) of the finished units under `runs`;
+    refuses, naming them, when any is missing or stale."""
     runs, units = Path(runs), study_units(p)
     records = load_units(units, runs)
-    datasets = {u.key.removeprefix("dataset-"): read_dataset(_read(u, records[u.key], runs))[0] for u in units[:-1]}
-    return datasets, pd.read_parquet(_read(units[-1], records[units[-1].key], runs))
+    read = {u.key: _read(u, records[u.key], runs) for u in units}
+    datasets = {k.removeprefix("dataset-"): read_dataset(path)[0] for k, path in read.items() if k.startswith("dataset-")}
+    audit = {k.removesuffix("-default"): read_dataset(read[k])[0] for k in ("targets-default", "growth-default")}
+    return datasets, pd.read_parquet(read["clamp-default"]), audit
