@@ -420,7 +420,8 @@ def mfn_unit_costs(p) -> MFNUnitCosts:
     def run(n: int, dynamics: str, turing: bool) -> float:
         config = SimulationConfig(grid_size=n, steps=steps, alpha=p.alphas[0], spike_probability=p.spike_probability, turing_enabled=turing, dynamics=dynamics)
         return time_call(lambda: simulate_row(0, config, numba_threads=threads), 1)
-    return MFNUnitCosts({n: float(np.mean([run(n, d, t) for d, t in variants])) / steps for n in p.grid_sizes}, workers, threads,
+    sizes = sorted({*p.grid_sizes, p.target_grid_size})   # the target and growth sweeps run at target_grid_size
+    return MFNUnitCosts({n: float(np.mean([run(n, d, t) for d, t in variants])) / steps for n in sizes}, workers, threads,
                         startup_s("mfn_simulate") + _worker_start_s())
 
 @dataclasses.dataclass(frozen=True)
@@ -429,23 +430,28 @@ class MFNEvaluationCosts:
     startup_s: float # a kernel started and the notebook's imports run
     example_step_s: float # one step of an example run (example_grid_size, features included), mean over dynamics x Turing on/off
     experimental_s: float # the experimental features of one example field
-    predictability_s: float # `predictability` of one dynamics' dataset at the profile's size: cross-validated LightGBM, importances, seed bootstraps
+    target_sweep_s: float # `target_scores` of one target on the target sweep's size: the schema, each single feature, the null's refits, the seed bootstrap
+    main_sweep_s: float # `target_scores` of one target on one dynamics' main dataset
+    audit_s: float # `descriptor_audit` at the profile's sizes
     turing_s: float # one `turing_effect` (a bootstrap over seeds per feature) at the profile's size
     alpha_s: float # one `alpha_effect`
     figures_s: float # the notebook's figures
 
-def _stand_in_dataset(p) -> pd.DataFrame:
-    "A stand-in for one dynamics' dataset of `p` (every grid size x steps x alpha x seed, Turing on and off): 18 features that follow alpha and Turing, with noise."
+def _stand_in_dataset(p, grid_sizes=None, steps=None, diffusion_ratios=(6.0,), turing=(True, False)) -> pd.DataFrame:
+    """A stand-in for a dataset of `p` (grid sizes x steps x alpha x diffusion ratio x seed x Turing; by default one dynamics' main
+    sweep): 18 features that follow alpha, the ratio and Turing, with noise."""
     from project_lib.mfn.features import FEATURE_NAMES
-    runs = pd.MultiIndex.from_product([p.grid_sizes, p.steps, p.alphas, p.seeds, (True, False)],
-                                      names=["grid_size", "steps", "alpha", "random_seed", "turing_enabled"]).to_frame(index=False)
+    runs = pd.MultiIndex.from_product([grid_sizes or p.grid_sizes, steps or p.steps, p.alphas, diffusion_ratios, p.seeds, turing],
+                                      names=["grid_size", "steps", "alpha", "diffusion_ratio", "random_seed", "turing_enabled"]).to_frame(index=False)
     rng = np.random.default_rng(0)
-    signal = np.outer(runs.alpha, rng.normal(0, 10, len(FEATURE_NAMES))) + np.outer(runs.turing_enabled, rng.normal(0, 1, len(FEATURE_NAMES)))
+    signal = (np.outer(runs.alpha, rng.normal(0, 10, len(FEATURE_NAMES))) + np.outer(runs.turing_enabled, rng.normal(0, 1, len(FEATURE_NAMES)))
+              + np.outer(runs.diffusion_ratio, rng.normal(0, 0.3, len(FEATURE_NAMES))))
     return runs.assign(**dict(zip(FEATURE_NAMES, (signal + rng.normal(size=signal.shape)).T)))
 
 def mfn_evaluation_costs(p) -> MFNEvaluationCosts:
     "Time evaluate_mfn's units at the sizes and resample counts of `p` (a `MFNStudyParams`): example runs of up to 100 steps, the analyses on a stand-in dataset."
-    from project_lib.mfn.analysis import alpha_effect, per_cell, predictability, turing_effect
+    from project_lib.mfn.analysis import alpha_effect, per_cell, turing_effect
+    from project_lib.mfn.study import descriptor_audit, target_scores
     from project_lib.mfn.features import compute_experimental_features
     from project_lib.mfn.sim import SimulationConfig, simulate
     evaluation_threads()
@@ -454,8 +460,13 @@ def mfn_evaluation_costs(p) -> MFNEvaluationCosts:
                                 spike_probability=p.spike_probability) for d in p.dynamics for t in (True, False)]
     example_s = np.mean([time_once(lambda c=c: simulate(c)) for c in configs]) / steps
     field, data = simulate(configs[0]).field, _stand_in_dataset(p)
+    targets = _stand_in_dataset(p, [p.target_grid_size], [p.steps_t], p.diffusion_ratios, (True,))
+    growth = _stand_in_dataset(p, [p.target_grid_size], p.growth_steps, turing=(True,))
+    kw = dict(n_splits=min(5, len(p.seeds)), n_null=p.null_shuffles, n_resamples=p.bootstrap_resamples // 5, seed=p.bootstrap_seed)
+    grid_runs = data[data.turing_enabled & (data.steps == p.steps_t)]
     return MFNEvaluationCosts(startup_s("mfn"), float(example_s), time_call(lambda: compute_experimental_features(field), 1),
-                              time_once(lambda: predictability(data, n_splits=min(5, len(p.seeds)), n_resamples=p.bootstrap_resamples // 5, seed=p.bootstrap_seed)),
+                              time_once(lambda: target_scores(targets, "alpha", **kw)), time_once(lambda: target_scores(data, "turing_enabled", **kw)),
+                              time_once(lambda: descriptor_audit(grid_runs, growth, targets, p.steps_t)),
                               time_once(lambda: turing_effect(per_cell(data), p.bootstrap_resamples, p.bootstrap_seed)),
                               time_once(lambda: alpha_effect(per_cell(data), p.bootstrap_resamples, p.bootstrap_seed)), figures_s("mfn"))
 
@@ -463,7 +474,8 @@ def mfn_evaluation_parts(p, e: MFNEvaluationCosts) -> dict[str, float]:
     "evaluate_mfn's seconds by part: the counts of `p` (a `MFNStudyParams`) times the unit costs `e`."
     variants, experimental = 2 * len(p.dynamics), min(5, len(p.seeds))   # dynamics x Turing on/off; the experimental features of the first 5 seeds of each
     return {"start-up": e.startup_s, "example runs": variants * ((1 + experimental) * p.example_steps * e.example_step_s + experimental * e.experimental_s),
-            "predictability": len(p.dynamics) * e.predictability_s,
+            "targets": 2 * e.target_sweep_s + len(p.dynamics) * e.main_sweep_s,   # ratio and alpha on the target sweep; one target per dynamics' main sweep
+            "audit": e.audit_s,
             "effects": len(p.dynamics) * e.turing_s + e.alpha_s,   # Turing under each dynamics, alpha under the main one
             "figures": e.figures_s}
 
@@ -478,9 +490,12 @@ def plan_mfn(profile: str, device: str | None = None,
     runs_per_size = len(p.alphas) * len(p.seeds) * 2 * len(p.dynamics)
     sweep_s = sum(c.step_s[n] * t * runs_per_size for n in p.grid_sizes for t in p.steps)
     clamp_s = sum(c.step_s[n] * t * len(p.alphas) * len(p.seeds) * 2 * 2 for n in p.grid_sizes if n <= 256 for t in p.steps if t <= 300)
-    rows = runs_per_size * len(p.grid_sizes) * len(p.steps)
+    n_growth = len(p.alphas[::2]) * min(p.growth_seeds, len(p.seeds))
+    targets_s = c.step_s[p.target_grid_size] * p.steps_t * len(p.alphas) * len(p.diffusion_ratios) * len(p.seeds)
+    growth_s = c.step_s[p.target_grid_size] * sum(p.growth_steps) * n_growth
+    rows = runs_per_size * len(p.grid_sizes) * len(p.steps) + len(p.alphas) * len(p.diffusion_ratios) * len(p.seeds) + n_growth * len(p.growth_steps)
     big = max(p.grid_sizes) ** 2 * 8 * 12 / 1e9   # a run's fields and accumulators (float64)
-    return [StageCost("simulate_mfn", 0, 0, 0.0, 0, 0.0, c.startup_s + (sweep_s + clamp_s) / c.workers, peak_host_gb() + big * c.workers, 0.0, rows * 400 / 1e9,
+    return [StageCost("simulate_mfn", 0, 0, 0.0, 0, 0.0, c.startup_s + (sweep_s + clamp_s + targets_s + growth_s) / c.workers, peak_host_gb() + big * c.workers, 0.0, rows * 400 / 1e9,
                       c.workers, f"a run of {min(p.steps)} steps timed per grid size, dynamics and Turing setting, {c.threads} numba thread(s) per worker; "
                       f"wall = start-up ({c.startup_s:.3g} s: the notebook's and a worker's) + work / {c.workers} workers"),
             evaluation_stage("evaluate_mfn", mfn_evaluation_parts(p, evaluation or mfn_evaluation_costs(p)), peak_host_gb())]
