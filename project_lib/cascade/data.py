@@ -517,6 +517,7 @@ def pipeline_cue_auc(bench: Benchmark, columns=("crop_side", "flip", "quality", 
 # %% ../../nbs/40_cascade_data.ipynb #c020
 def group_split(groups: Sequence, fractions: dict[str, float], seed: int = 0,
                 strata: Sequence | None = None, # per sample, the kind of its source (e.g. photograph or face): each kind is split on its own
+                stratum_fractions: dict[str, dict[str, float]] | None = None, # {kind: its own fractions} (the same splits), overriding `fractions`
                ) -> dict[str, np.ndarray]:
     "Sample indices per split, whole groups at a time, close to `fractions` of the samples (of each stratum's samples, with `strata`)."
     if not np.isclose(sum(fractions.values()), 1) or min(fractions.values()) <= 0:
@@ -530,7 +531,9 @@ def group_split(groups: Sequence, fractions: dict[str, float], seed: int = 0,
         parts = {k: [] for k in fractions}
         for kind in np.unique(strata):
             idx = np.flatnonzero(strata == kind)
-            for k, v in group_split(groups[idx], fractions, seed).items(): parts[k].append(idx[v])
+            own = (stratum_fractions or {}).get(kind, fractions)
+            if set(own) != set(fractions): raise ValueError(f"stratum_fractions[{kind!r}] must name the splits {sorted(fractions)}, got {sorted(own)}")
+            for k, v in group_split(groups[idx], own, seed).items(): parts[k].append(idx[v])
         return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
     names, sizes = np.unique(groups.astype(str), return_counts=True)
     if len(names) < len(fractions): raise ValueError(f"{len(names)} groups cannot fill {len(fractions)} splits")

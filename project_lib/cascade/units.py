@@ -39,7 +39,7 @@ class CascadeParams:
     n_faces: int
     forger_epochs: int
     data_seed: int
-    split: dict # fractions of train, val, blend, test (generated data)
+    split: dict # fractions of train, val, blend, test (generated data: of the photographs, and of the faces unless `face_split`)
     seeds: list[int]
     models: dict # role -> ModelConfig fields (role and px are filled in)
     n_jobs: int # training workers (0: one per GPU, else one per core; see engine.Executor)
@@ -54,12 +54,17 @@ class CascadeParams:
     leave_one_out: list[str] = dataclasses.field(default_factory=list) # fake families left out one at a time (generated data): the generalisation test
     extra_draws: list[int] = dataclasses.field(default_factory=list) # further benchmark draws (data seeds; generated data): each redraws the crops, fakes, acquisition chains and the source split
     draw_seeds: list[int] = dataclasses.field(default_factory=list) # training seeds on the extra draws (empty: `seeds`)
+    face_split: dict | None = None # the LFW faces' own fractions of train, val, blend, test (generated data; None: `split`)
     held_out_forger: bool = False # also train a second generator on sources the detectors never train on, and test them on its fakes (generated data)
 
     def __post_init__(self):
         check_field_types(self, "cascade")
         if self.data not in ("generated", "manifests"): raise ValueError(f"cascade.data must be 'generated' or 'manifests', got {self.data!r}")
-        if set(self.split) != {"train", "val", "blend", "test"}: raise ValueError(f"cascade.split needs train, val, blend and test, got {sorted(self.split)}")
+        for name in ("split", "face_split"):
+            fr = getattr(self, name)
+            if fr is None: continue
+            if set(fr) != {"train", "val", "blend", "test"}: raise ValueError(f"cascade.{name} needs train, val, blend and test, got {sorted(fr)}")
+            if not np.isclose(sum(fr.values()), 1) or min(fr.values()) <= 0: raise ValueError(f"cascade.{name}'s fractions must be positive and sum to 1, got {fr}")
         if set(self.models) != {"filter", *EXPERTS}: raise ValueError(f"cascade.models needs filter, {', '.join(EXPERTS)}; got {sorted(self.models)}")
         if len(self.seeds) < 1: raise ValueError("cascade.seeds must not be empty")
         if self.auc_margin <= 0: raise ValueError(f"cascade.auc_margin must be > 0, got {self.auc_margin}")
@@ -125,9 +130,9 @@ def load_forgers(p: CascadeParams, runs: Path, draft: Draft | None = None) -> di
 
 def split_indices(p: CascadeParams, groups, draw: int | None = None) -> dict[str, np.ndarray]:
     """Sample indices of a generated benchmark draw's splits (seeded by the draw; default `p.data_seed`), from its groups alone: photographs
-    and LFW faces split on their own by `p.split`; validation, blend and test keep at most `p.eval_crops_per_source` images of a source."""
+    and LFW faces split on their own by `p.split` (the faces by `p.face_split` when given); validation, blend and test keep at most `p.eval_crops_per_source` images of a source."""
     seed = p.data_seed if draw is None else draw
-    parts = group_split(groups, p.split, seed, strata=source_kind(groups))
+    parts = group_split(groups, p.split, seed, strata=source_kind(groups), stratum_fractions={"face": p.face_split} if p.face_split else None)
     return {k: v if k == "train" else cap_per_group(v, groups, p.eval_crops_per_source, seed) for k, v in parts.items()}
 
 def load_data(p: CascadeParams, runs: Path,
