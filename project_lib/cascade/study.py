@@ -29,8 +29,8 @@ __all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'METHODS', 'EXPERT_NAME
            'global_statistics', 'trivial_detectors', 'trivial_table', 'best_detector', 'trivially_detectable',
            'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
            'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
-           'success_criteria', 'stack_verdict', 'leave_one_family_out', 'held_out_forger', 'auc_rows',
-           'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws',
+           'success_criteria', 'as_good_as_the_stack', 'stack_verdict', 'leave_one_family_out', 'held_out_forger',
+           'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws',
            'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
            'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
@@ -297,18 +297,25 @@ def success_criteria(summary: pd.DataFrame, # summarise_over_seeds of the test m
 
 SIMPLER = ("filter", "averaging", "logistic stack") # simpler than the LightGBM stack (beside the best single expert)
 
+def _gain_row(gains: pd.DataFrame, a: str, b: str) -> pd.Series:
+    found = gains[(gains.method == a) & (gains.versus == b)]
+    if found.empty: raise ValueError(f"gains has no row comparing {a!r} with {b!r}")
+    return found.iloc[0]
+
+def as_good_as_the_stack(gains: pd.DataFrame, # paired AUC differences: method - versus, with ci_low, ci_high
+                         best: str, simpler=SIMPLER) -> list[str]:
+    "The methods among the best single expert and `simpler` that are not significantly worse than the LightGBM stack (their paired interval reaches 0)."
+    def as_well(m):
+        return (_gain_row(gains, m, "LightGBM stack").ci_high >= 0 if ((gains.method == m) & (gains.versus == "LightGBM stack")).any()
+                else _gain_row(gains, "LightGBM stack", m).ci_low <= 0)
+    return [m for m in (best, *simpler) if as_well(m)]
+
 def stack_verdict(gains: pd.DataFrame, # paired AUC differences: method - versus, with ci_low, ci_high
                   best: str, margin: float, simpler=SIMPLER) -> dict:
     "The headline comparison (LightGBM stack - best single expert, test AUC) as the verdict group; `simpler_does_as_well` when the best single expert or a simpler method is not significantly worse than the stack."
-    def row(a, b):
-        found = gains[(gains.method == a) & (gains.versus == b)]
-        if found.empty: raise ValueError(f"gains has no row comparing {a!r} with {b!r}")
-        return found.iloc[0]
-    def as_well(m):   # m is not significantly worse than the stack
-        return row(m, "LightGBM stack").ci_high >= 0 if ((gains.method == m) & (gains.versus == "LightGBM stack")).any() else row("LightGBM stack", m).ci_low <= 0
-    head = row("LightGBM stack", best)
+    head = _gain_row(gains, "LightGBM stack", best)
     return {"estimate": float(head.difference), "low": float(head.ci_low), "high": float(head.ci_high), "margin": float(margin),
-            "mde": float(2.8 * (head.ci_high - head.ci_low) / 3.92), "simpler_does_as_well": bool(any(as_well(m) for m in (best, *simpler)))}
+            "mde": float(2.8 * (head.ci_high - head.ci_low) / 3.92), "simpler_does_as_well": bool(as_good_as_the_stack(gains, best, simpler))}
 
 # %% ../../nbs/43_cascade_study.ipynb #6b196eb2
 LOFO_METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade") # every stage, scored on a family it never saw
