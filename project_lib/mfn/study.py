@@ -172,8 +172,8 @@ def target_scores(runs: pd.DataFrame, target: str, # a key of `analysis.TARGETS`
     return {"target": target, "metric": TARGETS[target][0], "schema": s, "schema_low": s_lo, "schema_high": s_hi,
             "best_single": best, "best_single_score": b, "best_single_low": b_lo, "best_single_high": b_hi,
             "null_mean": float(np.mean(null)), "null_low": n_lo, "null_high": n_hi,
-            "verdict": {"estimate": gain, "low": min(d_lo, gain), "high": max(d_hi, gain), "low90": max(min(d_lo90, gain), min(d_lo, gain)),
-                        "high90": min(max(d_hi90, gain), max(d_hi, gain)), "margin": float(margin), "mde": 2.8 * (d_hi - d_lo) / 3.92, "testable": True}}
+            "verdict": {"estimate": gain, "low": min(d_lo, gain), "high": max(d_hi, gain), "low90": min(d_lo90, gain),
+                        "high90": max(d_hi90, gain), "margin": float(margin), "mde": 2.8 * (d_hi - d_lo) / 3.92, "testable": True}}
 
 # %% ../../nbs/16_mfn_study.ipynb #s614
 def audit_answer(audit: pd.DataFrame, # `descriptor_audit`
