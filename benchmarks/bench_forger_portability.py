@@ -18,14 +18,16 @@ import project_lib, sys, json, time, torch
 from pathlib import Path
 from project_lib import engine
 from project_lib.cascade import data
-from project_lib.cascade.units import CascadeParams, benchmark_draft, forger_units, load_data
+from project_lib.cascade.units import CascadeParams, benchmark_draft, forger_units
 from project_lib.core import load_study_params
 data.FORGER_DTYPE = getattr(torch, sys.argv[2])
 p, runs = load_study_params("cascade", CascadeParams, sys.argv[1]), Path(sys.argv[3])
-t0 = time.perf_counter()
-engine.run_units(forger_units(p), runs, engine.Executor(n_workers=1, threads_per_worker=int(sys.argv[4])))
+draft, t0 = benchmark_draft(p), time.perf_counter()
+units = forger_units(p, draft)
+records = engine.run_units(units, runs, engine.Executor(n_workers=1, threads_per_worker=int(sys.argv[4])))
 seconds = time.perf_counter() - t0
-print(json.dumps({"hash": load_data(p, runs)[1].data_hash(), "train_s": seconds}))
+forgers = {u.kwargs["up"]: data.load_forger(runs / u.key, records[u.key]) for u in units}
+print(json.dumps({"hash": data.build_benchmark(draft, forgers).data_hash(), "train_s": seconds}))   # the first draw, as the training stage builds it
 """
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from project_lib.core import load_study_params
-from project_lib.engine import Executor, run_units
+from project_lib.engine import Executor
 
 
 def _hash(*arrays) -> str:
@@ -44,11 +44,11 @@ def synapse() -> dict:
             "synapse evaluation cubes": _hash(*[c for i in range(len(cubes)) for c in (cubes[i].raw, cubes[i].instance, cubes[i].semantic)])}
 
 def cascade() -> dict:
-    from project_lib.cascade.units import CascadeParams, benchmark_draft, forger_units, load_data
+    from project_lib.cascade.units import CascadeParams, benchmark_draft, build_data, load_data
     p = load_study_params("cascade", CascadeParams, "tiny")
     draft = benchmark_draft(p)
     with tempfile.TemporaryDirectory() as runs:
-        run_units(forger_units(p, draft), Path(runs), Executor(n_workers=1))   # the forgers are part of the generator
+        build_data(p, Path(runs), Executor(n_workers=1))   # the forgers are part of the generator; the training stage builds the draws with them
         _, bench = load_data(p, Path(runs))
     return {"cascade crops": _hash(draft.forger_crops()), "cascade benchmark": bench.data_hash()}
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from project_lib.cascade.data import (Benchmark, MappedImages, _sample_plan, group_split, kish_groups, load_image, load_manifest,
+from project_lib.cascade.data import (Benchmark, MappedImages, _sample_plan, build_benchmark, load_forger, group_split, kish_groups, load_image, load_manifest,
                                       make_benchmark, read_manifest, real_photographs, write_manifest)
 from project_lib.cascade.models import EMBED_DIM, GenConViT, GenConViTConfig, ModelConfig, branch_effects, build_model, kl_divergence
 from project_lib.cascade.stack import _logistic, fit_lightgbm, group_oof, predict, roc_auc, train_detector
 from project_lib.cascade.study import run_seed
-from project_lib.cascade.units import CascadeParams, check_grouped, detector_units, forger_units, load_data, load_detectors, split_indices
+from project_lib.cascade.units import CascadeParams, benchmark_draft, build_data, check_grouped, detector_units, forger_units, load_data, load_detectors, split_indices
 from project_lib.core import load_study_params
-from project_lib.engine import Executor, run_units
+from project_lib.engine import Executor, load_units, run_units
 from project_lib.plan import peak_host_gb
 
 ONE = Executor(n_workers=1)   # in this process: no worker start-up, the threads the fixture sets
@@ -33,9 +33,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
-    """The training stage's first step: the forgers, as units."""
+    """The training stage's first steps: the forgers, as units, then every draw built once."""
     root = tmp_path_factory.mktemp("runs")
-    run_units(forger_units(tiny), root, ONE)
+    build_data(tiny, root, ONE)
     return root
 
 
@@ -49,10 +49,34 @@ def _boom(unit_dir, device, **kwargs):
 
 
 def test_evaluation_refuses_when_the_trainings_are_missing(tiny, splits, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not trained with this configuration.*forgers/bilinear.*run the training stage"):
+    with pytest.raises(FileNotFoundError, match=r"not trained with this configuration.*draws/draw0.*run the training stage"):
         load_data(tiny, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"5 training unit\(s\).*detectors/filter/seed0.*run the training stage"):
         load_detectors(tiny, splits, tmp_path)
+
+
+def test_built_draws_are_the_benchmark_and_refused_when_corrupt_or_stale(tiny, runs, tmp_path):
+    """The training stage builds every draw once (`build_data`); reading one gives exactly what the draft and the trained forgers make
+    (rebuilt here), and a replaced or truncated image file, or other parameters, are refused with the file named."""
+    splits, bench = load_data(tiny, runs)
+    draft = benchmark_draft(tiny)
+    units = forger_units(tiny, draft)
+    records = load_units(units, runs)
+    rebuilt = build_benchmark(draft, {u.kwargs["up"]: load_forger(runs / u.key, records[u.key]) for u in units})
+    np.testing.assert_array_equal(bench.images, rebuilt.images)
+    np.testing.assert_array_equal(bench.label, rebuilt.label)
+    assert list(bench.group) == list(rebuilt.group)
+    pd.testing.assert_frame_equal(bench.meta, rebuilt.meta)
+    root = shutil.copytree(runs, tmp_path / "runs")
+    images = root / "draws" / "draw0" / "images.npy"
+    np.save(images, rebuilt.images[::-1])   # the same size, other order
+    with pytest.raises(ValueError, match=r"draws/draw0 holds other images than its unit.json records"):
+        load_data(tiny, root)
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"draws/draw0 does not hold a readable benchmark"):
+        load_data(tiny, root)
+    with pytest.raises(FileNotFoundError, match=r"draws/draw0.*run the training stage"):
+        load_data(dataclasses.replace(tiny, crops_per_photo=4), runs)
 
 
 def test_a_finished_unit_is_reused_and_a_changed_one_retrained(tiny, runs, tmp_path):

@@ -454,14 +454,12 @@ def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict
                        "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial],
                        "best trivial (chosen on validation)": trivial[honest]}}
 
-def score_draws(p: CascadeParams, runs: Path,
-                forgers: dict, # the trained forgers (`units.load_forgers`)
-                device: str = "cpu") -> list[dict]:
-    """Every further draw's `draw_scores` (with its detectors' summed training seconds, `train_s`), one draw at a time: its benchmark,
-    detectors and evaluation, of which nothing else is kept. (Two processes were slower: LightGBM and the boosted statistics use every core.)"""
+def score_draws(p: CascadeParams, runs: Path, device: str = "cpu") -> list[dict]:
+    """Every further draw's `draw_scores` (with its detectors' summed training seconds, `train_s`), one draw at a time: its benchmark (as the
+    training stage built it), detectors and evaluation, of which nothing else is kept. (Two processes were slower: LightGBM and the boosted statistics use every core.)"""
     out = []
     for draw in p.draws[1:]:
-        splits = load_data(p, runs, draw, forgers)[0]
+        splits = load_data(p, runs, draw)[0]
         detectors = load_detectors(p, splits, runs, device, draw)
         results, trivial, trivial_val = evaluate_draw(p, splits, detectors, device)
         out.append(draw_scores(results, splits, trivial, trivial_val) | {"train_s": sum(t.train_time_s for s in detectors.values() for t in s.values())})

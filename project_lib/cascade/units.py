@@ -13,14 +13,16 @@ import pandas as pd
 from .. import engine
 from . import data as cascade_data, models as cascade_models, stack as cascade_stack
 from .data import (FAMILIES, FORGER_UPS, Benchmark, Draft, MappedImages, _array_hash, build_benchmark, cap_per_group, source_kind, draft_benchmark, group_split,
-                                      load_forger, load_manifest, train_forger)
+                                      load_forger, load_manifest, real_photographs, train_forger)
+from ..core import params_hash
 from .models import ModelConfig, check_field_types, weights_path
 from .stack import Trained, load_detector, train_detector_unit
-from ..engine import TrainingUnit, code_hash, file_hash, load_units
+from ..engine import Executor, TrainingUnit, code_hash, file_hash, load_units, run_units
 
 # %% auto #0
-__all__ = ['EXPERTS', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units', 'held_out_forger_unit',
-           'load_forgers', 'split_indices', 'load_data', 'check_grouped', 'detector_config', 'detector_unit',
+__all__ = ['EXPERTS', 'HELD_OUT_TEST', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units',
+           'held_out_forger_unit', 'photographs_hash', 'save_benchmark', 'read_benchmark', 'draw_units', 'build_data',
+           'read_draw', 'split_indices', 'load_data', 'check_grouped', 'detector_config', 'detector_unit',
            'detector_units', 'further_draw_units', 'leave_out', 'held_out_index', 'lofo_units', 'load_detectors',
            'held_out_forger_test', 'load_lofo']
 
@@ -122,11 +124,70 @@ def held_out_forger_unit(p: CascadeParams, draft: Draft, splits: dict[str, np.nd
     crops = draft.crops[np.sort(np.random.default_rng(p.data_seed + 1).permutation(keep)[:len(draft.forger_crops())])]
     return _forger_unit("forgers/transposed-held-out", crops, "transposed", p.forger_epochs, p.data_seed + 1)
 
-def load_forgers(p: CascadeParams, runs: Path, draft: Draft | None = None) -> dict[str, "cascade_data.Forger"]:
-    "The trained forgers ({'bilinear': swapper, 'transposed': generator}); refuses when they are not trained."
-    units = forger_units(p, draft)
-    records = load_units(units, runs)
-    return {u.kwargs["up"]: load_forger(Path(runs) / u.key, records[u.key]) for u in units}
+def photographs_hash(n_faces: int) -> str:
+    "Hash of the real photographs (names and pixels) that every generated draw is cut from."
+    return params_hash([[ph["name"], _array_hash(ph["image"])] for ph in real_photographs(n_faces)])
+
+def save_benchmark(bench: Benchmark, folder: str | Path) -> dict:
+    "Write a benchmark into `folder` (images.npy; samples.parquet: its metadata with label and group); its record (size, data hash)."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.tmp.npy", np.asarray(bench.images))   # written aside, then renamed: never a half-written file under the final name
+    bench.meta.assign(_label=bench.label, _group=bench.group).to_parquet(folder / "samples.tmp.parquet")
+    for name in ("images.npy", "samples.parquet"): (folder / name.replace(".", ".tmp.")).replace(folder / name)
+    return {"n": len(bench.label), "data_hash": bench.data_hash()}
+
+def read_benchmark(folder: str | Path, record: dict) -> Benchmark:
+    "A benchmark written by `save_benchmark`; refuses files that are missing, unreadable or not the pixels, labels and groups `record` holds."
+    folder = Path(folder)
+    try:
+        meta = pd.read_parquet(folder / "samples.parquet")
+        bench = Benchmark(np.load(folder / "images.npy"), meta.pop("_label").to_numpy(), meta.pop("_group").to_numpy(dtype=object), meta)
+    except (OSError, ValueError, KeyError) as e: raise ValueError(f"{folder} does not hold a readable benchmark ({e}): run the training stage again") from None
+    if bench.data_hash() != record["data_hash"]:
+        raise ValueError(f"{folder} holds other images than its unit.json records (data hash {bench.data_hash()}, recorded {record['data_hash']}): run the training stage again")
+    return bench
+
+HELD_OUT_TEST = "draws/held-out-forger-test" # the first draw's test split with the held-out generator's fakes
+
+def _build_draw(unit_dir: Path, device: str, p: CascadeParams, draw: int, forgers: dict, held_out: bool = False) -> dict:
+    """Build a draw's benchmark with the trained `forgers` ({'bilinear', 'transposed', 'transposed-held-out'}) into `unit_dir`; `held_out`:
+    only its test split, the generator's fakes made by the held-out generator (a unit's function: the training stage runs it)."""
+    draft = benchmark_draft(p, draw)
+    made_by = {"bilinear": forgers["bilinear"], "transposed": forgers["transposed-held-out" if held_out else "transposed"]}
+    return save_benchmark(build_benchmark(draft, made_by, split_indices(p, draft.groups, draw)["test"] if held_out else None), unit_dir)
+
+def draw_units(p: CascadeParams, forgers: dict | None = None, # the trained forgers, to build the draws (`build_data`); None: to read them
+              ) -> list[TrainingUnit]:
+    """Every generated draw's benchmark (`runs/draws/draw<d>`) and, with `p.held_out_forger`, the first draw's test split remade by the
+    held-out generator (`runs/draws/held-out-forger-test`): built once by the training stage, read by everything after (`load_data`).
+    Identified by what makes them: the sizes, the forgers' recipe and seed (the forgers train on the first draw's crops), the photographs and
+    the code (building needs no draw). None for manifests."""
+    if p.data == "manifests": return []
+    from project_lib.cascade import units   # this module's file (its code builds, writes and reads the draws)
+    made_of = {"config": {k: getattr(p, k) for k in ("px", "crops_per_photo", "crops_per_face", "n_faces", "forger_epochs", "data_seed")},
+               "photos": photographs_hash(p.n_faces), "code": code_hash(cascade_data, engine, units)}
+    units = [TrainingUnit(f"draws/draw{d}", {**made_of, "draw": d}, _build_draw, {"p": p, "draw": d, "forgers": forgers}) for d in p.draws]
+    if p.held_out_forger:
+        test = {"draw": p.data_seed, "held_out_forger": True, "split": p.split, "face_split": p.face_split, "eval_crops_per_source": p.eval_crops_per_source}
+        units.append(TrainingUnit(HELD_OUT_TEST, {**made_of, **test}, _build_draw, {"p": p, "draw": p.data_seed, "forgers": forgers, "held_out": True}))
+    return units
+
+def build_data(p: CascadeParams, runs: Path, executor: Executor = Executor()) -> tuple[list[TrainingUnit], dict[str, dict]]:
+    """The training stage's first steps (generated data): the forgers and the held-out generator in one wave, then every draw's benchmark
+    (`draw_units`); (those units, their records). Nothing for manifests."""
+    if p.data == "manifests": return [], {}
+    draft = benchmark_draft(p)
+    forgers = forger_units(p, draft) + ([held_out_forger_unit(p, draft, split_indices(p, draft.groups))] if p.held_out_forger else [])
+    records = run_units(forgers, runs, executor)
+    trained = {u.key.removeprefix("forgers/"): load_forger(Path(runs) / u.key, records[u.key]) for u in forgers}
+    draws = draw_units(p, trained)
+    return forgers + draws, records | run_units(draws, runs, executor)
+
+def read_draw(p: CascadeParams, runs: Path, key: str) -> Benchmark:
+    "A benchmark the training stage built (`draw_units`: `draws/draw<d>` or `HELD_OUT_TEST`); refuses when it is missing or stale."
+    unit = next((u for u in draw_units(p) if u.key == key), None)
+    if unit is None: raise ValueError(f"{key!r} is not a built benchmark of these parameters (generated data: {[u.key for u in draw_units(p)]})")
+    return read_benchmark(Path(runs) / key, load_units([unit], runs)[key])
 
 def split_indices(p: CascadeParams, groups, draw: int | None = None) -> dict[str, np.ndarray]:
     """Sample indices of a generated benchmark draw's splits (seeded by the draw; default `p.data_seed`), from its groups alone: photographs
@@ -137,9 +198,8 @@ def split_indices(p: CascadeParams, groups, draw: int | None = None) -> dict[str
 
 def load_data(p: CascadeParams, runs: Path,
               draw: int | None = None, # a generated benchmark draw of `p.draws` (default: `p.data_seed`)
-              forgers: dict | None = None, # the trained forgers when already loaded (`load_forgers`)
              ) -> tuple[dict[str, Benchmark], Benchmark]:
-    "The four splits (train, val, blend, test) and the whole benchmark (generated: made with the trained forgers under `runs`; manifests: images decoded once into `runs/manifest_cache` and read from there on demand, never all in memory); every split holds whole groups."
+    "The four splits (train, val, blend, test) and the whole benchmark (generated: the draw the training stage built under `runs/draws`; manifests: images decoded once into `runs/manifest_cache` and read from there on demand, never all in memory); every split holds whole groups."
     if p.data == "manifests":
         folder, cache = Path(p.manifest_dir), Path(runs) / "manifest_cache"
         names = ["train", "val"] + ["test"] * (folder / "test_manifest.csv").is_file()   # an optional test manifest is the test split
@@ -154,8 +214,7 @@ def load_data(p: CascadeParams, runs: Path,
     else:
         draw = p.data_seed if draw is None else draw
         p.seeds_of(draw)   # refuses a draw that is not one of the parameters'
-        draft = benchmark_draft(p, draw)
-        bench = build_benchmark(draft, forgers or load_forgers(p, runs, draft if draw == p.data_seed else None))
+        bench = read_draw(p, runs, f"draws/draw{draw}")
         splits = {k: bench.subset(v) for k, v in split_indices(p, bench.group, draw).items()}
     check_grouped(splits)
     return splits, bench
@@ -202,21 +261,9 @@ def detector_units(p: CascadeParams, splits: dict[str, Benchmark], # the draw's 
     return [detector_unit(p, f"{folder}/{role}/seed{seed}", role, seed, _shuffled(train, seed) if role == "null" else train, val, val_hash)
             for seed in p.seeds_of(draw) for role in DETECTORS]
 
-def _draw_splits(p: CascadeParams, runs: Path, draw: int, forgers: dict) -> dict[str, Benchmark]:
-    "A draw's splits, built on one torch thread (`further_draw_units` builds draws in parallel processes sharing the cores)."
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try: return load_data(p, runs, draw, forgers)[0]
-    finally: torch.set_num_threads(threads)
-
-def further_draw_units(p: CascadeParams, runs: Path, forgers: dict) -> list[TrainingUnit]:
-    "The detector units of every further draw (`detector_units`), the draws' benchmarks built in `p.n_jobs` processes."
-    from joblib import Parallel, delayed
-    draws = p.draws[1:]
-    if not draws: return []
-    built = Parallel(n_jobs=min(len(draws), max(p.n_jobs, 1)), backend="loky")(delayed(_draw_splits)(p, runs, d, forgers) for d in draws)
-    return [u for d, splits in zip(draws, built) for u in detector_units(p, splits, d)]
+def further_draw_units(p: CascadeParams, runs: Path) -> list[TrainingUnit]:
+    "The detector units of every further draw (`detector_units`), on the benchmarks the training stage built (`build_data`)."
+    return [u for d in p.draws[1:] for u in detector_units(p, load_data(p, runs, d)[0], d)]
 
 def leave_out(b: Benchmark, family: str) -> Benchmark:
     "The benchmark without the fakes of `family`: its reals and every other family's fakes."
@@ -248,14 +295,10 @@ def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, d
         out.setdefault(u.kwargs["seed"], {})[u.key.split("/")[-2]] = load_detector(u.kwargs["config"], records[u.key], Path(runs) / u.key, device)
     return out
 
-def held_out_forger_test(p: CascadeParams, runs: Path, forgers: dict) -> Benchmark:
+def held_out_forger_test(p: CascadeParams, runs: Path) -> Benchmark:
     """The test split of `p.data_seed`'s draw again, the fakes of its generator families re-made from the same crops by the held-out
-    generator (`held_out_forger_unit`), every other image as before; refuses when that generator is not trained."""
-    draft = benchmark_draft(p)
-    split = split_indices(p, draft.groups)
-    unit = held_out_forger_unit(p, draft, split)
-    held_out = load_forger(Path(runs) / unit.key, load_units([unit], runs)[unit.key])
-    return build_benchmark(draft, {**forgers, "transposed": held_out}, split["test"])
+    generator (`held_out_forger_unit`), every other image as before, as the training stage built it; refuses when it is not built."""
+    return read_draw(p, runs, HELD_OUT_TEST)
 
 def load_lofo(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[str, dict[str, Trained]]:
     "The leave-one-family-out detectors ({family: {role: Trained}}); refuses when any is missing or stale."
