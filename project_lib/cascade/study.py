@@ -20,7 +20,7 @@ from .models import build_model
 from .stack import (Trained, averaging, paired_bootstrap, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
                                        seconds_per_image, stage3_features, to_input)
-from .units import EXPERTS, CascadeParams, held_out_index, leave_out, load_data, load_detectors
+from .units import EXPERTS, CascadeParams, held_out_index, leave_out, left_out_families, load_data, load_detectors
 from ..core import summarise_over_seeds
 
 # %% auto #0
@@ -29,10 +29,10 @@ __all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'METHODS', 'EXPERT_NAME
            'global_statistics', 'trivial_detectors', 'trivial_table', 'best_detector', 'trivially_detectable',
            'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
            'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
-           'success_criteria', 'as_good_as_the_stack', 'stack_verdict', 'leave_one_family_out', 'held_out_forger',
-           'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws',
-           'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
-           'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
+           'success_criteria', 'as_good_as_the_stack', 'stack_verdict', 'generalisation_gap', 'leave_one_family_out',
+           'held_out_forger', 'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw',
+           'draw_scores', 'score_draws', 'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves',
+           'plot_risk_coverage', 'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
 # %% ../../nbs/43_cascade_study.ipynb #5187af4e
 def data_card(p: CascadeParams, splits: dict[str, Benchmark], bench: Benchmark) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -332,20 +332,51 @@ def _generalisation_rows(p: CascadeParams, label: dict, y, groups,
                      "difference": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
     return rows
 
+def generalisation_gap(y, groups,
+                       left_out, # per test image: True for a fake of the left-out manipulation
+                       seen: np.ndarray, # (seeds, n) scores of the detectors trained with it
+                       unseen: np.ndarray, # (n,) scores of the detector trained without it
+                       n_resamples: int = 1000, seed: int = 0) -> dict:
+    """What never seeing a manipulation costs, net of a training's overall strength and of the manipulation's difficulty: [AUC on its fakes −
+    AUC on the other fakes] (every real image the negatives) of the detector that never saw it, minus the same for those that saw it (mean
+    over their seeds), with a 95 % interval over test sources (resampled with replacement, the same draws for both)."""
+    y, groups, left_out = np.asarray(y), np.asarray(groups).astype(str), np.asarray(left_out, bool)
+    seen, unseen = np.atleast_2d(seen), np.atleast_2d(unseen)
+    if left_out[y == 0].any(): raise ValueError("left_out must mark fakes only")
+    rest = (y == 1) & ~left_out
+    if not left_out.any() or not rest.any() or not (y == 0).any(): raise ValueError("the test images need reals, left-out fakes and other fakes")
+    def aucs(scores, idx):   # (AUC on the left-out fakes, AUC on the others) per row of scores, on the images idx
+        keep_a, keep_b = idx[~rest[idx]], idx[~left_out[idx]]
+        return auc_rows(y[keep_a], scores[:, keep_a]), auc_rows(y[keep_b], scores[:, keep_b])
+    def effect(idx):
+        (ua, ub), (sa, sb) = aucs(unseen, idx), aucs(seen, idx)
+        return float((ua - ub)[0] - (sa - sb).mean())
+    everything = np.arange(len(y))
+    (ua, ub), (sa, sb) = aucs(unseen, everything), aucs(seen, everything)
+    names, inv = np.unique(groups, return_inverse=True)
+    members, rng, reps = [np.flatnonzero(inv == g) for g in range(len(names))], np.random.default_rng(seed), []
+    for _ in range(n_resamples):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
+        if (y[idx] == 0).any() and left_out[idx].any() and rest[idx].any(): reps.append(effect(idx))
+    low, high = np.quantile(reps, [0.025, 0.975]) if reps else (np.nan, np.nan)
+    return {"auc_seen": float(sa.mean()), "auc_held_out": float(ua[0]), "auc_rest_seen": float(sb.mean()), "auc_rest_held_out": float(ub[0]),
+            "difference": float((ua - ub)[0] - (sa - sb).mean()), "ci_low": float(low), "ci_high": float(high)}
+
 def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
-                         lofo: dict[str, dict[str, Trained]], # {family: {role: detector trained without it}} (`units.load_lofo`)
-                         seen: dict, # `run_seed` of the same seed with every family: the same methods trained with it
+                         lofo: dict[str, dict[str, Trained]], # {manipulation: {role: detector trained without it}} (`units.load_lofo`)
+                         seen: list[dict], # `run_seed` of every seed of the same draw, trained with every family
                          device: str = "cpu") -> pd.DataFrame:
-    """Per left-out family and method: test AUC of that family's fakes against every real test image, trained with the family (`seen`)
-    and without it (validation, blend and the stack's fit without it too), and the paired difference, with a 95 % interval over test
-    sources (`paired_bootstrap`)."""
+    """Per left-out manipulation (its families, `units.left_out_families`) and method: `generalisation_gap` on the whole test split, the
+    detectors that never saw it validated and stacked without it too."""
     test, rows = splits["test"], []
-    for family, detectors in lofo.items():
-        idx = held_out_index(test, family)
-        held = {k: leave_out(splits[k], family) for k in ("val", "blend")} | {"test": test.subset(idx)}   # what `run_seed` reads
-        r = run_seed(p, held, detectors, device)
-        rows += _generalisation_rows(p, {"family": family}, held["test"].label, held["test"].group,
-                                     {m: seen["test_prob"][m][idx] for m in LOFO_METHODS}, r["test_prob"])
+    family = test.meta.family.to_numpy()
+    for name, detectors in lofo.items():
+        families = left_out_families(name)
+        r = run_seed(p, {k: leave_out(splits[k], name) for k in ("val", "blend")} | {"test": test}, detectors, device)
+        mask = np.isin(family, families)
+        rows += [{"family": " + ".join(families), "method": m, "fakes": int(mask.sum()),
+                  **generalisation_gap(test.label, test.group, mask, np.stack([s["test_prob"][m] for s in seen]), r["test_prob"][m], p.bootstrap_resamples)}
+                 for m in LOFO_METHODS]
     return pd.DataFrame(rows)
 
 GENERATOR_FAMILIES = ("generator", "generator_matched") # the families a generator's rendering makes (the held-out forger re-makes them)

@@ -20,14 +20,19 @@ from .stack import Trained, load_detector, train_detector_unit
 from ..engine import Executor, TrainingUnit, code_hash, file_hash, load_units, run_units
 
 # %% auto #0
-__all__ = ['EXPERTS', 'HELD_OUT_TEST', 'DETECTORS', 'DETECTOR_CODE', 'CascadeParams', 'benchmark_draft', 'forger_units',
-           'held_out_forger_unit', 'photographs_hash', 'save_benchmark', 'read_benchmark', 'draw_units', 'build_data',
-           'read_draw', 'split_indices', 'load_data', 'check_grouped', 'detector_config', 'detector_unit',
-           'detector_units', 'further_draw_units', 'leave_out', 'held_out_index', 'lofo_units', 'load_detectors',
-           'held_out_forger_test', 'load_lofo']
+__all__ = ['EXPERTS', 'MADE_TOGETHER', 'HELD_OUT_TEST', 'DETECTORS', 'DETECTOR_CODE', 'left_out_families', 'CascadeParams',
+           'benchmark_draft', 'forger_units', 'held_out_forger_unit', 'photographs_hash', 'save_benchmark',
+           'read_benchmark', 'draw_units', 'build_data', 'read_draw', 'split_indices', 'load_data', 'check_grouped',
+           'detector_config', 'detector_unit', 'detector_units', 'further_draw_units', 'leave_out', 'held_out_index',
+           'lofo_units', 'load_detectors', 'held_out_forger_test', 'load_lofo']
 
 # %% ../../nbs/42a_cascade_units.ipynb #u005
 EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
+MADE_TOGETHER = {"generator_matched": "generator"} # a family another's process also makes, left out with it: the same generator renders both
+
+def left_out_families(name: str) -> tuple[str, ...]:
+    "The fake families that leaving out the manipulation `name` removes: its own and every family its process also makes."
+    return (name, *[f for f, owner in MADE_TOGETHER.items() if owner == name])
 
 @dataclasses.dataclass(frozen=True)
 class CascadeParams:
@@ -53,7 +58,7 @@ class CascadeParams:
     timing_images: int
     auc_margin: float # equivalence margin of the headline AUC difference (stack - best single expert)
     success_criteria: dict # expert -> {metric: target} (the seed's targets)
-    leave_one_out: list[str] = dataclasses.field(default_factory=list) # fake families left out one at a time (generated data): the generalisation test
+    leave_one_out: list[str] = dataclasses.field(default_factory=list) # manipulations left out one at a time (generated data; a family, with those its process also makes): the generalisation test
     extra_draws: list[int] = dataclasses.field(default_factory=list) # further benchmark draws (data seeds; generated data): each redraws the crops, fakes, acquisition chains and the source split
     draw_seeds: list[int] = dataclasses.field(default_factory=list) # training seeds on the extra draws (empty: `seeds`)
     face_split: dict | None = None # the LFW faces' own fractions of train, val, blend, test (generated data; None: `split`)
@@ -76,6 +81,10 @@ class CascadeParams:
         if self.eval_crops_per_source < 1: raise ValueError(f"cascade.eval_crops_per_source must be >= 1, got {self.eval_crops_per_source}")   # its type: checked above
         unknown = sorted(set(self.leave_one_out) - set(FAMILIES))
         if unknown: raise ValueError(f"cascade.leave_one_out names unknown families {unknown}; families: {list(FAMILIES)}")
+        joined = sorted(set(self.leave_one_out) & set(MADE_TOGETHER))
+        if joined: raise ValueError(f"cascade.leave_one_out names {joined}: left out with the family whose process makes it ("
+                                    + ", ".join(f"{f} with {MADE_TOGETHER[f]}" for f in joined) + "); name that one")
+        if len(set(self.leave_one_out)) < len(self.leave_one_out): raise ValueError(f"cascade.leave_one_out names a family twice: {self.leave_one_out}")
         if self.stack_folds < 2: raise ValueError(f"cascade.stack_folds must be >= 2 (out-of-fold stacking), got {self.stack_folds}")
         if self.data_seed in self.extra_draws or len(set(self.extra_draws)) < len(self.extra_draws):
             raise ValueError(f"cascade.extra_draws must be distinct data seeds other than data_seed ({self.data_seed}), got {self.extra_draws}")
@@ -265,17 +274,17 @@ def further_draw_units(p: CascadeParams, runs: Path) -> list[TrainingUnit]:
     "The detector units of every further draw (`detector_units`), on the benchmarks the training stage built (`build_data`)."
     return [u for d in p.draws[1:] for u in detector_units(p, load_data(p, runs, d)[0], d)]
 
-def leave_out(b: Benchmark, family: str) -> Benchmark:
-    "The benchmark without the fakes of `family`: its reals and every other family's fakes."
-    return b.subset(np.flatnonzero(b.meta.family.to_numpy() != family))
+def leave_out(b: Benchmark, name: str) -> Benchmark:
+    "The benchmark without the fakes of the manipulation `name` (`left_out_families`): its reals and every other family's fakes."
+    return b.subset(np.flatnonzero(~np.isin(b.meta.family.to_numpy(), left_out_families(name))))
 
 def held_out_index(b: Benchmark, family: str) -> np.ndarray:
     "Indices of the reals and of the fakes of `family`: the test of a detector that never saw that family."
     return np.flatnonzero(np.isin(b.meta.family.to_numpy(), ("real", family)))
 
 def lofo_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingUnit]:
-    """Leave one family out: for each family of `p.leave_one_out`, the filter and the experts of the first seed trained and validated
-    without that family's fakes (`runs/detectors/lofo-<family>/<role>`); none for manifests (their fakes have no family)."""
+    """Leave one manipulation out: for each of `p.leave_one_out`, the filter and the experts of the first seed trained and validated
+    without its fakes (`leave_out`; `runs/detectors/lofo-<name>/<role>`); none for manifests (their fakes have no family)."""
     if p.data == "manifests": return []
     units, seed = [], p.seeds[0]
     for family in p.leave_one_out:   # the family's training and validation images, made and hashed once for its four units
@@ -301,7 +310,7 @@ def held_out_forger_test(p: CascadeParams, runs: Path) -> Benchmark:
     return read_draw(p, runs, HELD_OUT_TEST)
 
 def load_lofo(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu") -> dict[str, dict[str, Trained]]:
-    "The leave-one-family-out detectors ({family: {role: Trained}}); refuses when any is missing or stale."
+    "The leave-one-manipulation-out detectors ({manipulation: {role: Trained}}); refuses when any is missing or stale."
     units = lofo_units(p, splits)
     records, out = load_units(units, runs), {}
     for u in units:
