@@ -13,6 +13,7 @@ import torch
 
 from scipy import ndimage
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .data import FAMILIES, LFW_LICENCE, PHOTOS, Benchmark, kish_groups, radial_profile, residual_std, source_kind, to_uint8
@@ -24,7 +25,7 @@ from .units import EXPERTS, CascadeParams, held_out_index, leave_out, left_out_f
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'METHODS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS',
+__all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'METHODS', 'STACKERS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS',
            'GENERATOR_FAMILIES', 'RISK_COVERAGE_METHODS', 'data_card', 'spectral_features', 'spectral_baseline',
            'global_statistics', 'trivial_detectors', 'trivial_table', 'best_detector', 'trivially_detectable',
            'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
@@ -146,19 +147,26 @@ def trivially_detectable(table: pd.DataFrame, # `trivial_table`
 # %% ../../nbs/43_cascade_study.ipynb #c012
 METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "experts-only stack", "cascade")
 
-def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str, Trained], device: str = "cpu") -> dict:
+STACKERS = ("averaging", "logistic stack", "LightGBM stack", "experts-only stack") # the meta-models a seed fits; the cascade routes to the LightGBM stack
+
+def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str, Trained], device: str = "cpu",
+             stackers: Sequence[str] = STACKERS, # the meta-models to fit (the LightGBM stack always: the cascade routes to it)
+            ) -> dict:
     "Everything one seed's trained detectors give: per-method test scores and decisions, calibration, routing, stackers, null scores."
+    if "LightGBM stack" not in stackers or not set(stackers) <= set(STACKERS):
+        raise ValueError(f"stackers must be some of {STACKERS} with the LightGBM stack (the cascade routes to it), got {list(stackers)}")
     val, blend, test = (splits[k] for k in ("val", "blend", "test"))
     trained, seed = {role: detectors[role] for role in ("filter", *EXPERTS)}, detectors["filter"].seed
     outs = {role: {k: predict(t.model, b, device) for k, b in (("val", val), ("blend", blend), ("test", test))} for role, t in trained.items()}
     temperature = fit_temperature(outs["filter"]["blend"]["logit"], blend.label)
     p1 = {k: calibrated(outs["filter"][k]["logit"], temperature) for k in ("val", "blend", "test")}
     feats = {k: stage3_features({r: outs[r][k] for r in EXPERTS}, p1[k]) for k in ("val", "blend", "test")}
-    stackers = {"averaging": averaging([f"{r}_prob" for r in EXPERTS]),
-                "logistic stack": fit_logistic(feats["blend"], blend.label, blend.group, p.stack_folds),
-                "LightGBM stack": fit_lightgbm(feats["blend"], blend.label, blend.group, seed, p.stack_folds, p.lgbm_max_rounds),
-                "experts-only stack": dataclasses.replace(fit_lightgbm(feats["blend"].drop(columns="filter_prob"), blend.label, blend.group, seed,
-                                                                       p.stack_folds, p.lgbm_max_rounds), name="experts-only stack")}   # without the filter's probability
+    fit = {"averaging": lambda: averaging([f"{r}_prob" for r in EXPERTS]),
+           "logistic stack": lambda: fit_logistic(feats["blend"], blend.label, blend.group, p.stack_folds),
+           "LightGBM stack": lambda: fit_lightgbm(feats["blend"], blend.label, blend.group, seed, p.stack_folds, p.lgbm_max_rounds),
+           "experts-only stack": lambda: dataclasses.replace(fit_lightgbm(feats["blend"].drop(columns="filter_prob"), blend.label, blend.group, seed,
+                                                                          p.stack_folds, p.lgbm_max_rounds), name="experts-only stack")}   # without the filter's probability
+    stackers = {name: fit[name]() for name in STACKERS if name in stackers}
     prob = {k: {"filter": p1[k], **{r: outs[r][k]["prob"] for r in EXPERTS}, **{n: s.predict(feats[k]) for n, s in stackers.items()}} for k in ("val", "test")}
     thresholds = {m: best_threshold(val.label, prob["val"][m]) for m in prob["val"]}
     band = choose_band(p1["val"], prob["val"]["LightGBM stack"], val.label, p.routing_budget, thresholds["LightGBM stack"])
@@ -372,7 +380,7 @@ def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
     family = test.meta.family.to_numpy()
     for name, detectors in lofo.items():
         families = left_out_families(name)
-        r = run_seed(p, {k: leave_out(splits[k], name) for k in ("val", "blend")} | {"test": test}, detectors, device)
+        r = run_seed(p, {k: leave_out(splits[k], name) for k in ("val", "blend")} | {"test": test}, detectors, device, ("LightGBM stack",))
         mask = np.isin(family, families)
         rows += [{"family": " + ".join(families), "method": m, "fakes": int(mask.sum()),
                   **generalisation_gap(test.label, test.group, mask, np.stack([s["test_prob"][m] for s in seen]), r["test_prob"][m], p.bootstrap_resamples)}
@@ -392,7 +400,7 @@ def held_out_forger(p: CascadeParams, splits: dict[str, Benchmark],
     other = ~np.isin(test.meta.family.to_numpy(), GENERATOR_FAMILIES)
     if len(remade.label) != len(test.label) or not np.array_equal(remade.label, test.label) or not np.array_equal(remade.images[other], test.images[other]):
         raise ValueError("remade must be the test split with only the generator families' fakes re-made (same samples, labels and other images)")
-    r = run_seed(p, {"val": splits["val"], "blend": splits["blend"], "test": remade}, detectors, device)
+    r = run_seed(p, {"val": splits["val"], "blend": splits["blend"], "test": remade}, detectors, device, ("LightGBM stack",))
     rows = []
     for family in GENERATOR_FAMILIES:
         if not (test.meta.family == family).any(): continue   # no test fake of this family (small benchmarks)
