@@ -79,7 +79,6 @@ class CryoEMStudyParams:
     n_jobs: int # parallel training runs on CPU
     data: str = "simulated" # "simulated", or "cryoppp": one real data set in CryoPPP's layout (settings in `cryoppp`) as the only condition
     cryoppp: dict = dataclasses.field(default_factory=dict) # folder (absolute, or relative to the project), pixel_size_a and diameter_a (Å) of its micrographs
-    bf16: bool = False # bfloat16 autocast for the training steps on the CPU (both arms alike; `TrainConfig.bf16`)
 
     def __post_init__(self):
         if self.reference_condition not in self.conditions: raise ValueError(f"reference_condition {self.reference_condition!r} must be one of conditions {list(self.conditions)}")
