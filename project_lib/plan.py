@@ -21,8 +21,8 @@ __all__ = ['PLANNERS', 'StageCost', 'plan_table', 'time_call', 'time_once', 'pea
            'plan_cryoem', 'ALEvaluationCosts', 'al_evaluation_costs', 'al_evaluation_parts', 'al_checkpoints_gb',
            'plan_cryoem_al', 'MFNUnitCosts', 'mfn_unit_costs', 'MFNEvaluationCosts', 'mfn_evaluation_costs',
            'mfn_evaluation_parts', 'plan_mfn', 'SynapseUnitCosts', 'synapse_unit_costs', 'plan_synapse',
-           'CascadeEvaluationCosts', 'cascade_evaluation_costs', 'cascade_evaluation_parts', 'plan_cascade',
-           'plan_profile', 'main']
+           'CascadeEvaluationCosts', 'cascade_evaluation_costs', 'cascade_runs', 'cascade_build_s',
+           'cascade_evaluation_parts', 'plan_cascade', 'plan_profile', 'main']
 
 # %% ../nbs/50_plan.ipynb #p005
 @dataclasses.dataclass(frozen=True)
@@ -627,21 +627,36 @@ def cascade_evaluation_costs(p, nets: dict, # {role: a detector of the role, unt
                                   time_once(lambda: paired_bootstrap(test_y, test_groups, scores[0], scores[1], n_resamples=p.bootstrap_resamples)),
                                   time_call(lambda: spectral_features(sample.images[:128]), 1) / len(sample.images[:128]), figures_s("cascade"))
 
+def cascade_runs(p) -> tuple[int, int]:
+    """(seed x draw runs: every seed of every benchmark draw, each with its five detectors; generalisation runs: the first seed's filter and
+    experts again for each left-out manipulation and on the held-out generator's fakes) of `p` (a `CascadeParams`)."""
+    generated = p.data == "generated"
+    return sum(len(p.seeds_of(d)) for d in p.draws), generated * (len(p.leave_one_out) + bool(p.held_out_forger))
+
+def cascade_build_s(p, n_images: dict[str, int], e: CascadeEvaluationCosts) -> float:
+    "Seconds of train_cascade's benchmark builds, one after another: every draw (its plan and crops, then every image) and the held-out generator's test split."
+    n = sum(n_images.values())
+    return len(p.draws) * (e.draft_s + n * e.fake_s) + bool(p.held_out_forger) * (e.draft_s + n_images["test"] * e.fake_s)
+
 def cascade_evaluation_parts(p, n_images: dict[str, int], e: CascadeEvaluationCosts) -> dict[str, float]:
-    "evaluate_cascade's seconds by part: the counts of `p` (a `CascadeParams`) and its splits' `n_images` times the unit costs `e`."
+    """evaluate_cascade's seconds by part: the counts of `p` (a `CascadeParams`) and its splits' `n_images` times the unit costs `e` (the
+    benchmark draws are read, not built: `cascade_build_s` is the training stage's)."""
     from project_lib.cascade.units import EXPERTS
     scored = n_images["val"] + n_images["blend"] + n_images["test"]
     experts = sum(e.predict_s[r] for r in EXPERTS)
-    return {"start-up": e.startup_s, "benchmark": e.draft_s + sum(n_images.values()) * e.fake_s,
-            "scoring": len(p.seeds) * ((e.predict_s["filter"] + experts) * scored + e.predict_s["null"] * n_images["test"]),   # per seed; the null on test only
-            "stacking": len(p.seeds) * (e.logistic_s + e.lightgbm_s),
+    runs, generalisation = cascade_runs(p)
+    return {"start-up": e.startup_s,
+            "scoring": runs * ((e.predict_s["filter"] + experts) * scored + e.predict_s["null"] * n_images["test"])   # the null on test only
+                       + generalisation * (e.predict_s["filter"] + experts) * scored,
+            "stacking": runs * (e.logistic_s + 2 * e.lightgbm_s) + generalisation * e.lightgbm_s,   # the experts-only stack besides; the LightGBM stack alone again
             "bootstraps": (len(EXPERTS) + 6) * e.bootstrap_s,   # the paired comparisons: 3 against the best expert, the stack against the others, 4 more
             "end-to-end timing": p.timing_images * (2 * e.predict_s["filter"] + (1 + p.routing_budget) * experts),   # always-expert, then the cascade
-            "spectral baseline": (n_images["train"] + n_images["test"]) * e.spectral_s,
+            "spectral baseline": len(p.draws) * (n_images["train"] + n_images["val"] + n_images["test"]) * e.spectral_s,
             "figures": e.figures_s}
 
 def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
-    "train_cascade (the two forgers, then every detector role x seed: one row per role) and evaluate_cascade of `profile`."
+    """train_cascade (the forgers and the held-out generator; the benchmark draws built once; every detector role over every draw's seeds and
+    the left-out manipulations: one row per role) and evaluate_cascade of `profile`."""
     from project_lib.cascade.data import FORGER_DTYPE, FORGER_UPS, Forger, _sample_plan, real_photographs
     from project_lib.cascade.models import build_model, detector_loss
     from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config, split_indices
@@ -668,7 +683,8 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
         return time_call(step, 1)
     forger_s, _ = _scaled_step_s(forger_at, 32, device)
     crops = min(1024, n)
-    rows.append(StageCost("train_cascade: forgers", len(FORGER_UPS), math.ceil(crops * 0.9 / 32) * p.forger_epochs, forger_s, p.forger_epochs,
+    runs, _ = cascade_runs(p)
+    rows.append(StageCost("train_cascade: forgers", len(FORGER_UPS) + bool(p.held_out_forger), math.ceil(crops * 0.9 / 32) * p.forger_epochs, forger_s, p.forger_epochs,
                           forger_s / 3 * crops / 10 / 32, 0.0,   # validation: a forward pass (about a third of a step) over the held-out tenth
                           peak_host_gb() + images_gb, peak_device_gb(), 0.01, min(workers, len(FORGER_UPS)),
                           f"{threads} thread(s) per worker, {p.px} px, batch 32"))
@@ -687,11 +703,15 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
         xv = torch.rand(config.batch_size, 3, p.px, p.px).to(device)
         with torch.no_grad(): forward_s = time_call(lambda: net(xv, gen=gen), 1) / config.batch_size
         n_params = sum(t.numel() for t in net.parameters())
-        rows.append(StageCost(f"train_cascade: {role}", len(p.seeds), math.ceil(n_train / config.batch_size) * config.epochs, step_s, config.epochs,
+        trainings = runs + (len(p.leave_one_out) if role != "null" else 0)   # a left-out manipulation's training counted on the whole split: an upper bound
+        rows.append(StageCost(f"train_cascade: {role}", trainings, math.ceil(n_train / config.batch_size) * config.epochs, step_s, config.epochs,
                               n_val * forward_s, 0.0, peak_host_gb() + images_gb, peak_device_gb(),
-                              len(p.seeds) * _checkpoint_gb(n_params) + min(workers, len(p.seeds)) * _running_gb(n_params),
-                              min(workers, len(p.seeds)), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")))
+                              trainings * _checkpoint_gb(n_params) + min(workers, trainings) * _running_gb(n_params),
+                              min(workers, trainings), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")))
     e = cascade_evaluation_costs(p, nets, n_images, groups, device)
+    rows.insert(1, StageCost("train_cascade: benchmark draws", 0, 0, 0.0, 0, 0.0, cascade_build_s(p, n_images, e), peak_host_gb() + images_gb, peak_device_gb(),
+                             len(p.draws) * images_gb, 1, f"{len(p.draws)} draws" + (" and the held-out generator's test split" if p.held_out_forger else "")
+                             + " built once, timed one after another (the stage builds two at a time)"))
     rows.append(evaluation_stage("evaluate_cascade", cascade_evaluation_parts(p, n_images, e), peak_host_gb() + 2 * images_gb, peak_device_gb()))
     return rows
 
