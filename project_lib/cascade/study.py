@@ -347,7 +347,8 @@ def generalisation_gap(y, groups,
                        n_resamples: int = 1000, seed: int = 0) -> dict:
     """What never seeing a manipulation costs, net of a training's overall strength and of the manipulation's difficulty: [AUC on its fakes −
     AUC on the other fakes] (every real image the negatives) of the detector that never saw it, minus the same for those that saw it (mean
-    over their seeds), with a 95 % interval over test sources (resampled with replacement, the same draws for both)."""
+    over their seeds), with a 95 % interval over test sources (resampled with replacement, the same draws for both), and the training noise
+    that interval leaves out: the spread of the same gap over the seeds that saw it, times sqrt(1 + 1/seeds) (one training against their mean)."""
     y, groups, left_out = np.asarray(y), np.asarray(groups).astype(str), np.asarray(left_out, bool)
     seen, unseen = np.atleast_2d(seen), np.atleast_2d(unseen)
     if left_out[y == 0].any(): raise ValueError("left_out must mark fakes only")
@@ -367,8 +368,9 @@ def generalisation_gap(y, groups,
         idx = np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
         if (y[idx] == 0).any() and left_out[idx].any() and rest[idx].any(): reps.append(effect(idx))
     low, high = np.quantile(reps, [0.025, 0.975]) if reps else (np.nan, np.nan)
+    noise = float(np.std(sa - sb, ddof=1) * np.sqrt(1 + 1 / len(sa))) if len(sa) > 1 else np.nan
     return {"auc_seen": float(sa.mean()), "auc_held_out": float(ua[0]), "auc_rest_seen": float(sb.mean()), "auc_rest_held_out": float(ub[0]),
-            "difference": float((ua - ub)[0] - (sa - sb).mean()), "ci_low": float(low), "ci_high": float(high)}
+            "difference": float((ua - ub)[0] - (sa - sb).mean()), "ci_low": float(low), "ci_high": float(high), "training_noise_sd": noise}
 
 def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
                          lofo: dict[str, dict[str, Trained]], # {manipulation: {role: detector trained without it}} (`units.load_lofo`)
