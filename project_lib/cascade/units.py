@@ -194,9 +194,9 @@ def build_data(p: CascadeParams, runs: Path, executor: Executor = Executor()) ->
 
 def read_draw(p: CascadeParams, runs: Path, key: str) -> Benchmark:
     "A benchmark the training stage built (`draw_units`: `draws/draw<d>` or `HELD_OUT_TEST`); refuses when it is missing or stale."
-    unit = next((u for u in draw_units(p) if u.key == key), None)
-    if unit is None: raise ValueError(f"{key!r} is not a built benchmark of these parameters (generated data: {[u.key for u in draw_units(p)]})")
-    return read_benchmark(Path(runs) / key, load_units([unit], runs)[key])
+    units = {u.key: u for u in draw_units(p)}   # identities only: hashing the photographs once
+    if key not in units: raise ValueError(f"{key!r} is not a built benchmark of these parameters (generated data: {list(units)})")
+    return read_benchmark(Path(runs) / key, load_units([units[key]], runs)[key])
 
 def split_indices(p: CascadeParams, groups, draw: int | None = None) -> dict[str, np.ndarray]:
     """Sample indices of a generated benchmark draw's splits (seeded by the draw; default `p.data_seed`), from its groups alone: photographs
