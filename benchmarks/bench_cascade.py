@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from project_lib.cascade.models import build_model, detector_loss
-from project_lib.cascade.stack import gmac_per_image, to_input
-from project_lib.cascade.study import EXPERTS, CascadeParams
+from project_lib.cascade.stack import channels_last_input, gmac_per_image, to_input
+from project_lib.cascade.units import CascadeParams
 from project_lib.core import load_study_params
 from timing import best_of
 
@@ -32,8 +32,11 @@ def infer_rate(model, batch, repeats):
         return len(batch) / best_of(lambda: model(x), repeats)
 
 
-def train_rate(model, batch, repeats):
-    x, y = to_input(batch), torch.tensor(np.arange(len(batch)) % 2, dtype=torch.float32)
+def train_rate(model, batch, repeats, channels_last=False):
+    """Training images/s; channels_last: the model and its input in channels-last memory, as `stack.train_detector` trains them."""
+    if channels_last: model = model.to(memory_format=torch.channels_last)
+    x = channels_last_input(batch) if channels_last else to_input(batch)
+    y = torch.tensor(np.arange(len(batch)) % 2, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     model.train()
     def step():
@@ -46,25 +49,27 @@ def model_table(profile, repeats, batch_size, with_training):
     p = load_study_params("cascade", CascadeParams, profile)
     batch = images(batch_size, p.px)
     rows = {}
-    for role in ("filter", *EXPERTS):
+    for role in ("filter", *p.experts):
         torch.manual_seed(0)
         model = build_model(p.model_config(role))
         rows[role] = {"arch": p.models[role]["arch"], "params_M": sum(t.numel() for t in model.parameters()) / 1e6,
                       "gmac": gmac_per_image(model, p.px), "infer": infer_rate(model, batch, repeats),
-                      "train": train_rate(model, batch, repeats) if with_training else float("nan")}
+                      "train": train_rate(model, batch, repeats) if with_training else float("nan"),
+                      "train_cl": train_rate(build_model(p.model_config(role)), batch, repeats, True) if with_training else float("nan")}
     print(f"\n## Networks of the `{profile}` profile at {p.px} px (batch {batch_size}, {torch.get_num_threads()} threads, best of {repeats})\n")
-    print("| role | timm architecture | parameters (M) | GMAC / image | inference images/s | training images/s |")
-    print("|---|---|---|---|---|---|")
+    print("| role | timm architecture | parameters (M) | GMAC / image | inference images/s | training images/s | training, channels-last | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for role, r in rows.items():
-        print(f"| {role} | {r['arch']} | {r['params_M']:.2f} | {r['gmac']:.4f} | {r['infer']:.0f} | {r['train']:.0f} |")
+        print(f"| {role} | {r['arch']} | {r['params_M']:.2f} | {r['gmac']:.4f} | {r['infer']:.0f} | {r['train']:.0f} | {r['train_cl']:.0f} | {r['train_cl'] / r['train']:.2f}x |")
     return p, rows
 
 
 def cascade_table(rows, fractions, chosen):
     """Images/s of the filter on every image plus the experts on the routed share (the meta-model's time is negligible)."""
+    experts = [r for r in rows if r != "filter"]
     filter_s = 1 / rows["filter"]["infer"]
-    experts_s = sum(1 / rows[e]["infer"] for e in EXPERTS)
-    experts_gmac = sum(rows[e]["gmac"] for e in EXPERTS)
+    experts_s = sum(1 / rows[e]["infer"] for e in experts)
+    experts_gmac = sum(rows[e]["gmac"] for e in experts)
     print("\n## Cascade throughput against always running the experts (filter on every image, experts on the routed share)\n")
     print("| pipeline | routed fraction | GMAC / image | images/s | speed-up |")
     print("|---|---|---|---|---|")

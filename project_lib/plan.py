@@ -600,7 +600,7 @@ def cascade_evaluation_costs(p, nets: dict, # {role: a detector of the role, unt
     from project_lib.cascade.data import FORGER_UPS, Benchmark, Forger, build_benchmark
     from project_lib.cascade.stack import fit_lightgbm, fit_logistic, paired_bootstrap, predict, stage3_features
     from project_lib.cascade.study import spectral_features
-    from project_lib.cascade.units import EXPERTS, benchmark_draft
+    from project_lib.cascade.units import benchmark_draft
     evaluation_threads()
     t0 = time.perf_counter(); draft = benchmark_draft(p); draft_s = time.perf_counter() - t0
     k, rng = min(len(draft.plan), max(8, 64 * 64 ** 2 // p.px ** 2)), np.random.default_rng(0)   # 64 images of 64 px, or as many pixels
@@ -616,7 +616,7 @@ def cascade_evaluation_costs(p, nets: dict, # {role: a detector of the role, unt
     for role, net in nets.items():
         t0 = time.perf_counter(); outs[role] = predict(net, sample, device); predict_s[role] = (time.perf_counter() - t0) / len(idx)
     rows = np.sort(np.r_[np.arange(len(idx)), rng.integers(0, len(idx), n_rows - len(idx))])
-    features = stage3_features({r: outs[r] for r in EXPERTS}, outs["filter"]["prob"]).iloc[rows].reset_index(drop=True)
+    features = stage3_features({r: outs[r] for r in p.experts}, outs["filter"]["prob"]).iloc[rows].reset_index(drop=True)
     features += rng.normal(0, 1e-3, features.shape) * features.std().to_numpy()
     labels, photographs = sample.label[rows], sample.group[rows]
     test_y, scores = np.arange(n_images["test"]) % 2, rng.uniform(size=(2, len(p.seeds), n_images["test"]))
@@ -641,15 +641,14 @@ def cascade_build_s(p, n_images: dict[str, int], e: CascadeEvaluationCosts) -> f
 def cascade_evaluation_parts(p, n_images: dict[str, int], e: CascadeEvaluationCosts) -> dict[str, float]:
     """evaluate_cascade's seconds by part: the counts of `p` (a `CascadeParams`) and its splits' `n_images` times the unit costs `e` (the
     benchmark draws are read, not built: `cascade_build_s` is the training stage's)."""
-    from project_lib.cascade.units import EXPERTS
     scored = n_images["val"] + n_images["blend"] + n_images["test"]
-    experts = sum(e.predict_s[r] for r in EXPERTS)
+    experts = sum(e.predict_s[r] for r in p.experts)
     runs, generalisation = cascade_runs(p)
     return {"start-up": e.startup_s,
             "scoring": runs * ((e.predict_s["filter"] + experts) * scored + e.predict_s["null"] * n_images["test"])   # the null on test only
                        + generalisation * (e.predict_s["filter"] + experts) * scored,
             "stacking": runs * (e.logistic_s + 2 * e.lightgbm_s) + generalisation * e.lightgbm_s,   # the experts-only stack besides; the LightGBM stack alone again
-            "bootstraps": (len(EXPERTS) + 6) * e.bootstrap_s,   # the paired comparisons: 3 against the best expert, the stack against the others, 4 more
+            "bootstraps": (len(p.experts) + 6) * e.bootstrap_s,   # the paired comparisons: 3 against the best expert, the stack against the others, 4 more
             "end-to-end timing": p.timing_images * (2 * e.predict_s["filter"] + (1 + p.routing_budget) * experts),   # always-expert, then the cascade
             "spectral baseline": len(p.draws) * (n_images["train"] + n_images["val"] + n_images["test"]) * e.spectral_s,
             "figures": e.figures_s}
@@ -659,7 +658,7 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
     the left-out manipulations: one row per role) and evaluate_cascade of `profile`."""
     from project_lib.cascade.data import FORGER_DTYPE, FORGER_UPS, Forger, _sample_plan, real_photographs
     from project_lib.cascade.models import build_model, detector_loss
-    from project_lib.cascade.units import DETECTORS, CascadeParams, detector_config, split_indices
+    from project_lib.cascade.units import CascadeParams, detector_config, split_indices
     p = load_study_params("cascade", CascadeParams, profile)
     device = device or select_device()
     workers = worker_count(p.n_jobs)
@@ -688,13 +687,14 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
                           forger_s / 3 * crops / 10 / 32, 0.0,   # validation: a forward pass (about a third of a step) over the held-out tenth
                           peak_host_gb() + images_gb, peak_device_gb(), 0.01, min(workers, len(FORGER_UPS)),
                           f"{threads} thread(s) per worker, {p.px} px, batch 32"))
-    for role in DETECTORS:
+    for role in p.detectors:
         config = detector_config(p, role)
-        net = nets[role] = build_model(config).to(device)
+        net = nets[role] = build_model(config).to(device).to(memory_format=torch.channels_last)   # as the detectors train
         opt = torch.optim.Adam(net.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
         def at(batch, net=net, opt=opt):
-            xb, yb = torch.rand(batch, 3, p.px, p.px).to(device), torch.randint(0, 2, (batch,)).to(device)
+            xb = torch.rand(batch, 3, p.px, p.px).to(device).contiguous(memory_format=torch.channels_last)
+            yb = torch.randint(0, 2, (batch,)).to(device)
             def step():
                 net.train(); loss = detector_loss(net(xb, gen=gen), xb, yb); opt.zero_grad(); loss.backward(); opt.step()
             return time_call(step, 1)
@@ -707,7 +707,8 @@ def plan_cascade(profile: str, device: str | None = None) -> list[StageCost]:
         rows.append(StageCost(f"train_cascade: {role}", trainings, math.ceil(n_train / config.batch_size) * config.epochs, step_s, config.epochs,
                               n_val * forward_s, 0.0, peak_host_gb() + images_gb, peak_device_gb(),
                               trainings * _checkpoint_gb(n_params) + min(workers, trainings) * _running_gb(n_params),
-                              min(workers, trainings), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")))
+                              min(workers, trainings), f"{p.px} px on {device}, batch {config.batch_size}" + ("" if real else " (scaled from batch 2)")
+                              + (f"; stops on a plateau (patience {config.patience}): its {config.epochs} epochs an upper bound" if config.patience else "")))
     e = cascade_evaluation_costs(p, nets, n_images, groups, device)
     rows.insert(1, StageCost("train_cascade: benchmark draws", 0, 0, 0.0, 0, 0.0, cascade_build_s(p, n_images, e), peak_host_gb() + images_gb, peak_device_gb(),
                              len(p.draws) * images_gb, 1, f"{len(p.draws)} draws" + (" and the held-out generator's test split" if p.held_out_forger else "")

@@ -112,7 +112,7 @@ def test_cascade_paper_plan_holds_for_measured_steps_and_validation(tmp_path, mo
     from project_lib.plan import peak_host_gb, plan_cascade
     steps, n_val = 3, 128
     p = load_study_params("cascade", CascadeParams, "paper")
-    monkeypatch.setattr(units, "DETECTORS", ("filter",))
+    monkeypatch.setattr(units.CascadeParams, "detectors", property(lambda self: ("filter",)))
     planned = next(c for c in plan_cascade("paper", "cpu") if c.stage == "train_cascade: filter")   # sets the worker's torch threads
     photos = real_photographs(p.n_faces)
     groups = np.array([photos[s["photo"]]["name"] for s in _sample_plan(photos, p.crops_per_photo, p.crops_per_face, 0.5, p.data_seed)], dtype=object)

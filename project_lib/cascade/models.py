@@ -205,8 +205,9 @@ class ModelConfig:
     schedule: str = "cosine" # "cosine" (over `epochs`) or "step" (x gamma every step_size epochs)
     step_size: int = 10
     gamma: float = 0.1
-    epochs: int = 5
+    epochs: int = 5 # the cap when `patience` stops training earlier
     batch_size: int = 32
+    patience: int = 0 # stop once validation AUC has not improved for this many epochs (a plateau, measured); 0: train every epoch
 
     def __post_init__(self):
         check_field_types(self, self.role)
@@ -215,6 +216,7 @@ class ModelConfig:
         if self.optimizer not in ("adamw", "adam"): raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step"): raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0: raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.patience < 0: raise ValueError(f"{self.role}.patience must be >= 0 (0: no early stopping), got {self.patience}")
 
     def lr_at(self, epoch: int) -> float:
         "Learning rate of a 0-based epoch."

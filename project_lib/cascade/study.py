@@ -21,19 +21,20 @@ from .models import build_model
 from .stack import (Trained, averaging, paired_bootstrap, best_threshold, binary_metrics, calibrated, cascade_decision, choose_band, fit_lightgbm,
                                        fit_logistic, fit_temperature, gmac_per_image, importance_by_family, predict, risk_coverage, roc_auc,
                                        seconds_per_image, stage3_features, to_input)
-from .units import EXPERTS, CascadeParams, held_out_index, leave_out, left_out_families, load_data, load_detectors
+from .units import GENCONVIT, CascadeParams, held_out_index, leave_out, left_out_families, load_data, load_detectors
 from ..core import summarise_over_seeds
 
 # %% auto #0
-__all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'METHODS', 'STACKERS', 'EXPERT_NAMES', 'SIMPLER', 'LOFO_METHODS',
-           'GENERATOR_FAMILIES', 'RISK_COVERAGE_METHODS', 'data_card', 'spectral_features', 'spectral_baseline',
-           'global_statistics', 'trivial_detectors', 'trivial_table', 'best_detector', 'trivially_detectable',
-           'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity', 'cost_table',
-           'paper_cost', 'measured_cascade_ms', 'histories', 'stack_importance', 'scores_matrix', 'best_single_expert',
-           'success_criteria', 'as_good_as_the_stack', 'stack_verdict', 'generalisation_gap', 'leave_one_family_out',
-           'held_out_forger', 'auc_rows', 'hierarchical_bootstrap', 'bootstrap_differences', 'evaluate_draw',
-           'draw_scores', 'score_draws', 'plot_examples', 'plot_reconstructions', 'plot_curves', 'risk_coverage_curves',
-           'plot_risk_coverage', 'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
+__all__ = ['STATISTICS', 'TRIVIAL_BAR', 'FAMILY_TRACES', 'STACKERS', 'EXPERT_NAMES', 'SIMPLER', 'GENERATOR_FAMILIES',
+           'RISK_COVERAGE_METHODS', 'data_card', 'spectral_features', 'spectral_baseline', 'global_statistics',
+           'trivial_detectors', 'trivial_table', 'best_detector', 'trivially_detectable', 'methods', 'stages',
+           'experts_of', 'run_seed', 'seed_metrics', 'routing_table', 'family_accuracy', 'complementarity',
+           'cost_table', 'paper_cost', 'measured_cascade_ms', 'histories', 'convergence', 'stack_importance',
+           'scores_matrix', 'best_single_expert', 'success_criteria', 'as_good_as_the_stack', 'stack_verdict',
+           'generalisation_gap', 'leave_one_family_out', 'held_out_forger', 'auc_rows', 'hierarchical_bootstrap',
+           'bootstrap_differences', 'evaluate_draw', 'draw_scores', 'score_draws', 'plot_examples',
+           'plot_reconstructions', 'plot_curves', 'risk_coverage_curves', 'plot_risk_coverage',
+           'family_accuracy_curves', 'plot_family_accuracy', 'reconstruction_quality']
 
 # %% ../../nbs/43_cascade_study.ipynb #5187af4e
 def data_card(p: CascadeParams, splits: dict[str, Benchmark], bench: Benchmark) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -145,9 +146,19 @@ def trivially_detectable(table: pd.DataFrame, # `trivial_table`
     return [f"{f} {row[f]:.2f} ({FAMILY_TRACES[f]})" for f in FAMILIES if f in row.index and row[f] > bar]
 
 # %% ../../nbs/43_cascade_study.ipynb #c012
-METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "averaging", "logistic stack", "LightGBM stack", "experts-only stack", "cascade")
-
 STACKERS = ("averaging", "logistic stack", "LightGBM stack", "experts-only stack") # the meta-models a seed fits; the cascade routes to the LightGBM stack
+
+def methods(experts: Sequence[str]) -> tuple[str, ...]:
+    "Every method a seed scores, given the profile's experts: the filter, the experts, the meta-models and the cascade."
+    return ("filter", *experts, *STACKERS, "cascade")
+
+def stages(experts: Sequence[str]) -> tuple[str, ...]:
+    "The cascade's stages, given the profile's experts: the filter, each expert, the LightGBM stack and the cascade."
+    return ("filter", *experts, "LightGBM stack", "cascade")
+
+def experts_of(results: list[dict]) -> tuple[str, ...]:
+    "The experts `run_seed` results were made with (every scored role but the filter)."
+    return tuple(r for r in results[0]["outs"] if r != "filter")
 
 def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str, Trained], device: str = "cpu",
              stackers: Sequence[str] = STACKERS, # the meta-models to fit (the LightGBM stack always: the cascade routes to it)
@@ -156,18 +167,18 @@ def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str
     if "LightGBM stack" not in stackers or not set(stackers) <= set(STACKERS):
         raise ValueError(f"stackers must be some of {STACKERS} with the LightGBM stack (the cascade routes to it), got {list(stackers)}")
     val, blend, test = (splits[k] for k in ("val", "blend", "test"))
-    trained, seed = {role: detectors[role] for role in ("filter", *EXPERTS)}, detectors["filter"].seed
+    trained, seed = {role: detectors[role] for role in ("filter", *p.experts)}, detectors["filter"].seed
     outs = {role: {k: predict(t.model, b, device) for k, b in (("val", val), ("blend", blend), ("test", test))} for role, t in trained.items()}
     temperature = fit_temperature(outs["filter"]["blend"]["logit"], blend.label)
     p1 = {k: calibrated(outs["filter"][k]["logit"], temperature) for k in ("val", "blend", "test")}
-    feats = {k: stage3_features({r: outs[r][k] for r in EXPERTS}, p1[k]) for k in ("val", "blend", "test")}
-    fit = {"averaging": lambda: averaging([f"{r}_prob" for r in EXPERTS]),
+    feats = {k: stage3_features({r: outs[r][k] for r in p.experts}, p1[k]) for k in ("val", "blend", "test")}
+    fit = {"averaging": lambda: averaging([f"{r}_prob" for r in p.experts]),
            "logistic stack": lambda: fit_logistic(feats["blend"], blend.label, blend.group, p.stack_folds),
            "LightGBM stack": lambda: fit_lightgbm(feats["blend"], blend.label, blend.group, seed, p.stack_folds, p.lgbm_max_rounds),
            "experts-only stack": lambda: dataclasses.replace(fit_lightgbm(feats["blend"].drop(columns="filter_prob"), blend.label, blend.group, seed,
                                                                           p.stack_folds, p.lgbm_max_rounds), name="experts-only stack")}   # without the filter's probability
     stackers = {name: fit[name]() for name in STACKERS if name in stackers}
-    prob = {k: {"filter": p1[k], **{r: outs[r][k]["prob"] for r in EXPERTS}, **{n: s.predict(feats[k]) for n, s in stackers.items()}} for k in ("val", "test")}
+    prob = {k: {"filter": p1[k], **{r: outs[r][k]["prob"] for r in p.experts}, **{n: s.predict(feats[k]) for n, s in stackers.items()}} for k in ("val", "test")}
     thresholds = {m: best_threshold(val.label, prob["val"][m]) for m in prob["val"]}
     band = choose_band(p1["val"], prob["val"]["LightGBM stack"], val.label, p.routing_budget, thresholds["LightGBM stack"])
     score, decision, routed = cascade_decision(p1["test"], prob["test"]["LightGBM stack"], band, thresholds["LightGBM stack"])
@@ -181,7 +192,7 @@ def run_seed(p: CascadeParams, splits: dict[str, Benchmark], detectors: dict[str
 def seed_metrics(r: dict, test: Benchmark, spectral_prob: np.ndarray) -> pd.DataFrame:
     "Test AUC, F1, accuracy and ECE per method of one seed (F1 and accuracy from the validation-chosen decisions), with the null and the spectral baseline."
     rows = []
-    for m in METHODS:
+    for m in methods(experts_of([r])):
         y, d, s = test.label, r["test_decision"][m], r["test_prob"][m]
         tp, fp, fn = ((d == 1) & (y == 1)).sum(), ((d == 1) & (y == 0)).sum(), ((d == 0) & (y == 1)).sum()
         met = binary_metrics(y, s, 0.5)
@@ -201,11 +212,11 @@ def routing_table(r: dict, test: Benchmark) -> dict:
             "auc_routed": roc_auc(y[routed], r["test_prob"]["cascade"][routed]) if len(np.unique(y[routed])) == 2 else np.nan,
             "filter_auc_on_routed": roc_auc(y[routed], r["test_prob"]["filter"][routed]) if len(np.unique(y[routed])) == 2 else np.nan}
 
-def family_accuracy(results: list[dict], test: Benchmark, methods=("filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade")) -> pd.DataFrame:
-    "Share of test images decided correctly per family and strength (reals: specificity), pooled over seeds."
+def family_accuracy(results: list[dict], test: Benchmark, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    "Share of test images decided correctly per family and strength (reals: specificity), pooled over seeds, per method (default: `stages`)."
     rows = []
     for r in results:
-        for m in methods:
+        for m in methods or stages(experts_of(results)):
             ok = r["test_decision"][m] == test.label
             df = pd.DataFrame({"family": test.meta.family.to_numpy(), "strength": test.meta.strength.to_numpy(), "ok": ok})
             for (fam, s), g in df.groupby(["family", "strength"]): rows.append({"method": m, "family": fam, "strength": s, "seed": r["seed"], "accuracy": g.ok.mean(), "n": len(g)})
@@ -224,7 +235,7 @@ def complementarity(results: list[dict], test: Benchmark, a: str = "effnet", b: 
 
 def cost_table(p: CascadeParams, results: list[dict], test: Benchmark) -> tuple[pd.DataFrame, pd.DataFrame]:
     "(per model: parameters, GMAC and measured ms per image; always-expert vs cascade: GMAC and measured ms per image at the routed fraction)."
-    r0 = results[0]
+    r0, experts = results[0], experts_of(results)
     images = test.images[:p.timing_images]
     rows = []
     for role, t in r0["trained"].items():
@@ -233,10 +244,10 @@ def cost_table(p: CascadeParams, results: list[dict], test: Benchmark) -> tuple[
                      "gmac": gmac_per_image(m, p.px), "ms_per_image": 1e3 * seconds_per_image(m, images)})
     per = pd.DataFrame(rows).set_index("model")
     feats_t0 = time.perf_counter()
-    r0["stackers"]["LightGBM stack"].predict(stage3_features({e: {k: v[:len(images)] for k, v in r0["outs"][e]["test"].items()} for e in EXPERTS},
+    r0["stackers"]["LightGBM stack"].predict(stage3_features({e: {k: v[:len(images)] for k, v in r0["outs"][e]["test"].items()} for e in experts},
                                                              r0["test_prob"]["filter"][:len(images)]))
     meta_ms = 1e3 * (time.perf_counter() - feats_t0) / len(images)
-    experts_gmac, experts_ms = per.loc[list(EXPERTS), "gmac"].sum(), per.loc[list(EXPERTS), "ms_per_image"].sum() + meta_ms
+    experts_gmac, experts_ms = per.loc[list(experts), "gmac"].sum(), per.loc[list(experts), "ms_per_image"].sum() + meta_ms
     routed = np.mean([r["routed"].mean() for r in results])
     casc = pd.DataFrame([{"pipeline": "always experts (+ meta-model)", "routed_fraction": 1.0, "gmac": experts_gmac, "ms_per_image": experts_ms},
                          {"pipeline": "cascade (filter, experts on routed)", "routed_fraction": routed,
@@ -249,8 +260,8 @@ def paper_cost(routed_fraction: float, profile: str = "paper") -> pd.DataFrame:
     "GMAC per image of another profile's models (default: the seed's, at 256 px), always-expert vs cascade at `routed_fraction` (counted, not run)."
     from project_lib.core import load_study_params
     q = load_study_params("cascade", CascadeParams, profile)
-    gmac = {role: gmac_per_image(build_model(q.model_config(role)), q.px) for role in ("filter", *EXPERTS)}
-    experts = sum(gmac[e] for e in EXPERTS)
+    gmac = {role: gmac_per_image(build_model(q.model_config(role)), q.px) for role in ("filter", *q.experts)}
+    experts = sum(gmac[e] for e in q.experts)
     out = pd.DataFrame([{"pipeline": f"always experts ({profile} profile, {q.px} px)", "routed_fraction": 1.0, "gmac": experts},
                         {"pipeline": f"cascade ({profile} profile, {q.px} px)", "routed_fraction": routed_fraction, "gmac": gmac["filter"] + routed_fraction * experts}])
     out["gmac_saving"] = out.gmac.iloc[0] / out.gmac
@@ -267,7 +278,7 @@ def measured_cascade_ms(results: list[dict], splits: dict[str, Benchmark], n: in
         routed = np.ones(len(p1), bool) if route_all else (p1 >= r0["band"][0]) & (p1 <= r0["band"][1])
         if routed.any():
             sub = test.subset(np.flatnonzero(routed))
-            outs = {e: predict(models[e], sub) for e in EXPERTS}
+            outs = {e: predict(models[e], sub) for e in experts_of(results)}
             r0["stackers"]["LightGBM stack"].predict(stage3_features(outs, p1[routed]))
         return 1e3 * (time.perf_counter() - t0) / len(p1), float(routed.mean())
     always, cascade = run(True), run(False)
@@ -276,6 +287,18 @@ def measured_cascade_ms(results: list[dict], splits: dict[str, Benchmark], n: in
 def histories(results: list[dict]) -> pd.DataFrame:
     "Training curves: per role and seed, the training loss and validation AUC of every epoch."
     return pd.concat([t.history.assign(role=role, seed=r["seed"]) for r in results for role, t in r["trained"].items()], ignore_index=True)
+
+def convergence(hist: pd.DataFrame, # `histories`
+                p: CascadeParams) -> pd.DataFrame:
+    """Per role and seed: the epochs trained of the recipe's cap, the best epoch and its validation AUC, and whether validation had
+    plateaued: `patience` epochs (2 without early stopping) after the best without a better AUC."""
+    rows = []
+    for (role, seed), g in hist.groupby(["role", "seed"], sort=False):
+        config, auc = p.model_config(role), g.sort_values("epoch").val_auc.to_numpy()
+        best = int(np.argmax(auc))   # the first best, as training keeps it
+        rows.append({"role": role, "seed": seed, "epochs": len(auc), "cap": config.epochs, "best_epoch": best + 1, "best_val_auc": float(auc[best]),
+                     "plateau": len(auc) - 1 - best >= (config.patience or 2)})
+    return pd.DataFrame(rows)
 
 def stack_importance(results: list[dict]) -> pd.DataFrame:
     "LightGBM's gain share per input family, per seed."
@@ -287,7 +310,7 @@ def scores_matrix(results: list[dict], method: str) -> np.ndarray:
 
 def best_single_expert(results: list[dict], val: Benchmark) -> str:
     "The expert with the highest mean validation AUC over seeds (chosen on validation, not test)."
-    return max(EXPERTS, key=lambda e: np.mean([roc_auc(val.label, r["outs"][e]["val"]["prob"]) for r in results]))
+    return max(experts_of(results), key=lambda e: np.mean([roc_auc(val.label, r["outs"][e]["val"]["prob"]) for r in results]))
 
 EXPERT_NAMES = {"effnet": "EfficientNetV2", "genconvit_ed": "GenConViT ED", "genconvit_vae": "GenConViT VAE"}
 
@@ -326,15 +349,13 @@ def stack_verdict(gains: pd.DataFrame, # paired AUC differences: method - versus
             "mde": float(2.8 * (head.ci_high - head.ci_low) / 3.92), "simpler_does_as_well": bool(as_good_as_the_stack(gains, best, simpler))}
 
 # %% ../../nbs/43_cascade_study.ipynb #6b196eb2
-LOFO_METHODS = ("filter", "effnet", "genconvit_ed", "genconvit_vae", "LightGBM stack", "cascade") # every stage, scored on a family it never saw
-
 def _generalisation_rows(p: CascadeParams, label: dict, y, groups,
                          seen: dict, # {method: test scores of the detectors that saw the manipulation}, on the images of `y`
                          unseen: dict, # {method: test scores of those that did not}, on the same images
                         ) -> list[dict]:
-    "Per method of `LOFO_METHODS`: AUC seen and unseen on the same test images, and the paired difference with a 95 % interval over test sources."
+    "Per method (a stage: `stages`): AUC seen and unseen on the same test images, and the paired difference with a 95 % interval over test sources."
     rows = []
-    for m in LOFO_METHODS:
+    for m in seen:
         d = paired_bootstrap(y, groups, seen[m][None], unseen[m][None], n_resamples=p.bootstrap_resamples)
         rows.append({**label, "method": m, "fakes": int(np.sum(y)), "auc_seen": roc_auc(y, seen[m]), "auc_held_out": roc_auc(y, unseen[m]),
                      "difference": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
@@ -386,7 +407,7 @@ def leave_one_family_out(p: CascadeParams, splits: dict[str, Benchmark],
         mask = np.isin(family, families)
         rows += [{"family": " + ".join(families), "method": m, "fakes": int(mask.sum()),
                   **generalisation_gap(test.label, test.group, mask, np.stack([s["test_prob"][m] for s in seen]), r["test_prob"][m], p.bootstrap_resamples)}
-                 for m in LOFO_METHODS]
+                 for m in stages(p.experts)]
     return pd.DataFrame(rows)
 
 GENERATOR_FAMILIES = ("generator", "generator_matched") # the families a generator's rendering makes (the held-out forger re-makes them)
@@ -408,7 +429,7 @@ def held_out_forger(p: CascadeParams, splits: dict[str, Benchmark],
         if not (test.meta.family == family).any(): continue   # no test fake of this family (small benchmarks)
         idx = held_out_index(test, family)
         rows += _generalisation_rows(p, {"family": family}, test.label[idx], test.group[idx],
-                                     {m: seen["test_prob"][m][idx] for m in LOFO_METHODS}, {m: r["test_prob"][m][idx] for m in LOFO_METHODS})
+                                     {m: seen["test_prob"][m][idx] for m in stages(p.experts)}, {m: r["test_prob"][m][idx] for m in stages(p.experts)})
     return pd.DataFrame(rows)
 
 
@@ -491,7 +512,7 @@ def draw_scores(results: list[dict], splits: dict[str, Benchmark], trivial: dict
     test, val = splits["test"], splits["val"]
     best, best_trivial, honest = best_single_expert(results, val), best_detector(trivial, test.label), best_detector(trivial_val, val.label)
     return {"y": test.label, "groups": test.group, "best single expert": best, "best trivial": best_trivial, "best trivial on validation": honest,
-            "scores": {**{m: scores_matrix(results, m) for m in METHODS}, "best single expert": scores_matrix(results, best),
+            "scores": {**{m: scores_matrix(results, m) for m in methods(experts_of(results))}, "best single expert": scores_matrix(results, best),
                        "null (shuffled labels)": np.stack([r["null_prob"] for r in results]), "best trivial": trivial[best_trivial],
                        "best trivial (chosen on validation)": trivial[honest]}}
 
@@ -525,13 +546,13 @@ def plot_examples(bench: Benchmark, per_family: int = 6, seed: int = 0):
     return fig
 
 def plot_reconstructions(results: list[dict], test: Benchmark, n: int = 6):
-    "Test images and their GenConViT ED and VAE reconstructions (seed of the first result)."
-    r0 = results[0]
+    "Test images and their reconstructions by each GenConViT the run trained (ED, VAE; seed of the first result)."
+    r0, roles = results[0], [e for e in experts_of(results) if e in GENCONVIT]
     idx = np.linspace(0, len(test.images) - 1, n).astype(int)
     x = to_input(test.images[idx])
-    fig, axes = plt.subplots(3, n, figsize=(1.5 * n, 4.8))
+    fig, axes = plt.subplots(1 + len(roles), n, figsize=(1.5 * n, 1.6 * (1 + len(roles))))
     rows = [("input", test.images[idx])]
-    for role in ("genconvit_ed", "genconvit_vae"):
+    for role in roles:
         m = r0["trained"][role].model.cpu().eval()
         with torch.no_grad(): rec = m(x)["recon"]
         rows.append((role, to_uint8(rec)))
@@ -588,14 +609,14 @@ def plot_family_accuracy(fam: pd.DataFrame):
 
 # %% ../../nbs/43_cascade_study.ipynb #6191e8aa
 def reconstruction_quality(results: list[dict], train: Benchmark, test: Benchmark) -> pd.DataFrame:
-    """PSNR (dB; inputs in [-1, 1], so a peak-to-peak of 2) of the GenConViT ED's and VAE's test reconstructions per seed, beside two
+    """PSNR (dB; inputs in [-1, 1], so a peak-to-peak of 2) of each trained GenConViT's (ED, VAE) test reconstructions per seed, beside two
     reconstructions that learned nothing: the mean training image, and each test image's own mean colour (a flat image)."""
     mean_image = sum(to_input(train.images[i:i + 256]).sum(0) for i in range(0, len(train.images), 256)) / len(train.images)
     x = to_input(test.images)
     psnr = lambda mse: float(10 * np.log10(4.0 / max(float(mse), 1e-12)))
     baselines = {"mean training image": psnr(((x - mean_image) ** 2).mean()), "flat (own mean colour)": psnr(x.var((2, 3), unbiased=False).mean())}
     rows = [{"seed": r["seed"], "model": role, "psnr_db": psnr(np.mean(r["outs"][role]["test"]["recon_error"])), **baselines}
-            for r in results for role in ("genconvit_ed", "genconvit_vae")]
+            for r in results for role in experts_of(results) if role in GENCONVIT]
     out = pd.DataFrame(rows)
     out["above_baselines"] = out.psnr_db > out[list(baselines)].max(axis=1)
     return out

@@ -20,14 +20,15 @@ from .stack import Trained, load_detector, train_detector_unit
 from ..engine import Executor, TrainingUnit, code_hash, file_hash, load_units, run_units
 
 # %% auto #0
-__all__ = ['EXPERTS', 'MADE_TOGETHER', 'HELD_OUT_TEST', 'DETECTORS', 'DETECTOR_CODE', 'left_out_families', 'CascadeParams',
+__all__ = ['EXPERTS', 'GENCONVIT', 'MADE_TOGETHER', 'HELD_OUT_TEST', 'DETECTOR_CODE', 'left_out_families', 'CascadeParams',
            'benchmark_draft', 'forger_units', 'held_out_forger_unit', 'photographs_hash', 'save_benchmark',
            'read_benchmark', 'draw_units', 'build_data', 'read_draw', 'split_indices', 'load_data', 'check_grouped',
            'detector_config', 'detector_unit', 'detector_units', 'further_draw_units', 'leave_out', 'held_out_index',
            'lofo_units', 'load_detectors', 'held_out_forger_test', 'load_lofo']
 
 # %% ../../nbs/42a_cascade_units.ipynb #u005
-EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae")
+EXPERTS = ("effnet", "genconvit_ed", "genconvit_vae") # the expert roles a profile may train: EfficientNetV2 and GenConViT (ED, VAE or both)
+GENCONVIT = ("genconvit_ed", "genconvit_vae")
 MADE_TOGETHER = {"generator_matched": "generator"} # a family another's process also makes, left out with it: the same generator renders both
 
 def left_out_families(name: str) -> tuple[str, ...]:
@@ -72,10 +73,11 @@ class CascadeParams:
             if fr is None: continue
             if set(fr) != {"train", "val", "blend", "test"}: raise ValueError(f"cascade.{name} needs train, val, blend and test, got {sorted(fr)}")
             if not np.isclose(sum(fr.values()), 1) or min(fr.values()) <= 0: raise ValueError(f"cascade.{name}'s fractions must be positive and sum to 1, got {fr}")
-        if set(self.models) != {"filter", *EXPERTS}: raise ValueError(f"cascade.models needs filter, {', '.join(EXPERTS)}; got {sorted(self.models)}")
+        if set(self.models) - {"filter", *EXPERTS} or not {"filter", "effnet"} <= set(self.models) or not set(GENCONVIT) & set(self.models):
+            raise ValueError(f"cascade.models names the filter and the two experts: filter, effnet and GenConViT ({' and/or '.join(GENCONVIT)}); got {sorted(self.models)}")
         if len(self.seeds) < 1: raise ValueError("cascade.seeds must not be empty")
         if self.auc_margin <= 0: raise ValueError(f"cascade.auc_margin must be > 0, got {self.auc_margin}")
-        if not set(self.success_criteria) <= set(EXPERTS): raise ValueError(f"cascade.success_criteria names experts of {EXPERTS}, got {sorted(self.success_criteria)}")
+        if not set(self.success_criteria) <= set(self.experts): raise ValueError(f"cascade.success_criteria names experts of {self.experts}, got {sorted(self.success_criteria)}")
         if self.px < 32 or self.px % 32: raise ValueError(f"cascade.px must be a positive multiple of 32 (the backbones downsample by 32), got {self.px}")
         if not 0 < self.routing_budget <= 1: raise ValueError(f"cascade.routing_budget is a fraction of the validation images, in (0, 1]; got {self.routing_budget}")
         if self.eval_crops_per_source < 1: raise ValueError(f"cascade.eval_crops_per_source must be >= 1, got {self.eval_crops_per_source}")   # its type: checked above
@@ -96,6 +98,16 @@ class CascadeParams:
 
     def model_config(self, role: str) -> ModelConfig:
         return ModelConfig(role=role, px=self.px, **self.models[role])
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        "The experts this profile trains, in `EXPERTS` order."
+        return tuple(e for e in EXPERTS if e in self.models)
+
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        "The networks trained per seed, in training order: the filter, the experts, and the null (the filter trained one epoch on shuffled labels)."
+        return ("filter", *self.experts, "null")
 
     @property
     def draws(self) -> list[int]:
@@ -240,14 +252,12 @@ def check_grouped(splits: dict[str, Benchmark]):
             if digests[a] & digests[b]: raise ValueError(f"splits {a!r} and {b!r} share an image")
 
 # %% ../../nbs/42a_cascade_units.ipynb #u010
-DETECTORS = ("filter", *EXPERTS, "null") # per seed, in training order; the null is the filter trained one epoch on shuffled labels
-
 def _shuffled(b: Benchmark, seed: int) -> Benchmark:
     return dataclasses.replace(b, label=np.random.default_rng(seed).permutation(b.label))
 
 def detector_config(p: CascadeParams, role: str) -> ModelConfig:
     "The recipe of a detector role (the null: the filter's, one epoch)."
-    return dataclasses.replace(p.model_config("filter"), epochs=1) if role == "null" else p.model_config(role)
+    return dataclasses.replace(p.model_config("filter"), epochs=1, patience=0) if role == "null" else p.model_config(role)
 
 DETECTOR_CODE = (cascade_data, cascade_models, cascade_stack, engine) # the modules a detector's training runs: a change retrains
 
@@ -268,7 +278,7 @@ def detector_units(p: CascadeParams, splits: dict[str, Benchmark], # the draw's 
     train, val = splits["train"], splits["val"]
     val_hash, folder = val.data_hash(), "detectors" if draw == p.data_seed else f"detectors/draw{draw}"
     return [detector_unit(p, f"{folder}/{role}/seed{seed}", role, seed, _shuffled(train, seed) if role == "null" else train, val, val_hash)
-            for seed in p.seeds_of(draw) for role in DETECTORS]
+            for seed in p.seeds_of(draw) for role in p.detectors]
 
 def further_draw_units(p: CascadeParams, runs: Path) -> list[TrainingUnit]:
     "The detector units of every further draw (`detector_units`), on the benchmarks the training stage built (`build_data`)."
@@ -287,10 +297,10 @@ def lofo_units(p: CascadeParams, splits: dict[str, Benchmark]) -> list[TrainingU
     without its fakes (`leave_out`; `runs/detectors/lofo-<name>/<role>`); none for manifests (their fakes have no family)."""
     if p.data == "manifests": return []
     units, seed = [], p.seeds[0]
-    for family in p.leave_one_out:   # the family's training and validation images, made and hashed once for its four units
+    for family in p.leave_one_out:   # the family's training and validation images, made and hashed once for its units
         train, val = leave_out(splits["train"], family), leave_out(splits["val"], family)
         val_hash = val.data_hash()
-        units += [detector_unit(p, f"detectors/lofo-{family}/{role}", role, seed, train, val, val_hash) for role in ("filter", *EXPERTS)]
+        units += [detector_unit(p, f"detectors/lofo-{family}/{role}", role, seed, train, val, val_hash) for role in ("filter", *p.experts)]
     return units
 
 def load_detectors(p: CascadeParams, splits: dict[str, Benchmark], runs: Path, device: str = "cpu",
