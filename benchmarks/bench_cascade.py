@@ -4,7 +4,8 @@ routed fraction the cpu profile's band chose (read from outputs/cpu/cascade/metr
 few other routed fractions.
 
 Throughput does not depend on the images' content, so inputs are random uint8 images and the networks freshly
-initialised. Run: `.venv/bin/python benchmarks/bench_cascade.py [--quick] [--threads N]`.
+initialised. Run: `.venv/bin/python benchmarks/bench_cascade.py [--quick] [--threads N] [--batch N]` (`--threads 1 --batch 32`: as the
+cpu profile's detectors train).
 """
 import argparse
 import json
@@ -84,10 +85,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no paper-profile networks")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64, help="images per step (the cpu profile trains 32 per step on one thread per worker)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else 3
-    _, cpu_rows = model_table("cpu", repeats, 64, with_training=True)
+    _, cpu_rows = model_table("cpu", repeats, args.batch, with_training=True)
     metrics = Path("outputs/cpu/cascade/metrics.json")
     chosen = json.loads(metrics.read_text())["routed_fraction"] if metrics.exists() else None
     cascade_table(cpu_rows, sorted({0.1, 0.3, 0.5} | ({round(chosen, 3)} if chosen is not None else set())), chosen)
