@@ -18,12 +18,13 @@ from scipy.spatial.transform import Rotation
 from ..core import atomic_write_bytes, require_portable
 
 # %% auto #0
-__all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'CUE_TRAITS', 'NUISANCE_RANGES', 'SYNAPSE_TABLE_COLUMNS',
-           'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS', 'GeneratorConfig', 'supersampling', 'noise_scale',
-           'block_mean', 'block_mode', 'SynapseCube', 'generate_cube', 'SyntheticSynapses', 'read_tiff_stack',
-           'read_synapse_table', 'write_original_layout', 'load_bbox', 'assemble_bbox', 'crop_cube', 'normalise_cube',
-           'segmentation_mask', 'blend_outside_mask', 'prepare_cube', 'original_mask_labels', 'check_mask_labels',
-           'mask_thickness', 'cubes_from_bbox']
+__all__ = ['CLASS_NAMES', 'SEMANTIC_LABELS', 'PRE', 'POST', 'CUE_TRAITS', 'CLASS_MIXES', 'NUISANCE_RANGES',
+           'NEUROPIL_MITO_PER_UM3', 'SYNAPSE_TABLE_COLUMNS', 'SEGMENTATION_TYPES', 'ORIGINAL_MASK_LABELS',
+           'GeneratorConfig', 'supersampling', 'noise_scale', 'block_mean', 'block_mode', 'neuropil_mitochondria',
+           'SynapseCube', 'generate_cube', 'bbox_classes', 'SyntheticSynapses', 'read_tiff_stack', 'read_synapse_table',
+           'write_original_layout', 'load_bbox', 'assemble_bbox', 'crop_cube', 'normalise_cube', 'segmentation_mask',
+           'blend_outside_mask', 'prepare_cube', 'original_mask_labels', 'check_mask_labels', 'mask_thickness',
+           'cubes_from_bbox']
 
 # %% ../../nbs/30_synapse_data.ipynb #c005
 CLASS_NAMES = ("asymmetric_spine", "symmetric_shaft", "large_bouton", "dense_core", "perforated")
@@ -62,6 +63,8 @@ CUE_TRAITS = {"texture": ("vesicle_diameter_nm", "vesicle_aspect", "vesicle_pack
 
 def _is_int(x) -> bool: return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
+CLASS_MIXES = ("balanced", "uneven")
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
     "What to generate: cube geometry, classes and their separation, and the bbox / axon / synapse hierarchy."
@@ -77,6 +80,8 @@ class GeneratorConfig:
     class_traits: str = "all" # which traits differ between classes: "all", "texture" or "geometry" (`CUE_TRAITS`); the others sit at the classes' mean
     section_nm: float = 0.0 # > 0: serial sections this thick along z (z resolution coarser than x, y: anisotropic); 0: isotropic
     section_artefacts: bool = False # per-section gain and offset jitter, and now and then a missing (repeated) or shifted section
+    class_mix: str = "balanced" # "balanced": every bbox holds every class equally; "uneven": each bbox lacks one class and holds the others unequally (`bbox_classes`)
+    neuropil_organelles: bool = False # mitochondria in the surrounding neurites too, not only at the synapse
 
     @property
     def n_cubes(self) -> int: return self.n_bboxes * self.axons_per_bbox * self.synapses_per_axon
@@ -108,6 +113,8 @@ class GeneratorConfig:
         if not (isinstance(self.section_nm, (int, float)) and math.isfinite(self.section_nm) and self.section_nm >= 0):
             raise ValueError(f"section_nm must be a finite number >= 0, got {self.section_nm!r}")
         if not isinstance(self.section_artefacts, bool): raise ValueError(f"section_artefacts must be a bool, got {self.section_artefacts!r}")
+        if self.class_mix not in CLASS_MIXES: raise ValueError(f"class_mix must be one of {CLASS_MIXES}, got {self.class_mix!r}")
+        if not isinstance(self.neuropil_organelles, bool): raise ValueError(f"neuropil_organelles must be a bool, got {self.neuropil_organelles!r}")
 
 # %% ../../nbs/30_synapse_data.ipynb #c011
 NUISANCE_RANGES = {"contrast": (0.7, 1.3), "offset": (-0.1, 0.1), "noise_sigma": (0.05, 0.15), "blur_nm": (4.0, 10.0)}
@@ -366,14 +373,45 @@ def _vesicle_coverage(grid: _Grid, rot: np.ndarray, centre_nm: np.ndarray, ves: 
         for name, c in cover.items(): np.maximum.at(layers[name], flat, c[keep].astype(np.float32))
     return layers
 
-def _neuropil(config: GeneratorConfig, p: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "(cell index, distance to the nearest Voronoi face in nm, tone per cell) for points p (n, 3) in the cube frame."
+def _neuropil(config: GeneratorConfig, p: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "(cell index, distance to the nearest Voronoi face in nm, tone per cell, the cells' seeds) for points p (n, 3) in the cube frame."
     half = config.field_nm / 2 + 150.0
     seeds = rng.uniform(-half, half, (max(8, int(round((2 * half / 220.0) ** 3))), 3))
     tones = rng.uniform(0.66, 0.86, len(seeds))
     d, i = cKDTree(seeds).query(p, k=2)
     face = (d[:, 1] ** 2 - d[:, 0] ** 2) / (2 * np.linalg.norm(seeds[i[:, 1]] - seeds[i[:, 0]], axis=1))
-    return i[:, 0], face, tones
+    return i[:, 0], face, tones, seeds
+
+NEUROPIL_MITO_PER_UM3 = 20.0 # mitochondria per µm³ of field: about 5 % of the neuropil's volume, as in cortical neuropil
+
+def _cleft_centre_nm(config: GeneratorConfig, meta: dict) -> np.ndarray:
+    "The cleft's centre (x, y, z nm) in the cube frame."
+    return (np.array([meta[f"central_coord_{k}"] for k in (1, 2, 3)]) - config.cube_size // 2) * config.voxel_nm
+
+def neuropil_mitochondria(config: GeneratorConfig, meta: dict, rot: np.ndarray, # a planned cube (`_plan`)
+                          seeds: np.ndarray, # its neuropil's Voronoi seeds (`_neuropil`)
+                          rng: np.random.Generator) -> list[dict]:
+    """Mitochondria of the surrounding neurites (cube frame, nm): Poisson(`NEUROPIL_MITO_PER_UM3` x field volume) of them, each an
+    ellipsoid (radius 40-70 nm, length 200-500 nm, a random axis) centred at least 30 nm outside the synapse's two neurites and kept
+    to the neuropil cell of its centre. Drawn from `rng` alone, never from the render grid, so every resolution renders the same ones."""
+    n = int(rng.poisson(NEUROPIL_MITO_PER_UM3 * (config.field_nm / 1000.0) ** 3))
+    candidates = rng.uniform(-config.field_nm / 2, config.field_nm / 2, (8 * n, 3))
+    sd = _compartments(meta, (candidates - _cleft_centre_nm(config, meta)) @ rot)
+    free = candidates[(sd["pre"] > 30.0) & (sd["post"] > 30.0)][:n]
+    cells = cKDTree(seeds).query(free)[1] if len(free) else np.zeros(0, int)
+    return [{"centre_nm": c, "cell": int(cell), "radius_nm": float(rng.uniform(40, 70)), "length_nm": float(rng.uniform(200, 500)),
+             "rotation": Rotation.random(random_state=rng).as_matrix()} for c, cell in zip(free, cells)]
+
+def _organelle_field(points: np.ndarray, cell: np.ndarray, mitos: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(signed distance in nm to the nearest neuropil mitochondrion, inside its own cell only; distance to that one's nearest crista
+    plane, 50 nm apart across its long axis) at `points` (n, 3) of the neuropil cells `cell`."""
+    sdf, stripe = np.full(len(points), np.inf, np.float32), np.zeros(len(points), np.float32)
+    for m in mitos:
+        q = (points - m["centre_nm"].astype(np.float32)) @ m["rotation"].astype(np.float32)
+        d = np.where(cell == m["cell"], _ellipsoid_sdf(q, (m["length_nm"] / 2, m["radius_nm"], m["radius_nm"])), np.inf)
+        closer = d < sdf
+        sdf, stripe = np.where(closer, d, sdf), np.where(closer, np.abs((q[:, 0] + 25.0) % 50.0 - 25.0), stripe)
+    return sdf, stripe
 
 # %% ../../nbs/30_synapse_data.ipynb #c023
 @dataclasses.dataclass
@@ -383,6 +421,7 @@ class SynapseCube:
     instance: np.ndarray # (S, S, S) int32: PRE, POST, other neurites >= 3, 0 = extracellular / none
     semantic: np.ndarray # (S, S, S) uint8 with SEMANTIC_LABELS values, 0 = none
     metadata: dict # identity, class, traits, nuisances and annotation points (x, y, z voxels in the cube)
+    neuropil_mitochondria: list = dataclasses.field(default_factory=list) # the surrounding neurites' mitochondria it was rendered with (`neuropil_mitochondria`)
 
 _SECTION_GAIN_SD, _SECTION_OFFSET_SD, _MISSING_P, _SHIFT_P = 0.04, 0.02, 0.02, 0.03
 
@@ -403,7 +442,7 @@ def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random
     S, v, axis = grid.size, grid.voxel_nm, grid.axis()
     zz, yy, xx = np.meshgrid(axis, axis, axis, indexing="ij")
     p = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], -1)              # (S³, 3) nm, x y z, cube frame
-    centre = (np.array([meta[f"central_coord_{k}"] for k in (1, 2, 3)]) - config.cube_size // 2) * config.voxel_nm
+    centre = _cleft_centre_nm(config, meta)
     u = (p - centre.astype(np.float32)) @ rot.astype(np.float32)        # canonical coordinates, row form of Rᵀ(x − c)
     x, y, z = u[:, 0], u[:, 1], u[:, 2]
     rho = np.hypot(x, y)
@@ -414,7 +453,8 @@ def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random
     inst = np.zeros(S ** 3, np.int32)
     img = np.empty(S ** 3, np.float32)
     outside = (sd["pre"] >= 0) & (sd["post"] >= 0)
-    cell, face, tones = _neuropil(config, p[outside], rng)
+    cell, face, tones, seeds = _neuropil(config, p[outside], rng)
+    mitos = neuropil_mitochondria(config, meta, rot, seeds, rng) if config.neuropil_organelles else []
     inst[outside], img[outside] = cell + 3, tones[cell]
     inst[sd["post"] < 0], img[sd["post"] < 0] = POST, _TONE["post"]
     inst[sd["pre"] < 0], img[sd["pre"] < 0] = PRE, _TONE["pre"]
@@ -424,10 +464,16 @@ def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random
     membrane = np.maximum(shell(-sd["pre"]), shell(-sd["post"]))
     facing = np.maximum(shell(sd["pre"]), shell(sd["post"]))           # a neighbouring neurite's own membrane
     membrane[outside] = np.maximum(membrane[outside], np.maximum(shell(face), facing[outside]) * (inst[outside] >= 3))
-    mito_depth = -sd["mito"]
+    mito_sdf = sd["mito"]
+    stripe = np.abs((x - _mito_centre(meta)[0] + 25.0) % 50.0 - 25.0)   # distance to the nearest crista plane
+    if mitos:   # the surrounding neurites' own mitochondria, drawn the same way (not labelled: the masks describe the synapse)
+        other, other_stripe = _organelle_field(p[outside], cell, mitos)
+        closer = other < mito_sdf[outside]
+        mito_sdf, stripe = mito_sdf.copy(), stripe.copy()
+        mito_sdf[outside], stripe[outside] = np.where(closer, other, mito_sdf[outside]), np.where(closer, other_stripe, stripe[outside])
+    mito_depth = -mito_sdf
     membrane = np.maximum(membrane, np.maximum(shell(mito_depth), shell(mito_depth - _MEMBRANE_NM - 6)))
     matrix = ramp(mito_depth - 2 * _MEMBRANE_NM - 6)
-    stripe = np.abs((x - _mito_centre(meta)[0] + 25.0) % 50.0 - 25.0)   # distance to the nearest crista plane
     psd_depth = -g2 - z
     psd = ramp(meta["psd_thickness_nm"] - psd_depth) * ramp(psd_depth) * ramp(meta["cleft_radius_nm"] - rho)
     if meta["perforated"]:
@@ -456,7 +502,7 @@ def _render(config: GeneratorConfig, meta: dict, rot: np.ndarray, rng: np.random
     if config.section_artefacts: img = _section_artefacts(img, rng)
     img = meta["contrast"] * (img - 0.5) + 0.5 + meta["offset"]
     img += meta["noise_sigma"] * noise_scale(config.voxel_nm) * rng.standard_normal(img.shape, dtype=np.float32)
-    return SynapseCube(np.clip(img, 0, 1).astype(np.float32), block_mode(inst.reshape(shape), f), block_mode(semantic, f), meta)
+    return SynapseCube(np.clip(img, 0, 1).astype(np.float32), block_mode(inst.reshape(shape), f), block_mode(semantic, f), meta, mitos)
 
 def generate_cube(config: GeneratorConfig, # geometry, classes and separation
                   synapse_class: int, # index into the config's classes
@@ -471,6 +517,15 @@ def generate_cube(config: GeneratorConfig, # geometry, classes and separation
     return _render(config, meta, rot, rng)
 
 # %% ../../nbs/30_synapse_data.ipynb #c030
+def bbox_classes(config: GeneratorConfig, bbox: int) -> list[int]:
+    """The class of each axon of bounding box `bbox`. "balanced": the a-th axon's is (a + bbox) mod n_classes, every class in equal
+    numbers when `axons_per_bbox` is a multiple of `n_classes`. "uneven": the box lacks class bbox mod n_classes and deals its axons
+    round-robin over the others, starting after the missing one, so the boxes' class mixes differ (8 axons, 4 classes: 3, 3, 2, 0)."""
+    n, a = config.n_classes, config.axons_per_bbox
+    if config.class_mix == "balanced": return [(k + bbox) % n for k in range(a)]
+    present = [(bbox + 1 + k) % n for k in range(n - 1)]
+    return [present[k % (n - 1)] for k in range(a)]
+
 class SyntheticSynapses:
     "Lazy, indexable dataset of generated synapse cubes; item i depends only on (config, seed, i)."
     def __init__(self, config: GeneratorConfig, # what to generate
@@ -496,7 +551,7 @@ class SyntheticSynapses:
         bbox, axon_in_bbox, syn = i // (c.axons_per_bbox * c.synapses_per_axon), (i // c.synapses_per_axon) % c.axons_per_bbox, i % c.synapses_per_axon
         axon = bbox * c.axons_per_bbox + axon_in_bbox
         return {"index": i, "synapse_id": f"bbox{bbox}_axon{axon}_syn{syn}", "bbox": bbox, "axon": axon,
-                "synapse_class": (axon_in_bbox + bbox) % c.n_classes}
+                "synapse_class": bbox_classes(c, bbox)[axon_in_bbox]}
 
     def _planned(self, i: int) -> tuple[dict, np.ndarray, np.random.Generator]:
         ident = self._identity(i)

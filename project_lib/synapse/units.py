@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import engine
 from ..engine import TrainingUnit, code_hash
 from . import data as synapse_data, model as synapse_model, train as synapse_train
-from .data import SEGMENTATION_TYPES, GeneratorConfig
+from .data import SEGMENTATION_TYPES, GeneratorConfig, bbox_classes
 from .model import VGG3D, load_checkpoint
 from .train import (ContrastiveConfig, PretrainingSet, ProxyTrainingConfig, array_hash, contrastive_unit, proxy_targets,
                                       proxy_unit)
@@ -63,6 +63,8 @@ class SynapseStudyParams:
     check_cube_size: int # the resolution check: untrained variants at another cube size and voxel size
     check_voxel_nm: float
     check_sets: int # evaluation sets of the check (0: no check)
+    class_mix: str = "balanced" # the bounding boxes' class mixes (`data.bbox_classes`): "balanced" or "uneven" (each box lacks one class)
+    neuropil_organelles: bool = False # mitochondria in the surrounding neurites too
 
     def __post_init__(self):
         if 20 not in self.cam_layers: raise ValueError(f"cam_layers must include 20 (the stage-specific layer), got {self.cam_layers}")
@@ -71,7 +73,9 @@ class SynapseStudyParams:
         if len(self.eval_seeds) < 2 * len(self.train_seeds): raise ValueError(f"need at least two evaluation sets per training seed, got {len(self.eval_seeds)} for {len(self.train_seeds)}")
         if not 0 < self.cam_sets <= len(self.eval_seeds) // len(self.train_seeds) - 1:
             raise ValueError(f"cam_sets must leave at least one other set of the first training seed to fit the CAM probe, got {self.cam_sets}")
-        if self.axons_per_bbox < 2 * self.n_classes: raise ValueError(f"axons_per_bbox must be >= 2 * n_classes so that each bbox has two axons per class, got {self.axons_per_bbox}")
+        fewest = min(min(bbox_classes(self.generator_config(), b).count(c) for c in set(bbox_classes(self.generator_config(), b))) for b in range(self.n_bboxes))
+        if fewest < 2: raise ValueError(f"axons_per_bbox ({self.axons_per_bbox}) must give every class a bbox holds at least two axons there (the probe's "
+                                        f"folds deal whole axons), got {fewest} with class_mix {self.class_mix!r}")
         bad = [s for s in self.seg_types if s not in SEGMENTATION_TYPES]
         if not self.seg_types or bad: raise ValueError(f"seg_types must be keys of SEGMENTATION_TYPES, got {self.seg_types}")
         if self.n_jobs < 0: raise ValueError(f"n_jobs must be >= 0, got {self.n_jobs}")
@@ -83,7 +87,8 @@ class SynapseStudyParams:
                                separation=self.separation if separation is None else separation,
                                n_bboxes=self.pretrain_bboxes if pretraining else self.n_bboxes,
                                axons_per_bbox=self.axons_per_bbox, synapses_per_axon=self.synapses_per_axon, class_traits=class_traits,
-                               section_nm=self.section_nm, section_artefacts=self.section_artefacts)
+                               section_nm=self.section_nm, section_artefacts=self.section_artefacts, class_mix=self.class_mix,
+                               neuropil_organelles=self.neuropil_organelles)
 
     def check_config(self, n_bboxes: int | None = None) -> GeneratorConfig:
         "The evaluation generator at the check's resolution with one synapse per axon (same field of view, classes, boxes and axons)."
