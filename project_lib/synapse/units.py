@@ -5,6 +5,7 @@
 # %% ../../nbs/37_synapse_units.ipynb #c002
 from __future__ import annotations
 import dataclasses
+from collections import Counter
 from pathlib import Path
 
 from .. import engine
@@ -73,7 +74,8 @@ class SynapseStudyParams:
         if len(self.eval_seeds) < 2 * len(self.train_seeds): raise ValueError(f"need at least two evaluation sets per training seed, got {len(self.eval_seeds)} for {len(self.train_seeds)}")
         if not 0 < self.cam_sets <= len(self.eval_seeds) // len(self.train_seeds) - 1:
             raise ValueError(f"cam_sets must leave at least one other set of the first training seed to fit the CAM probe, got {self.cam_sets}")
-        fewest = min(min(bbox_classes(self.generator_config(), b).count(c) for c in set(bbox_classes(self.generator_config(), b))) for b in range(self.n_bboxes))
+        gen = self.generator_config()
+        fewest = min(min(Counter(bbox_classes(gen, b)).values()) for b in range(self.n_bboxes))   # the rarest class a box holds
         if fewest < 2: raise ValueError(f"axons_per_bbox ({self.axons_per_bbox}) must give every class a bbox holds at least two axons there (the probe's "
                                         f"folds deal whole axons), got {fewest} with class_mix {self.class_mix!r}")
         bad = [s for s in self.seg_types if s not in SEGMENTATION_TYPES]
