@@ -155,10 +155,11 @@ def contrastive_histories(p: SynapseStudyParams, records: dict) -> pd.DataFrame:
     return pd.concat([history_of(r).assign(seed=seed, train_seconds=r["train_seconds"], best_epoch=r["best_epoch"])
                       for seed in p.train_seeds for r in [records[f"contrastive-s{seed}"]]], ignore_index=True)
 
-def training_convergence(ssl_history: pd.DataFrame, epochs: int) -> pd.DataFrame:
+def training_convergence(ssl_history: pd.DataFrame, cap: int, # the epoch cap (`p.ssl_epochs`)
+                        ) -> pd.DataFrame:
     "`convergence_table` of every seed, with its training seconds and best validation loss."
     by_seed = ssl_history.groupby("seed")
-    return convergence_table({s: g for s, g in by_seed}, epochs).assign(
+    return convergence_table({s: g for s, g in by_seed}, cap).assign(
         **{"training s": by_seed.train_seconds.first().to_numpy(), "validation loss, best": by_seed.val_loss.min().to_numpy()})
 
 def plot_training(ssl_history: pd.DataFrame, batch_size: int):
