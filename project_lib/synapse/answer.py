@@ -16,7 +16,8 @@ from .units import SynapseStudyParams
 
 
 # %% auto #0
-__all__ = ['CS', 'C20', 'RND', 'HAND', 'ORC', 'PROXY', 'SWEPT', 'NETWORK_COMPARISONS', 'fmt', 'network_verdicts', 'StudyResults']
+__all__ = ['CS', 'C20', 'RND', 'HAND', 'ORC', 'PROXY', 'SWEPT', 'NETWORK_COMPARISONS', 'fmt', 'network_verdicts',
+           'converged_only_verdict', 'StudyResults']
 
 # %% ../../nbs/38_synapse_answer.ipynb #c005
 CS, C20, RND, HAND, ORC, PROXY = ("contrastive · standard", "contrastive · layer 20", "random, BN re-estimated · standard", "hand-crafted",
@@ -31,6 +32,12 @@ def network_verdicts(network_scores: pd.DataFrame, margin: float) -> dict[str, d
     "`network_level_verdict` of standard - layer 20 for each of `NETWORK_COMPARISONS`, over the (seeds, sets) tables of `network_scores`."
     diff = lambda net, m: seed_set_matrix(network_scores, net, STANDARD, m) - seed_set_matrix(network_scores, net, 20, m)
     return {name: network_level_verdict(diff(net, m), margin) for name, (net, m) in NETWORK_COMPARISONS.items()}
+
+def converged_only_verdict(network_scores: pd.DataFrame, seeds: list[int], margin: float) -> dict | None:
+    """The contrastive ARI verdict (`network_verdicts`) on the networks of `seeds` alone: a sensitivity analysis when only some
+    networks met the convergence rule (None for fewer than 2: no spread between networks to resample)."""
+    if len(seeds) < 2: return None
+    return network_verdicts(network_scores[network_scores.seed.isin(seeds)], margin)["contrastive, ARI"]
 
 @dataclasses.dataclass
 class StudyResults:
@@ -50,7 +57,7 @@ class StudyResults:
     cue_summary: pd.DataFrame # variant, metric, "classes differ in", mean, ci_low, ci_high
     rank: dict # r2 (layer 20 from layer 19), dims19, dims20, pcs20
     proxy_r2: float # the proxy's mean held-out R²
-    n_converged: int # networks that met the convergence rule
+    converged_seeds: list[int] # the training seeds whose networks met the convergence rule
 
     def mean(self, v: str, m: str) -> float: return float(self._at(self.summary, v, m)["mean"])
     def ci(self, v: str, m: str) -> str: return fmt(*self._at(self.summary, v, m)[["mean", "ci_low", "ci_high"]])
@@ -75,7 +82,13 @@ class StudyResults:
         return "no detectable difference (Holm p > 0.05)" if r.p_holm > 0.05 else (f"{a} higher" if r.mean_diff > 0 else f"{b} higher") + f" (Holm p = {r.p_holm:.2g})"
 
     @property
+    def n_converged(self) -> int: return len(self.converged_seeds)
+    @property
     def all_converged(self) -> bool: return self.n_converged == len(self.p.train_seeds)
+    @functools.cached_property
+    def converged_only(self) -> dict | None:
+        "`converged_only_verdict` when some but not all networks met the rule, else None."
+        return None if self.all_converged else converged_only_verdict(self.network_scores, self.converged_seeds, self.p.ari_margin)
 
     @functools.cached_property
     def verdicts(self) -> dict[str, dict]:
@@ -120,7 +133,12 @@ class StudyResults:
             f"({verdict_words(pv).lower()}). {self.n_converged} of {len(p.train_seeds)} networks met the convergence rule"
             + ("." if self.all_converged else
                ": the networks had not finished learning when the budget ran out, so this profile cannot say whether converged features differ; "
-               "the interval describes these networks only. The paper profile trains to the rule (`make plan` gives its cost).")
+               "the interval describes these networks only. The paper profile trains to the rule (`make plan` gives its cost)."
+               if self.converged_only is None else
+               f" (seeds {', '.join(map(str, self.converged_seeds))}); the others' validation loss still moved more than 1 % in one of the last "
+               "3 epochs, so by the declared rule the headline is not testable. Sensitivity analysis on the networks that met the rule alone: "
+               f"ARI standard - layer 20 {self.converged_only['estimate']:+.3f} [{self.converged_only['low']:+.3f}, {self.converged_only['high']:+.3f}], "
+               f"smallest detectable effect {self.converged_only['mde']:.3f} ({verdict_words(self.converged_only).lower()}); not the headline.")
             + f" Per set, each with its own seed's network: ARI {self.row(CS, C20, 'ari_class')}; probe {self.row(CS, C20, 'probe_accuracy')}.",
             f"- **The layer curve** (all networks × sets): ARI peaks at layer {int(peak_ari.layer)} ({fmt(peak_ari['mean'], peak_ari.ci_low, peak_ari.ci_high)}), "
             f"probe accuracy at layer {int(peak_probe.layer)} ({fmt(peak_probe['mean'], peak_probe.ci_low, peak_probe.ci_high)}); layer 20: ARI "
@@ -192,6 +210,7 @@ class StudyResults:
                 "proxy_val_r2": float(self.proxy_r2), "layer20_from_layer19_r2": float(self.rank["r2"]),
                 "verdict": self.headline(), "network_level": self.verdicts,
                 "converged_networks": self.n_converged, "networks": len(self.p.train_seeds),
+                **({"converged_only": self.converged_only} if self.converged_only else {}),   # metrics are numbers: absent when not computed
                 "layer_curve": {"peak_ari_layer": int(self._peak("ari_class").layer), "peak_probe_layer": int(self._peak("probe_accuracy").layer),
                                 "best_gradcam_layer": int(self.cam_auc["cleft + vesicles"].idxmax())},
                 "answer": {"standard_differs_from_layer20": bool(holm_p < 0.05), "layer_beats_centre_prior": self.layer_beats_centre_prior()}}
