@@ -137,8 +137,8 @@ class StudyResults:
                if self.converged_only is None else
                f" (seeds {', '.join(map(str, self.converged_seeds))}); the others' validation loss still moved more than 1 % in one of the last "
                "3 epochs, so by the declared rule the headline is not testable. Sensitivity analysis on the networks that met the rule alone: "
-               f"ARI standard - layer 20 {self.converged_only['estimate']:+.3f} [{self.converged_only['low']:+.3f}, {self.converged_only['high']:+.3f}], "
-               f"smallest detectable effect {self.converged_only['mde']:.3f} ({verdict_words(self.converged_only).lower()}); not the headline.")
+               f"ARI standard - layer 20 {self.converged_only['estimate']:+.3f} [{self.converged_only['low']:+.3f}, {self.converged_only['high']:+.3f}] "
+               f"({verdict_words(self.converged_only).lower()}); not the headline.")
             + f" Per set, each with its own seed's network: ARI {self.row(CS, C20, 'ari_class')}; probe {self.row(CS, C20, 'probe_accuracy')}.",
             f"- **The layer curve** (all networks × sets): ARI peaks at layer {int(peak_ari.layer)} ({fmt(peak_ari['mean'], peak_ari.ci_low, peak_ari.ci_high)}), "
             f"probe accuracy at layer {int(peak_probe.layer)} ({fmt(peak_probe['mean'], peak_probe.ci_low, peak_probe.ci_high)}); layer 20: ARI "
