@@ -513,7 +513,7 @@ class SynapseUnitCosts:
     cube_s: float # generating one cube and its input
     ssl_step_s: float # one contrastive step at the profile's batch (two views per cube)
     proxy_step_s: float # one trait-regression step at the proxy's batch
-    forward_s: float # one cube through the contrastive network, evaluation mode
+    forward_s: float # one cube through the contrastive network, evaluation mode, in a batch of the profile's (as validation and evaluation run)
     host_gb: float # peak host memory of the measuring process (imports, a cube, a step at the timed batch)
     device_gb: float # peak device memory (0 on CPU)
     checkpoint_gb: float # one finished training's checkpoints: its best weights and its record
@@ -544,7 +544,8 @@ def synapse_unit_costs(p, device: str) -> SynapseUnitCosts:
     ssl_s, real = _scaled_step_s(step_at("contrastive"), p.ssl_batch_size, device, smallest=2)   # NT-Xent needs two cubes
     proxy_s, _ = _scaled_step_s(step_at("proxy"), p.proxy_batch_size, device)
     net.eval()
-    with torch.no_grad(): forward_s = time_call(lambda: net(x1), 1)
+    xb = channels_last(x1.expand(p.batch_size, *x1.shape[1:]))
+    with torch.no_grad(): forward_s = time_call(lambda: net(xb), 1) / p.batch_size   # batched: one cube at a time overestimated 3x at 32³
     n_params = sum(t.numel() for t in net.parameters())
     how = f"{threads} thread(s) per worker, {p.cube_size}³ cubes on {device}, batch {p.ssl_batch_size}" + ("" if real else " (scaled from batch 2)")
     return SynapseUnitCosts(cube_s, ssl_s, proxy_s, forward_s, peak_host_gb(), peak_device_gb(), _checkpoint_gb(n_params), how)
@@ -567,7 +568,8 @@ def plan_synapse(profile: str, device: str | None = None,
     per_set = p.n_bboxes * p.axons_per_bbox * p.synapses_per_axon
     main_forwards = 2 * len(p.train_seeds) + 2 + 2 * len(p.seg_types)   # every seed's contrastive and random networks; per type the set's own two; proxy, default BN
     other_sets = p.sweep_sets * len(p.sweep_separations) + 2 * p.cue_sets     # sweep and cue-control sets: the set's contrastive and random networks
-    eval_s = per_set * (len(p.eval_seeds) * (c.cube_s + main_forwards * c.forward_s) + other_sets * (c.cube_s + 2 * c.forward_s))
+    processes = max(1, p.n_jobs) if device == "cpu" else 1   # the notebook scores sets in `n_jobs` processes on the CPU (its wall time; device-hours count it once)
+    eval_s = per_set * (len(p.eval_seeds) * (c.cube_s + main_forwards * c.forward_s) + other_sets * (c.cube_s + 2 * c.forward_s)) / processes
     eval_batch_gb = p.batch_size * voxels * (9 + 4 * len(p.seg_types)) / 1e9   # a batch of cubes (raw, instance, semantic) and its inputs per type
     workers = min(worker_count(p.n_jobs), trainings)
     return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * c.ssl_step_s + proxy_steps * c.proxy_step_s) / all_steps,
