@@ -6,6 +6,7 @@
 from __future__ import annotations
 import dataclasses, functools
 
+import numpy as np
 import pandas as pd
 
 from ..report import verdict_words
@@ -16,8 +17,8 @@ from .units import SynapseStudyParams
 
 
 # %% auto #0
-__all__ = ['CS', 'C20', 'RND', 'HAND', 'ORC', 'PROXY', 'SWEPT', 'NETWORK_COMPARISONS', 'fmt', 'network_verdicts',
-           'converged_only_verdict', 'StudyResults']
+__all__ = ['CS', 'C20', 'RND', 'HAND', 'ORC', 'PROXY', 'SWEPT', 'NETWORK_COMPARISONS', 'fmt', 'readout_difference',
+           'network_verdicts', 'converged_only_verdict', 'StudyResults']
 
 # %% ../../nbs/38_synapse_answer.ipynb #c005
 CS, C20, RND, HAND, ORC, PROXY = ("contrastive · standard", "contrastive · layer 20", "random, BN re-estimated · standard", "hand-crafted",
@@ -28,10 +29,13 @@ NETWORK_COMPARISONS = {"contrastive, ARI": ("contrastive", "ari_class"), "contra
 
 def fmt(m: float, low: float, high: float) -> str: return f"{m:.3f} [{low:.3f}, {high:.3f}]"
 
+def readout_difference(network_scores: pd.DataFrame, network: str, metric: str) -> np.ndarray:
+    "Standard minus layer 20 of `network` on `metric`, one row per training seed and one column per set (`seed_set_matrix`)."
+    return seed_set_matrix(network_scores, network, STANDARD, metric) - seed_set_matrix(network_scores, network, 20, metric)
+
 def network_verdicts(network_scores: pd.DataFrame, margin: float) -> dict[str, dict]:
     "`network_level_verdict` of standard - layer 20 for each of `NETWORK_COMPARISONS`, over the (seeds, sets) tables of `network_scores`."
-    diff = lambda net, m: seed_set_matrix(network_scores, net, STANDARD, m) - seed_set_matrix(network_scores, net, 20, m)
-    return {name: network_level_verdict(diff(net, m), margin) for name, (net, m) in NETWORK_COMPARISONS.items()}
+    return {name: network_level_verdict(readout_difference(network_scores, net, m), margin) for name, (net, m) in NETWORK_COMPARISONS.items()}
 
 def converged_only_verdict(network_scores: pd.DataFrame, seeds: list[int], margin: float) -> dict | None:
     """The contrastive ARI verdict (`network_verdicts`) on the networks of `seeds` alone: a sensitivity analysis when only some

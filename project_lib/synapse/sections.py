@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 from ..core import summarise_over_seeds
 from ..report import verdict_words
 from .analysis import dummy_head_target, grad_cam, probe_target
-from .answer import NETWORK_COMPARISONS, SWEPT, fmt, network_verdicts
+from .answer import NETWORK_COMPARISONS, SWEPT, fmt, network_verdicts, readout_difference
 from .data import CLASS_NAMES, NUISANCE_RANGES, SEGMENTATION_TYPES, GeneratorConfig, SyntheticSynapses, prepare_cube
 from .model import VGG3D, VGG3DStageExtractor, layer_table
 from .study import (
@@ -256,8 +256,8 @@ def network_table(network_scores: pd.DataFrame, margin: float, all_converged: bo
 
 def per_seed_differences(network_scores: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
     "Per training seed, the mean over sets of standard - layer 20 for each of `NETWORK_COMPARISONS`."
-    diff = lambda net, m: seed_set_matrix(network_scores, net, STANDARD, m) - seed_set_matrix(network_scores, net, 20, m)
-    return pd.DataFrame({"seed": seeds, **{f"{name}: standard - layer 20": diff(net, m).mean(1) for name, (net, m) in NETWORK_COMPARISONS.items()}})
+    return pd.DataFrame({"seed": seeds, **{f"{name}: standard - layer 20": readout_difference(network_scores, net, m).mean(1)
+                                           for name, (net, m) in NETWORK_COMPARISONS.items()}})
 
 # %% ../../nbs/39_synapse_sections.ipynb #c029
 def controlled_sets(p: SynapseStudyParams, nets: StudyNetworks, column: str, # the condition's column, e.g. "separation"
