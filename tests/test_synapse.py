@@ -13,8 +13,10 @@ from project_lib.synapse.model import (VGG3D, ExtractionConfig, VGG3DStageExtrac
                                        extract_stage_specific_features, layer_table, load_checkpoint)
 from project_lib.synapse.stats import adjusted_rand, affine_r2, ari_permutation_test, kmeans_labels
 from project_lib.synapse.study import fit_probe, network_features, oracle_features
-from project_lib.synapse.train import (ContrastiveConfig, InputRows, PretrainingSet, ProxyTrainingConfig, array_hash, proxy_targets,
-                                      reestimate_batchnorm, train_contrastive, train_proxy)
+from project_lib.engine import load_weights
+from project_lib.synapse.train import (Augmentation, ContrastiveConfig, ContrastiveVGG, InputRows, PretrainingSet, ProxyTrainingConfig,
+                                      array_hash, contrastive_validation, proxy_targets, reestimate_batchnorm, train_contrastive,
+                                      train_proxy)
 
 TINY = GeneratorConfig(cube_size=16, voxel_nm=40.0, n_classes=3, n_bboxes=2, axons_per_bbox=3, synapses_per_axon=2)
 QUIET = ExtractionConfig(batch_size=4, progress=False)
@@ -421,6 +423,21 @@ def test_contrastive_training_on_the_cache_is_the_training_on_tensors_and_reads_
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())                # and the same weights
     assert len(disk["train_x"]) == 72 and sizes and max(sizes) <= 16                        # never the whole set in one read (hashes: 16 rows)
     assert sizes.count(config.batch_size) >= 72 // config.batch_size                         # training batches read as they are used
+
+
+def test_validation_loss_is_a_function_of_the_weights_alone(tmp_path, one_thread):
+    """The recorded validation loss of the kept epoch is recovered from its weights alone: the running statistics a training
+    pass leaves are replaced by the re-estimate over fixed views of the training cubes before validating."""
+    d = PretrainingSet(GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=6, axons_per_bbox=4, synapses_per_axon=2), 3, 0, 1.0, 1).load()
+    config = ContrastiveConfig(epochs=2, batch_size=4, lr=3e-3)
+    torch.manual_seed(0)
+    result = train_contrastive(VGG3D(input_size=16, classifier_hidden=8), d["train_x"], d["val_x"], config, tmp_path, progress=False)
+    net = load_weights(ContrastiveVGG(VGG3D(input_size=16, classifier_hidden=8), config.proj_dim, config.stage_layer), result.best_checkpoint)
+    recorded = result.history.set_index("epoch").loc[result.best_epoch, "val_loss"]
+    with torch.no_grad(): net.train()(d["train_x"][:8] * 0.5)                       # running averages moved, weights untouched
+    assert contrastive_validation(net, d["val_x"], config)["val_loss"] != pytest.approx(recorded, rel=1e-4)
+    settled = reestimate_batchnorm(net, d["train_x"], config.batch_size, aug=Augmentation(), bf16=config.bf16)
+    assert contrastive_validation(settled, d["val_x"], config)["val_loss"] == pytest.approx(recorded, rel=1e-6)
 
 
 def test_batchnorm_reestimation_and_features_from_the_cache_equal_those_from_tensors(tmp_path):

@@ -188,7 +188,10 @@ def training_text(p: SynapseStudyParams, n_train: int, n_converged: int, data_ha
             + (f"constant lr {p.ssl_lr:g}, stopped after {p.ssl_patience} epochs without a better validation loss or at the cap of {p.ssl_epochs}"
                if p.ssl_patience else f"lr {p.ssl_lr:g} with cosine decay over {p.ssl_epochs} epochs")
             + f"; {'bfloat16 autocast on the CPU' if p.ssl_bf16 else 'float32 (fp16 AMP on a GPU)'}. The validation ARI (classes of the held-out "
-            f"bounding boxes, a monitor never used to select) is the standard - layer 20 gap, logged every epoch. **Convergence rule** (validation loss "
+            f"bounding boxes, a monitor never used to select) is the standard - layer 20 gap, logged every epoch. Before each validation the "
+            f"BatchNorm statistics are re-estimated over fixed augmented views of the training cubes, so validation loss moves with the weights "
+            f"only (at fixed weights, one epoch of running-average updates moved it by up to 1.2 %: `benchmarks/pilot_synapse_bn_noise.py`). "
+            f"**Convergence rule** (validation loss "
             f"changes less than 1 % per epoch over the last 3 epochs): met by {n_converged} of {len(p.train_seeds)} networks. Inputs hashed: "
             + ", ".join(f"{k} `{v}`" for k, v in data_hashes.items()) + ".")
 

@@ -24,9 +24,9 @@ from .model import VGG3D, check_input, cubes_to_input
 __all__ = ['CUBE_SYMMETRIES', 'PROXY_TRAITS', 'InputRows', 'cache_inputs', 'check_rows', 'pooled_features', 'channels_last',
            'predict', 'ArrayHash', 'array_hash', 'prepared_inputs', 'cube_symmetry', 'Augmentation', 'gaussian_blur3d',
            'shifted', 'augment', 'nt_xent', 'partner_top1', 'ContrastiveVGG', 'ContrastiveConfig', 'contrastive_loss',
-           'plateaued', 'contrastive_validation', 'train_contrastive', 'proxy_targets', 'r2_per_column',
-           'ProxyTrainingConfig', 'train_proxy', 'reestimate_batchnorm', 'runs_cache', 'PretrainingSet',
-           'contrastive_unit', 'proxy_unit', 'history_of']
+           'plateaued', 'contrastive_validation', 'reestimate_batchnorm', 'train_contrastive', 'proxy_targets',
+           'r2_per_column', 'ProxyTrainingConfig', 'train_proxy', 'runs_cache', 'PretrainingSet', 'contrastive_unit',
+           'proxy_unit', 'history_of']
 
 # %% ../../nbs/34_synapse_train.ipynb #c006b
 class InputRows:
@@ -318,21 +318,43 @@ def contrastive_validation(net: ContrastiveVGG, inputs: torch.Tensor | InputRows
             row.update({"val_ari_standard": ari[0], "val_ari_stage": ari[1], "val_gap": ari[0] - ari[1]})
     return row
 
+def reestimate_batchnorm(model: VGG3D | ContrastiveVGG, inputs: torch.Tensor | InputRows, batch_size: int = 8, device: str = "cpu",
+                         aug: Augmentation | None = None, # given: one augmented view of each input, the same views at every call
+                         bf16: bool = False) -> VGG3D | ContrastiveVGG:
+    """Replace every BatchNorm's running statistics by their cumulative average over `inputs` (or over fixed augmented views of
+    them), read a batch at a time; weights stay as they are. A VGG3D runs its features, a ContrastiveVGG its backbone and projectors."""
+    backbone = model.backbone if isinstance(model, ContrastiveVGG) else model
+    check_rows(inputs, backbone.input_size, "inputs", 2)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms: m.reset_running_stats(); m.momentum = None
+    model.to(device).train()
+    run, gen = (model if isinstance(model, ContrastiveVGG) else model.features), torch.Generator().manual_seed(20_011)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not is_cuda(device)):
+        for x in inputs.split(batch_size):
+            x = check_input(x, backbone.input_size)
+            if len(x) > 1: run(channels_last((x if aug is None else augment(x, gen, aug)).to(device)))
+    for m, momentum in zip(norms, momenta): m.momentum = momentum
+    return model.eval()
+
 def train_contrastive(backbone: VGG3D, train_inputs: torch.Tensor | InputRows, # (n, 1, S, S, S) in [-1, 1]
                       val_inputs: torch.Tensor | InputRows, # cubes of other bounding boxes
                       config: ContrastiveConfig, out_dir: str | Path, device: str = "cpu", progress: bool = True,
                       aug: Augmentation = Augmentation(),
                       val_labels: np.ndarray | None = None, # classes of the validation cubes: logged (the read-outs' ARI), never used to select
                      ) -> FitResult:
-    "Train `backbone` contrastively (in place) with both read-outs' projectors, keep its best-validation weights; returns the fit record."
+    """Train `backbone` contrastively (in place) with both read-outs' projectors, keep its best-validation weights; returns the fit record.
+    Before each validation the BatchNorm statistics are re-estimated over fixed augmented views of the training cubes (and kept with
+    the weights): validation loss then moves with the weights only, not with the running averages' last few batches."""
     for name, x in (("train_inputs", train_inputs), ("val_inputs", val_inputs)): check_rows(x, backbone.input_size, name, 2)
     if val_labels is not None and len(val_labels) != len(val_inputs): raise ValueError(f"val_labels must hold one class per validation cube ({len(val_inputs)}), got {len(val_labels)}")
     torch.manual_seed(config.seed)
     net = channels_last(ContrastiveVGG(backbone, config.proj_dim, config.stage_layer).to(device))
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss = lambda n, idx, gen: contrastive_loss(n, train_inputs[torch.as_tensor(idx)], gen, config, device, aug)
+    settled = lambda n: reestimate_batchnorm(n, train_inputs, config.batch_size, device, aug, config.bf16)
     result = fit(net, opt, loss, n_train=len(train_inputs), epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                 lr_at=config.lr_at(), evaluate=lambda n: contrastive_validation(n, val_inputs, config, device, aug, val_labels),
+                 lr_at=config.lr_at(), evaluate=lambda n: contrastive_validation(settled(n), val_inputs, config, device, aug, val_labels),
                  select="neg_val_loss", out_dir=out_dir, device=device, desc="contrastive", progress=progress, patience=config.patience,
                  identity={"objective": "contrastive", "config": dataclasses.asdict(config), "augmentation": dataclasses.asdict(aug),
                            "train_data": array_hash(train_inputs), "val_data": array_hash(val_inputs)})
@@ -394,20 +416,6 @@ def train_proxy(model: VGG3D, inputs: torch.Tensor | InputRows, # (n, 1, S, S, S
     load_weights(model, result.best_checkpoint, device)
     model.eval()
     return result
-
-# %% ../../nbs/34_synapse_train.ipynb #c022
-def reestimate_batchnorm(model: VGG3D, inputs: torch.Tensor | InputRows, batch_size: int = 8, device: str = "cpu") -> VGG3D:
-    "Replace every BatchNorm's running statistics by their cumulative average over `inputs`, read a batch at a time; weights stay as they are."
-    check_rows(inputs, model.input_size, "inputs", 2)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms: m.reset_running_stats(); m.momentum = None
-    model.to(device).train()
-    with torch.no_grad():
-        for x in inputs.split(batch_size):
-            if len(x) > 1: model.features(check_input(x, model.input_size).to(device))
-    for m, momentum in zip(norms, momenta): m.momentum = momentum
-    return model.eval()
 
 # %% ../../nbs/34_synapse_train.ipynb #c026
 def runs_cache(runs_root: str | Path) -> Path:
