@@ -573,7 +573,7 @@ def plan_synapse(profile: str, device: str | None = None,
     eval_batch_gb = p.batch_size * voxels * (9 + 4 * len(p.seg_types)) / 1e9   # a batch of cubes (raw, instance, semantic) and its inputs per type
     workers = min(worker_count(p.n_jobs), trainings)
     return [StageCost("train_synapse", trainings, round(all_steps / trainings), (len(p.train_seeds) * ssl_steps * c.ssl_step_s + proxy_steps * c.proxy_step_s) / all_steps,
-                      round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), 2 * n_val * c.forward_s,
+                      round((len(p.train_seeds) * p.ssl_epochs + p.proxy_epochs) / trainings), (2 * n_val + n - n_val) * c.forward_s,   # two views of each validation cube; BatchNorm re-estimated over one view of each training cube
                       n * c.cube_s, c.host_gb + held_gb, c.device_gb, (trainings + 3 * workers) * c.checkpoint_gb + n * voxels * 4 / 1e9,   # + AdamW's moments under way
                       workers, c.note),
             StageCost("evaluate_synapse", 0, 0, 0.0, 0, 0.0, eval_s, c.host_gb + eval_batch_gb, c.device_gb, 0.01, 1,
