@@ -192,7 +192,10 @@ def training_text(p: SynapseStudyParams, n_train: int, n_converged: int, data_ha
             f"BatchNorm statistics are re-estimated over fixed augmented views of the training cubes, so validation loss moves with the weights "
             f"only (at fixed weights, one epoch of running-average updates moved it by up to 1.2 %: `benchmarks/pilot_synapse_bn_noise.py`). "
             f"**Convergence rule** (validation loss "
-            f"changes less than 1 % per epoch over the last 3 epochs): met by {n_converged} of {len(p.train_seeds)} networks. Inputs hashed: "
+            f"changes less than 1 % per epoch over the last 3 epochs): met by {n_converged} of {len(p.train_seeds)} networks"
+            + ("" if p.ssl_patience else " (a cosine schedule's last epochs run at a small learning rate, which helps any rule of this kind: at a "
+               "constant learning rate validation loss fell under 1 % per epoch only from about epoch 28, `benchmarks/pilot_synapse_convergence.py`)")
+            + ". Inputs hashed: "
             + ", ".join(f"{k} `{v}`" for k, v in data_hashes.items()) + ".")
 
 # %% ../../nbs/39_synapse_sections.ipynb #c020
