@@ -428,8 +428,8 @@ def test_contrastive_training_on_the_cache_is_the_training_on_tensors_and_reads_
 def test_validation_loss_is_a_function_of_the_weights_alone(tmp_path, one_thread):
     """The recorded validation loss of the kept epoch is recovered from its weights alone: the running statistics a training
     pass leaves are replaced by the re-estimate over fixed views of the training cubes before validating."""
-    d = PretrainingSet(GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=6, axons_per_bbox=4, synapses_per_axon=2), 3, 0, 1.0, 1).load()
-    config = ContrastiveConfig(epochs=2, batch_size=4, lr=3e-3)
+    d = PretrainingSet(GeneratorConfig(cube_size=16, voxel_nm=40.0, n_bboxes=4, axons_per_bbox=4, synapses_per_axon=2), 3, 0, 1.0, 1).load()
+    config = ContrastiveConfig(epochs=1, batch_size=4, lr=3e-3)
     torch.manual_seed(0)
     result = train_contrastive(VGG3D(input_size=16, classifier_hidden=8), d["train_x"], d["val_x"], config, tmp_path, progress=False)
     net = load_weights(ContrastiveVGG(VGG3D(input_size=16, classifier_hidden=8), config.proj_dim, config.stage_layer), result.best_checkpoint)
