@@ -18,20 +18,20 @@ import project_lib  # noqa: F401  (pins the portable numerical paths first)
 from project_lib.core import load_study_params
 from project_lib.engine import load_weights
 from project_lib.synapse.model import VGG3D
-from project_lib.synapse.train import (Augmentation, ContrastiveVGG, _two_views, channels_last, contrastive_validation,
+from project_lib.synapse.train import (Augmentation, ContrastiveVGG, channels_last, contrastive_loss, contrastive_validation,
                                        reestimate_batchnorm, runs_cache)
 from project_lib.synapse.units import SynapseStudyParams
 
 RUNS = "outputs/cpu/synapse/runs"
 
 
-def one_epoch_of_running_updates(net: ContrastiveVGG, train_x, batch_size: int, order_seed: int, bf16: bool) -> ContrastiveVGG:
+def one_epoch_of_running_updates(net: ContrastiveVGG, train_x, config, order_seed: int) -> ContrastiveVGG:
     "A copy of `net` whose running statistics have seen one training epoch of views (random order), weights untouched."
     moved, gen = copy.deepcopy(net).train(), torch.Generator().manual_seed(order_seed)
     order = torch.randperm(len(train_x), generator=gen)
     with torch.no_grad():
-        for i in range(0, len(order), batch_size):
-            _two_views(moved, train_x[order[i:i + batch_size]], gen, Augmentation(), "cpu", bf16)
+        for i in range(0, len(order), config.batch_size):
+            contrastive_loss(moved, train_x[order[i:i + config.batch_size]], gen, config)   # the training forward pass: two views per cube
     return moved
 
 
@@ -46,7 +46,7 @@ def main(seeds: list[int], repeats: int) -> None:
         load_weights(net, f"{RUNS}/contrastive-s{seed}/best.pt")
         val = lambda n: contrastive_validation(n, data["val_x"], config)["val_loss"]
         stored = val(net)
-        moved = [val(one_epoch_of_running_updates(net, data["train_x"], config.batch_size, 1000 + k, config.bf16)) for k in range(repeats)]
+        moved = [val(one_epoch_of_running_updates(net, data["train_x"], config, 1000 + k)) for k in range(repeats)]
         settled = val(reestimate_batchnorm(copy.deepcopy(net), data["train_x"], config.batch_size, aug=Augmentation(), bf16=config.bf16))
         change = [100 * (m / stored - 1) for m in moved]
         rows.append({"seed": seed, "stored statistics": stored, "after one epoch of updates: min %": min(change),
